@@ -1,0 +1,174 @@
+"""Command line: `dfq-onnx inspect` and `dfq-onnx optimize`. Parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, Recipe, builtin_recipes, load_recipe
+from .errors import DfqError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfq-onnx",
+        description=(
+            "Data-free low-bit weight quantization of exported LLMs (Gemma, Llama, Qwen) for ONNX Runtime. "
+            "Reads only the weights: no calibration text, tokens or activations."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"dfq-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,optimize}")
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what the tool finds in a model: per layer, each role, shapes, pairs, norms, RoPE layout",
+        description="Read-only structural analysis of an exported LLM.",
+    )
+    p.add_argument("model", type=Path, help="the .onnx file (external data beside it)")
+    p.add_argument("--json", action="store_true", help="print the full structure as JSON")
+
+    o = sub.add_parser(
+        "optimize",
+        help="quantize the weights and write an ONNX model that ONNX Runtime runs",
+        description=(
+            "Quantize every linear weight of the model group-wise along K and write MatMulNBits "
+            "(or QDQ) nodes. Flags override the recipe; the defaults are 4-bit, block 32, symmetric, "
+            "MatMulNBits (the CUDA fast-path layout). A JSON report is written beside the output."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    o.add_argument("model", type=Path, help="the float (fp32/fp16) .onnx file; never modified")
+    o.add_argument("-o", "--output", type=Path, default=None, help="output .onnx path (default: <model>.q<bits>.onnx)")
+    o.add_argument(
+        "--recipe",
+        default=None,
+        help=f"a TOML recipe path or built-in name ({', '.join(sorted(builtin_recipes()))})",
+    )
+    o.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=None, help="bits per weight (3 is stored in 4-bit containers) [4]")
+    o.add_argument("--block-size", type=int, default=None, help="rows of K per scale: a power of two, 16..256 [32]")
+    sym = o.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points [default]")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-block uint8-packed zero points")
+    o.add_argument(
+        "--format",
+        dest="output_format",
+        choices=[f.value for f in OutputFormat],
+        default=None,
+        help="MatMulNBits nodes, or DequantizeLinear->MatMul (QDQ, ORT fuses it at load) [matmulnbits]",
+    )
+    o.add_argument(
+        "--lm-head",
+        choices=[p.value for p in LmHeadPolicy],
+        default=None,
+        help="lm_head and embedding (kept consistent when tied): keep float, or quantize [keep]",
+    )
+    o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded [rtn]")
+    o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
+    o.add_argument("--device", default="cpu", help="torch device for the optimisation (cpu, cuda, cuda:1)")
+    o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method")
+    o.add_argument(
+        "--verify",
+        choices=["compare", "run", "none"],
+        default="compare",
+        help="after writing: compare logits with the input on random ids, only run the output, or skip",
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        return _optimize(args)
+    except DfqError as exc:
+        print(f"dfq-onnx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dfq-onnx: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _inspect(args) -> int:
+    from .pipeline import inspect
+    from .report import structure_summary
+
+    sites = inspect(args.model)
+    if args.json:
+        print(json.dumps(structure_summary(sites), indent=2))
+    else:
+        from .table import structure_table
+
+        print(structure_table(sites, args.model))
+    return 0
+
+
+def _optimize(args) -> int:
+    from .pipeline import RunOptions, default_output_path, optimize
+
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    recipe = recipe.with_overrides(
+        bits=args.bits,
+        block_size=args.block_size,
+        symmetric=args.symmetric,
+        output_format=args.output_format,
+        lm_head=args.lm_head,
+        method=args.method,
+        accuracy_level=args.accuracy_level,
+    )
+    output = args.output or default_output_path(args.model, recipe)
+    options = RunOptions(device=_device(args.device), verify=args.verify, seed=args.seed)
+    progress, close = _progress_bar(args.quiet)
+    try:
+        report = optimize(args.model, output, recipe, options, progress=progress)
+    finally:
+        close()
+    if not args.quiet:
+        from .table import result_table
+
+        print(result_table(report))
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DfqError(f"--device {name}: no CUDA device is visible to torch; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise DfqError(f"--device {name}: use cpu or cuda[:N]")
+    return name
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(label: str, done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="layer", desc="optimise", file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix_str(label)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return update, close
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Typed, validated configuration: the quantization format, the method, the recipe.
+
+Everything the optimiser is asked to do is decided here, before any weight is read,
+so that bad requests fail fast with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import DfqError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+MIN_BLOCK, MAX_BLOCK = 16, 256
+
+
+class OutputFormat(str, enum.Enum):
+    MATMULNBITS = "matmulnbits"  # com.microsoft::MatMulNBits
+    QDQ = "qdq"  # DequantizeLinear(blocked) -> MatMul; ORT fuses it at load
+
+
+class LmHeadPolicy(str, enum.Enum):
+    KEEP = "keep"  # leave lm_head and embedding in float
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int | None:
+        return {"keep": None, "int8": 8, "int4": 4}[self.value]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """Group-wise quantization along K: one scale (and zero point if asymmetric) per block of rows."""
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise DfqError(
+                f"unsupported --bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        bs = self.block_size
+        if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
+            raise DfqError(
+                f"unsupported --block-size {bs}: use a power of two from {MIN_BLOCK} to {MAX_BLOCK}"
+            )
+
+    @property
+    def container_bits(self) -> int:
+        """Bits of the stored code: 3-bit codes live in a 4-bit container (no 3-bit kernel exists)."""
+        return 4 if self.bits == 3 else self.bits
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        note = " (in 4-bit container)" if self.bits == 3 else ""
+        return f"int{self.bits} block {self.block_size} {kind}{note}"
+
+
+class Method(str, enum.Enum):
+    RTN = "rtn"  # round-to-nearest, byte-identical to ORT's DEFAULT quantizer
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    name: Method = Method.RTN
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A complete request: what to produce and how to optimise it."""
+
+    name: str = "custom"
+    description: str = ""
+    quant: QuantFormat = QuantFormat()
+    output_format: OutputFormat = OutputFormat.MATMULNBITS
+    lm_head: LmHeadPolicy = LmHeadPolicy.KEEP
+    method: MethodConfig = MethodConfig()
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise DfqError(f"unsupported accuracy level {self.accuracy_level}: use 0 to 4")
+
+    def with_overrides(self, **overrides: Any) -> "Recipe":
+        """Apply CLI flags (None means 'not given') on top of the recipe."""
+        quant_keys = {"bits", "block_size", "symmetric"}
+        q = {k: v for k, v in overrides.items() if k in quant_keys and v is not None}
+        top = {k: v for k, v in overrides.items() if k not in quant_keys and v is not None}
+        if "output_format" in top:
+            top["output_format"] = _enum(OutputFormat, top["output_format"], "--format")
+        if "lm_head" in top:
+            top["lm_head"] = _enum(LmHeadPolicy, top["lm_head"], "--lm-head")
+        if "method" in top:
+            top["method"] = MethodConfig(name=_enum(Method, top["method"], "--method"))
+        return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **q), **top)
+
+
+def _enum(kind: type[enum.Enum], value: Any, what: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise DfqError(f"unknown {what} '{value}': choose one of {choices}") from None
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipes shipped in passes/ (installed as dfq_onnx.passes)."""
+    found: dict[str, Path] = {}
+    root = resources.files("dfq_onnx.passes")
+    for entry in root.iterdir():
+        if entry.name.endswith(".toml"):
+            found[entry.name[: -len(".toml")]] = Path(str(entry))
+    return found
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Load a recipe by built-in name (e.g. 'rtn-int4') or by path to a TOML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        recipes = builtin_recipes()
+        stem = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
+        if stem not in recipes:
+            raise DfqError(
+                f"recipe '{name_or_path}' not found: give a TOML path or one of {', '.join(sorted(recipes))}"
+            )
+        path = recipes[stem]
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DfqError(f"cannot read recipe {path}: {exc}") from None
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    known = {"recipe", "quant", "output", "method"}
+    unknown = set(data) - known
+    if unknown:
+        raise DfqError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(known)}")
+    meta = data.get("recipe", {})
+    quant = data.get("quant", {})
+    output = data.get("output", {})
+    method = data.get("method", {})
+    _check_keys(quant, {"bits", "block_size", "symmetric"}, f"{source} [quant]")
+    _check_keys(output, {"format", "lm_head", "accuracy_level"}, f"{source} [output]")
+    _check_keys(method, {"name"}, f"{source} [method]")
+    return Recipe(
+        name=meta.get("name", Path(source).stem),
+        description=meta.get("description", ""),
+        quant=QuantFormat(**quant),
+        output_format=_enum(OutputFormat, output.get("format", "matmulnbits"), "format"),
+        lm_head=_enum(LmHeadPolicy, output.get("lm_head", "keep"), "lm_head"),
+        accuracy_level=int(output.get("accuracy_level", 0)),
+        method=MethodConfig(name=_enum(Method, method.get("name", "rtn"), "method")),
+    )
+
+
+def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(section) - allowed
+    if unknown:
+        raise DfqError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")

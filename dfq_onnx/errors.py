@@ -1,0 +1,5 @@
+"""Errors a user can act on: one line that names the problem and what to do."""
+
+
+class DfqError(Exception):
+    """A problem with the user's input or request; the CLI prints it as one line and exits 2."""

@@ -1,0 +1,119 @@
+"""Loading an ONNX model without pulling its weights into RAM, and reading one weight at a time.
+
+onnx_ir keeps external initializers as references to their files. Weights are read with
+plain positioned reads into fresh buffers (not memory maps), so the pages of a weight leave
+the process with the weight: resident memory follows the largest tensor in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import DfqError
+
+# Ops that show a model was quantized already; quantizing it again would stack errors.
+QUANTIZED_OPS = {
+    ("com.microsoft", "MatMulNBits"),
+    ("com.microsoft", "GatherBlockQuantized"),
+    ("com.microsoft", "MatMulInteger16"),
+    ("com.microsoft", "DynamicQuantizeMatMul"),
+    ("com.microsoft", "MatMulIntegerToFloat"),
+    ("com.microsoft", "QOrderedMatMul"),
+    ("", "QLinearMatMul"),
+    ("", "MatMulInteger"),
+    ("", "DequantizeLinear"),
+    ("com.microsoft", "DequantizeLinear"),
+}
+
+_NUMPY_DTYPES = {
+    ir.DataType.FLOAT: np.dtype(np.float32),
+    ir.DataType.FLOAT16: np.dtype(np.float16),
+    ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    ir.DataType.DOUBLE: np.dtype(np.float64),
+}
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load the graph; check that the file is ONNX, its external data is whole, and it is not quantized."""
+    path = Path(path)
+    if not path.exists():
+        raise DfqError(f"{path}: no such file; give the path of an .onnx model")
+    if path.is_dir():
+        raise DfqError(f"{path} is a directory; give the path of the .onnx file inside it")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DfqError(f"{path} is not a readable ONNX model ({first[:120]}); check the file") from None
+    if len(model.graph) == 0:
+        raise DfqError(f"{path} is not a readable ONNX model (empty graph); check the file")
+    check_external_data(model, path)
+    check_not_quantized(model, path)
+    return model
+
+
+def check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.path)
+        if not data_path.is_file():
+            raise DfqError(
+                f"external data file '{tensor.location}' of {path.name} is missing "
+                f"(needed by '{value.name}'); put it beside the model in {path.parent}"
+            )
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        size = data_path.stat().st_size
+        if end > size:
+            raise DfqError(
+                f"external data file '{tensor.location}' is truncated ({size} bytes, "
+                f"'{value.name}' needs {end}); copy the complete file again"
+            )
+
+
+def check_not_quantized(model: ir.Model, path: Path) -> None:
+    for node in model.graph.all_nodes():
+        if (node.domain or "", node.op_type) in QUANTIZED_OPS:
+            raise DfqError(
+                f"{path.name} is already quantized (it contains {node.op_type}); "
+                "give the float (fp32/fp16) export instead"
+            )
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """Resolved paths of every external data file the model reads."""
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path).resolve())
+    return files
+
+
+def numpy_dtype(dtype: ir.DataType) -> np.dtype:
+    try:
+        return _NUMPY_DTYPES[dtype]
+    except KeyError:
+        raise DfqError(f"unsupported weight type {dtype.name}; export the model in fp32 or fp16") from None
+
+
+def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A tensor's values in a fresh, writable array; external data read with pread, not mmap."""
+    if isinstance(tensor, ir.ExternalTensor):
+        dtype = numpy_dtype(tensor.dtype)
+        count = int(np.prod(tensor.shape.numpy())) if len(tensor.shape) else 1
+        out = np.empty(count, dtype=dtype)
+        view = memoryview(out.view(np.uint8))
+        with open(tensor.path, "rb", buffering=0) as f:
+            f.seek(tensor.offset or 0)
+            got = f.readinto(view)
+        if got != view.nbytes:
+            raise DfqError(f"external data of '{tensor.name}' ends early ({got} of {view.nbytes} bytes)")
+        return out.reshape(tensor.shape.numpy())
+    return np.array(tensor.numpy(), copy=True)

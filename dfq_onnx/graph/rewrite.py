@@ -1,0 +1,246 @@
+"""Graph surgery: replace a linear's float weight by its quantized form, clean up after it.
+
+Two output forms for one quantized W[K, N]:
+- MatMulNBits(A, B, scales[, zero_points]) from com.microsoft (ORT's CPU and CUDA kernels);
+- DequantizeLinear(W_q[K, N], scales[K/bs, N][, zp], axis=0, block_size) -> MatMul, plain ONNX,
+  which ORT fuses back into MatMulNBits when it loads the model.
+The tensors arrive already written (external references); this module only wires them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from ..config import QuantFormat
+from . import pack
+from .sites import Linear
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclasses.dataclass
+class PackedWeight:
+    """A quantized linear in the byte layouts of both output forms (numpy, ready to write)."""
+
+    fmt: QuantFormat
+    k: int
+    n: int
+    codes: np.ndarray  # uint8 [N, k_blocks, block_size] container codes
+    scales: np.ndarray  # [N, k_blocks] in the activation dtype
+    zero_points: np.ndarray | None  # uint8 [N, k_blocks]
+
+    def matmulnbits_tensors(self) -> dict[str, tuple[np.ndarray, ir.DataType]]:
+        bits = self.fmt.container_bits
+        out = {
+            "B": (pack.matmulnbits_b(self.codes, bits), ir.DataType.UINT8),
+            "scales": (np.ascontiguousarray(self.scales), _ir_dtype(self.scales.dtype)),
+        }
+        if self.zero_points is not None:
+            out["zero_points"] = (pack.matmulnbits_zero_points(self.zero_points, bits), ir.DataType.UINT8)
+        return out
+
+    def _qdq_codes(self, codes: np.ndarray) -> tuple[np.ndarray, ir.DataType]:
+        """Signed values around zero when symmetric (no zero point input), else unsigned codes."""
+        bits = self.fmt.container_bits
+        if self.zero_points is None:
+            values = codes.astype(np.int16) - (1 << (bits - 1))
+            return _pack_flat(values, bits), {2: ir.DataType.INT2, 4: ir.DataType.INT4, 8: ir.DataType.INT8}[bits]
+        return _pack_flat(codes, bits), {2: ir.DataType.UINT2, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}[bits]
+
+    def _codes_rows(self) -> np.ndarray:
+        return self.codes.reshape(self.n, -1)[:, : self.k]  # [N, K]
+
+    def qdq_tensors(self) -> dict[str, tuple[np.ndarray, ir.DataType, tuple[int, ...]]]:
+        """W_q[K, N] packed row-major (ONNX sub-byte layout), scales / zero points as [k_blocks, N]."""
+        data, dtype = self._qdq_codes(self._codes_rows().T)
+        kb = self.scales.shape[1]
+        out = {
+            "W": (data, dtype, (self.k, self.n)),
+            "scales": (np.ascontiguousarray(self.scales.T), _ir_dtype(self.scales.dtype), (kb, self.n)),
+        }
+        if self.zero_points is not None:
+            zp, _ = self._qdq_codes(self.zero_points.T)
+            out["zero_points"] = (zp, dtype, (kb, self.n))
+        return out
+
+    def qdq_gather_tensors(self) -> dict[str, tuple[np.ndarray, ir.DataType, tuple[int, ...]]]:
+        """Embedding rows for Gather -> DequantizeLinear: E_q[vocab, K] row-major, scales [vocab, k_blocks]."""
+        data, dtype = self._qdq_codes(self._codes_rows())
+        out = {
+            "data": (data, dtype, (self.n, self.k)),
+            "scales": (np.ascontiguousarray(self.scales), _ir_dtype(self.scales.dtype), self.scales.shape),
+        }
+        if self.zero_points is not None:
+            zp, _ = self._qdq_codes(self.zero_points)
+            out["zero_points"] = (zp, dtype, self.zero_points.shape)
+        return out
+
+
+def _pack_flat(values: np.ndarray, bits: int) -> np.ndarray:
+    flat = (values.astype(np.int16) & ((1 << bits) - 1)).astype(np.uint8).reshape(-1)
+    return pack.pack_along_last(flat, bits)
+
+
+def _ir_dtype(dtype: np.dtype) -> ir.DataType:
+    return {np.dtype(np.float32): ir.DataType.FLOAT, np.dtype(np.float16): ir.DataType.FLOAT16}[np.dtype(dtype)]
+
+
+def new_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    name = _unique_value_name(graph, name)
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_value_name(graph: ir.Graph, name: str) -> str:
+    base, i = name, 1
+    while name in graph.initializers:
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+def to_matmulnbits(
+    graph: ir.Graph,
+    node: ir.Node,
+    lin: Linear,
+    tensors: dict[str, ir.Value],
+    fmt: QuantFormat,
+    accuracy_level: int,
+) -> ir.Node:
+    """Replace MatMul/Gemm by MatMulNBits reading the given B / scales / zero points."""
+    inputs = [node.inputs[0], tensors["B"], tensors["scales"]]
+    if "zero_points" in tensors:
+        inputs.append(tensors["zero_points"])
+    attrs = [
+        ir.AttrInt64("K", lin.k),
+        ir.AttrInt64("N", lin.n),
+        ir.AttrInt64("bits", fmt.container_bits),
+        ir.AttrInt64("block_size", fmt.block_size),
+    ]
+    if accuracy_level:
+        attrs.append(ir.AttrInt64("accuracy_level", accuracy_level))
+    new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attrs, num_outputs=1, name=f"{node.name}_Q{fmt.bits}")
+    _replace(graph, node, [new], new.outputs[0], bias=_bias(node, lin))
+    _ensure_opset(graph, MS_DOMAIN, 1)
+    return new
+
+
+def to_qdq(graph: ir.Graph, node: ir.Node, lin: Linear, tensors: dict[str, ir.Value], fmt: QuantFormat) -> ir.Node:
+    """Feed the MatMul from DequantizeLinear(W_q, scales[, zero_points]) instead of the float weight."""
+    dq_inputs = [tensors["W"], tensors["scales"]]
+    if "zero_points" in tensors:
+        dq_inputs.append(tensors["zero_points"])
+    dq = ir.Node(
+        "",
+        "DequantizeLinear",
+        dq_inputs,
+        [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", fmt.block_size)],
+        num_outputs=1,
+        name=f"{node.name}_DQ",
+    )
+    dq.outputs[0].name = f"{tensors['W'].name}_dq"
+    matmul = ir.Node("", "MatMul", [node.inputs[0], dq.outputs[0]], num_outputs=1, name=f"{node.name}_Q{fmt.bits}")
+    _replace(graph, node, [dq, matmul], matmul.outputs[0], bias=_bias(node, lin))
+    return matmul
+
+
+def _bias(node: ir.Node, lin: Linear) -> ir.Value | None:
+    return node.inputs[2] if lin.bias and len(node.inputs) > 2 else None
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], result: ir.Value, bias: ir.Value | None) -> None:
+    if bias is not None:
+        add = ir.Node("", "Add", [result, bias], num_outputs=1, name=f"{old.name}_bias")
+        new_nodes = [*new_nodes, add]
+        result = add.outputs[0]
+    weight_input = old.inputs[1]
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [result])
+    drop_unused(graph, weight_input)
+
+
+def drop_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove an initializer (and the Transpose / Cast chain in front of it) once nothing reads it."""
+    while value is not None and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        if producer is None:
+            if value.is_initializer():
+                graph.initializers.pop(value.name, None)
+            return
+        if producer.op_type not in ("Transpose", "Cast", "Identity"):
+            return
+        upstream = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        value = upstream
+
+
+def _ensure_opset(graph: ir.Graph, domain: str, version: int) -> None:
+    if graph.opset_imports.get(domain, 0) < version:
+        graph.opset_imports[domain] = version
+
+
+def replace_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> None:
+    value = graph.initializers[name]
+    tensor.name = name
+    value.const_value = tensor
+
+
+def gather_block_quantized(
+    graph: ir.Graph,
+    gather: ir.Node,
+    data: ir.Value,
+    scales: ir.Value,
+    zero_points: ir.Value | None,
+    fmt: QuantFormat,
+) -> ir.Node:
+    """Embedding lookup on quantized rows (com.microsoft::GatherBlockQuantized, uint8-packed)."""
+    inputs = [data, gather.inputs[1], scales]
+    if zero_points is not None:
+        inputs.append(zero_points)
+    new = ir.Node(
+        MS_DOMAIN,
+        "GatherBlockQuantized",
+        inputs,
+        [
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+            ir.AttrInt64("block_size", fmt.block_size),
+            ir.AttrInt64("bits", fmt.container_bits),
+        ],
+        num_outputs=1,
+        name=f"{gather.name}_Q{fmt.bits}",
+    )
+    old_table = gather.inputs[0]
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], [new], [gather.outputs[0]], [new.outputs[0]])
+    drop_unused(graph, old_table)
+    _ensure_opset(graph, MS_DOMAIN, 1)
+    return new
+
+
+def gather_then_dequantize(graph: ir.Graph, gather: ir.Node, tensors: dict[str, ir.Value], fmt: QuantFormat) -> ir.Node:
+    """Plain-ONNX quantized embedding: gather quantized rows and their scales, then dequantize."""
+    ids = gather.inputs[1]
+    rows = ir.Node("", "Gather", [tensors["data"], ids], [ir.AttrInt64("axis", 0)], num_outputs=1, name=f"{gather.name}_rows")
+    parts = [rows]
+    dq_inputs = [rows.outputs[0]]
+    for key in ("scales", "zero_points"):
+        if key in tensors:
+            g = ir.Node("", "Gather", [tensors[key], ids], [ir.AttrInt64("axis", 0)], num_outputs=1, name=f"{gather.name}_{key}")
+            parts.append(g)
+            dq_inputs.append(g.outputs[0])
+    dq = ir.Node(
+        "",
+        "DequantizeLinear",
+        dq_inputs,
+        [ir.AttrInt64("axis", -1), ir.AttrInt64("block_size", fmt.block_size)],
+        num_outputs=1,
+        name=f"{gather.name}_DQ",
+    )
+    old_table = gather.inputs[0]
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], [*parts, dq], [gather.outputs[0]], [dq.outputs[0]])
+    drop_unused(graph, old_table)
+    return dq

@@ -1,0 +1,147 @@
+"""Writing the output: external data streamed to disk as it is produced, then an atomic publish.
+
+Everything is written into a hidden work directory beside the output
+(`.<name>.partial/`) and moved into place only when complete, model file last, so a
+failed or interrupted run never leaves a half-written model where the user looks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import DfqError
+
+ALIGNMENT = 64  # byte alignment of each tensor in the data file
+COPY_CHUNK = 64 << 20
+INLINE_LIMIT = 1024  # tensors at most this many bytes stay inside the .onnx file
+
+
+def work_dir_for(output: Path) -> Path:
+    return output.parent / f".{output.name}.partial"
+
+
+def data_location_for(output: Path) -> str:
+    return f"{output.name}.data"
+
+
+def check_output_path(output: Path, input_path: Path, input_data_files: set[Path]) -> None:
+    """Refuse any output that would overwrite the input model or the data it reads."""
+    out = output.resolve()
+    if out == input_path.resolve():
+        raise DfqError(f"output {output} is the input model; choose another -o path")
+    data = (output.parent / data_location_for(output)).resolve()
+    if data in input_data_files or out in input_data_files:
+        raise DfqError(f"output {output} would overwrite the input's external data {data.name}; choose another -o path")
+    if output.suffix != ".onnx":
+        raise DfqError(f"output {output} should end in .onnx")
+    if not output.parent.exists():
+        raise DfqError(f"output directory {output.parent} does not exist; create it first")
+    if output.exists() and output.is_dir():
+        raise DfqError(f"output {output} is a directory; give a file path ending in .onnx")
+
+
+class ExternalDataWriter:
+    """Appends tensors to one external data file and hands back references to them."""
+
+    def __init__(self, directory: Path, location: str, start_offset: int = 0):
+        self.directory = directory
+        self.location = location
+        self.path = directory / location
+        mode = "r+b" if start_offset else "wb"
+        self._file = open(self.path, mode)
+        if start_offset:
+            self._file.truncate(start_offset)
+            self._file.seek(start_offset)
+        self.offset = start_offset
+
+    def _align(self) -> None:
+        pad = (-self.offset) % ALIGNMENT
+        if pad:
+            self._file.write(b"\0" * pad)
+            self.offset += pad
+
+    def write(self, name: str, data: np.ndarray, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.ExternalTensor:
+        self._align()
+        raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        start = self.offset
+        self._file.write(memoryview(raw))
+        self.offset += raw.nbytes
+        return self._reference(name, dtype, shape, start, raw.nbytes)
+
+    def copy_tensor(self, name: str, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
+        """Stream an existing tensor (external or in memory) into the file without holding it whole."""
+        self._align()
+        start = self.offset
+        if isinstance(tensor, ir.ExternalTensor):
+            with open(tensor.path, "rb") as src:
+                src.seek(tensor.offset or 0)
+                remaining = tensor.length if tensor.length is not None else tensor.nbytes
+                while remaining:
+                    chunk = src.read(min(COPY_CHUNK, remaining))
+                    if not chunk:
+                        raise DfqError(f"external data of '{name}' ends early; the input file is truncated")
+                    self._file.write(chunk)
+                    remaining -= len(chunk)
+        else:
+            self._file.write(tensor.tobytes())
+        length = self.offset_after_write() - start
+        return self._reference(name, tensor.dtype, tuple(tensor.shape.numpy()), start, length)
+
+    def offset_after_write(self) -> int:
+        self.offset = self._file.tell()
+        return self.offset
+
+    def _reference(self, name: str, dtype: ir.DataType, shape: tuple[int, ...], offset: int, length: int):
+        return ir.ExternalTensor(
+            self.location,
+            offset=offset,
+            length=length,
+            dtype=dtype,
+            shape=ir.Shape(shape),
+            name=name,
+            base_dir=str(self.directory),
+        )
+
+    def flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+
+def externalize_remaining(model: ir.Model, writer: ExternalDataWriter, keep_names: set[str]) -> None:
+    """Copy every other large initializer into the output's data file (the input's file is never shared)."""
+    for name, value in model.graph.initializers.items():
+        if name in keep_names or value.const_value is None:
+            continue
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > INLINE_LIMIT:
+            value.const_value = writer.copy_tensor(name, tensor)
+
+
+def publish(work: Path, output: Path, location: str, extra: list[Path] = ()) -> None:
+    """Move the finished files into place: data first, model last; then remove the work directory."""
+    old_model = output
+    if old_model.exists():
+        old_model.unlink()
+    os.replace(work / location, output.parent / location)
+    for path in extra:
+        os.replace(path, output.parent / path.name)
+    os.replace(work / output.name, output)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Serialise the graph; every large tensor is already an external reference into the data file."""
+    try:
+        ir.save(model, path)
+    except ValueError as exc:
+        raise DfqError(f"cannot serialise the output model: {exc}") from None

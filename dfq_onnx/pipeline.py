@@ -1,0 +1,328 @@
+"""The one module that knows both the graph and the math: site -> weights -> method -> rewrite.
+
+Work goes one unit (layer) at a time: read the unit's weights, optimise them, append the
+results to the output's data file, rewire the graph, drop the arrays. Peak memory follows
+the largest layer, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from . import methods
+from .config import OutputFormat, QuantFormat, Recipe
+from .errors import DfqError
+from .graph import load, opset, rewrite, save
+from .graph.sites import Embedding, Linear, ModelSites, Role, find_sites
+from .quant import grid, proxy
+from .report import Report, SiteResult
+
+ProgressFn = Callable[[str, int, int], None]  # (label of the unit just done, done, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    device: str = "cpu"
+    verify: str = "compare"  # "compare" logits with the input, "run" the output only, "none"
+    seed: int = 0
+
+
+def default_output_path(input_path: Path, recipe: Recipe) -> Path:
+    suffix = "qdq" if recipe.output_format == OutputFormat.QDQ else "q"
+    return input_path.with_name(f"{input_path.stem}.{suffix}{recipe.quant.bits}.onnx")
+
+
+def inspect(input_path: Path) -> ModelSites:
+    return find_sites(load.load_model(input_path))
+
+
+def optimize(
+    input_path: Path,
+    output_path: Path,
+    recipe: Recipe,
+    options: RunOptions = RunOptions(),
+    progress: ProgressFn | None = None,
+) -> Report:
+    started = time.perf_counter()
+    input_path, output_path = Path(input_path), Path(output_path)
+    model = load.load_model(input_path)
+    check_weight_types(model)
+    save.check_output_path(output_path, input_path, load.external_data_files(model))
+    sites = find_sites(model)
+    torch.manual_seed(options.seed)
+
+    work = save.work_dir_for(output_path)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    location = save.data_location_for(output_path)
+    writer = save.ExternalDataWriter(work, location)
+    try:
+        rewriter = _Rewriter(model, sites, recipe, writer)
+        units = plan_units(sites)
+        head = _head_linears(sites, recipe)
+        total = len(units) + (1 if head else 0)
+        results: list[SiteResult] = []
+        for i, unit in enumerate(units):
+            results.extend(rewriter.run_unit(unit, recipe.quant, options))
+            if progress:
+                progress(unit.label, i + 1, total)
+        if head:
+            results.extend(rewriter.run_head(head, options))
+            if progress:
+                progress("lm_head/embedding", total, total)
+        if recipe.output_format == OutputFormat.QDQ:
+            opset.raise_default_opset(model, 25 if _uses_int2(recipe) else 21)
+        save.externalize_remaining(model, writer, keep_names=rewriter.written)
+        writer.close()
+        save.save_model(model, work / output_path.name)
+        optimise_seconds = time.perf_counter() - started
+        save.publish(work, output_path, location)
+    except BaseException:
+        writer.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    report = Report.build(
+        input_path=input_path,
+        output_path=output_path,
+        recipe=recipe,
+        sites=sites,
+        results=results,
+        seconds=optimise_seconds,
+        notes=sites.notes + rewriter.notes,
+    )
+    if options.verify != "none":
+        from . import verify  # ONNX Runtime is needed only here
+
+        report.verification = verify.check_output(
+            input_path, output_path, sites, compare=options.verify == "compare"
+        )
+    report.write_json(report_path_for(output_path))
+    return report
+
+
+def report_path_for(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".report.json")
+
+
+def check_weight_types(model: ir.Model) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype == ir.DataType.BFLOAT16 and len(tensor.shape) == 2:
+            raise DfqError(
+                f"weight '{value.name}' is bf16, which ONNX Runtime's CPU MatMulNBits cannot run; "
+                "export the model in fp16 or fp32"
+            )
+
+
+def plan_units(sites: ModelSites) -> list[methods.Unit]:
+    """One unit per layer (attention + MLP), then any remaining linears outside the layers."""
+    units = []
+    for layer in sites.layers():
+        members = [lin for lin in sites.linears.values() if lin.layer == layer and lin.role != Role.LM_HEAD]
+        att = next((a for a in sites.attentions if a.layer == layer), None)
+        mlp = next((m for m in sites.mlps if m.layer == layer), None)
+        units.append(methods.Unit(f"layer {layer}", layer, members, att, mlp))
+    loose = [lin for lin in sites.linears.values() if lin.layer is None and lin.role == Role.OTHER]
+    if loose:
+        units.append(methods.Unit("other linears", None, loose))
+    return units
+
+
+def _head_linears(sites: ModelSites, recipe: Recipe) -> list[Linear]:
+    if recipe.lm_head.bits is None or sites.lm_head is None:
+        return []
+    return [sites.linears[sites.lm_head]]
+
+
+def _uses_int2(recipe: Recipe) -> bool:
+    return recipe.quant.container_bits == 2
+
+
+class _Rewriter:
+    """Reads weights, runs the method, writes tensors and rewires one unit at a time."""
+
+    def __init__(self, model: ir.Model, sites: ModelSites, recipe: Recipe, writer: save.ExternalDataWriter):
+        self.model = model
+        self.graph = model.graph
+        self.sites = sites
+        self.recipe = recipe
+        self.writer = writer
+        self.nodes = {node.name: node for node in self.graph}
+        self.written: set[str] = set()
+        self.notes: list[str] = []
+
+    # -- reading
+
+    def weight(self, lin: Linear) -> torch.Tensor:
+        arr = load.read_array(self.graph.initializers[lin.weight.initializer].const_value)
+        w = torch.from_numpy(arr.astype(np.float32, copy=False))
+        return w.t().contiguous() if lin.weight.transposed else w
+
+    def activation_dtype(self, lin: Linear) -> np.dtype:
+        node = self.nodes[lin.node]
+        dtype = node.outputs[0].dtype or node.inputs[0].dtype
+        if dtype == ir.DataType.FLOAT16:
+            return np.dtype(np.float16)
+        if dtype in (None, ir.DataType.FLOAT):
+            return np.dtype(np.float16) if lin.weight.dtype == "FLOAT16" else np.dtype(np.float32)
+        raise DfqError(f"{lin.node}: activations of type {dtype.name} are not supported; use fp32 or fp16")
+
+    # -- units
+
+    def run_unit(self, unit: methods.Unit, fmt: QuantFormat, options: RunOptions) -> list[SiteResult]:
+        t0 = time.perf_counter()
+        weights = {lin.node: self.weight(lin) for lin in unit.linears}
+        dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
+        scale_dtypes = {name: _torch_dtype(dt) for name, dt in dtypes.items()}
+        device_weights = {name: w.to(options.device) for name, w in weights.items()}
+        result = methods.method_for(self.recipe.method)(unit, device_weights, fmt, scale_dtypes, self.recipe.method)
+        seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
+        out = []
+        for lin in unit.linears:
+            q = result.quantized[lin.node]
+            out.append(self._site_result(lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, [])))
+            self._emit_linear(lin, q, dtypes[lin.node])
+        for name, values in result.changed.items():
+            self._replace_float(name, values)
+        return out
+
+    def run_head(self, head: list[Linear], options: RunOptions) -> list[SiteResult]:
+        fmt = QuantFormat(self.recipe.lm_head.bits, self.recipe.quant.block_size, self.recipe.quant.symmetric)
+        out = []
+        for lin in head:
+            t0 = time.perf_counter()
+            w = self.weight(lin)
+            dtype = self.activation_dtype(lin)
+            q = grid.rtn(w.to(options.device), fmt, _torch_dtype(dtype))
+            out.append(self._site_result(lin, w, q, fmt, time.perf_counter() - t0, []))
+            written = self._emit_linear(lin, q, dtype)
+            emb = self.sites.embedding
+            if emb is not None:
+                self._emit_embedding(emb, lin, q, written, fmt, dtype, options)
+        return out
+
+    # -- results
+
+    def _site_result(self, lin, w, q: grid.Quantized, fmt, seconds, transforms) -> SiteResult:
+        w_hat = q.dequantize().cpu()
+        ref = proxy.sq_norm(w)
+        err = proxy.sq_error(w, w_hat)
+        rtn_err = err if not transforms else proxy.sq_error(w, grid.fake_quant(w, fmt, q.scales.dtype))
+        return SiteResult(
+            name=lin.node,
+            role=lin.role.value,
+            layer=lin.layer,
+            k=lin.k,
+            n=lin.n,
+            bits=fmt.bits,
+            container_bits=fmt.container_bits,
+            block_size=fmt.block_size,
+            symmetric=fmt.symmetric,
+            scale_bits=16 if self.activation_dtype(lin) == np.float16 else 32,
+            rel_error=err / ref if ref else 0.0,
+            rtn_rel_error=rtn_err / ref if ref else 0.0,
+            seconds=seconds,
+            transforms=list(transforms),
+        )
+
+    # -- writing
+
+    def _write(self, name: str, array: np.ndarray, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
+        tensor = self.writer.write(name, array, dtype, shape)
+        value = rewrite.new_initializer(self.graph, name, tensor)
+        self.written.add(value.name)
+        return value
+
+    def _packed(self, q: grid.Quantized, dtype: np.dtype, lin: Linear) -> rewrite.PackedWeight:
+        return rewrite.PackedWeight(
+            fmt=q.fmt,
+            k=lin.k,
+            n=lin.n,
+            codes=q.codes.cpu().numpy(),
+            scales=q.scales.cpu().numpy().astype(dtype),
+            zero_points=None if q.zero_points is None else q.zero_points.cpu().numpy(),
+        )
+
+    def _emit_linear(self, lin: Linear, q: grid.Quantized, dtype: np.dtype) -> dict[str, ir.Value]:
+        packed = self._packed(q, dtype, lin)
+        base = lin.weight.initializer
+        node = self.nodes.pop(lin.node)
+        values: dict[str, ir.Value] = {}
+        if self.recipe.output_format == OutputFormat.MATMULNBITS:
+            for key, (arr, irtype) in packed.matmulnbits_tensors().items():
+                values[key] = self._write(f"{base}_Q{q.fmt.bits}_{key}", arr, irtype, arr.shape)
+            new = rewrite.to_matmulnbits(self.graph, node, lin, values, q.fmt, self.recipe.accuracy_level)
+        else:
+            for key, (arr, irtype, shape) in packed.qdq_tensors().items():
+                values[key] = self._write(f"{base}_DQ{q.fmt.bits}_{key}", arr, irtype, shape)
+            new = rewrite.to_qdq(self.graph, node, lin, values, q.fmt)
+        self.nodes[new.name] = new
+        return values
+
+    def _emit_embedding(self, emb: Embedding, lin: Linear, q_head: grid.Quantized, head_values, fmt, dtype, options):
+        if lin.k % fmt.block_size:
+            self.notes.append(
+                f"embedding kept in float: hidden size {lin.k} is not a multiple of the block size {fmt.block_size}"
+            )
+            return
+        if emb.tied:
+            q = q_head
+        else:
+            arr = load.read_array(self.graph.initializers[emb.initializer].const_value)
+            e = torch.from_numpy(arr.astype(np.float32, copy=False))
+            w = e if emb.transposed else e.t().contiguous()
+            q = grid.rtn(w.to(options.device), fmt, _torch_dtype(dtype))
+        packed = self._packed(q, dtype, lin)
+        gather = self.nodes.pop(emb.node)
+        base = f"{emb.initializer}_embedding"
+        if self.recipe.output_format == OutputFormat.MATMULNBITS:
+            data = self._embedding_data(emb, packed, head_values, base)
+            scales = head_values["scales"] if emb.tied else self._write(
+                f"{base}_scales", packed.scales, rewrite._ir_dtype(packed.scales.dtype), packed.scales.shape
+            )
+            zps = None
+            if packed.zero_points is not None:
+                zp = rewrite.pack.matmulnbits_zero_points(packed.zero_points, fmt.container_bits)
+                zps = head_values["zero_points"] if emb.tied else self._write(f"{base}_zp", zp, ir.DataType.UINT8, zp.shape)
+            new = rewrite.gather_block_quantized(self.graph, gather, data, scales, zps, fmt)
+        else:
+            values = {}
+            for key, (arr, irtype, shape) in packed.qdq_gather_tensors().items():
+                values[key] = self._write(f"{base}_{key}", arr, irtype, shape)
+            new = rewrite.gather_then_dequantize(self.graph, gather, values, fmt)
+            self.notes.append("QDQ output stores the tied embedding and lm_head as two quantized copies")
+        self.nodes[new.name] = new
+
+    def _embedding_data(self, emb, packed: rewrite.PackedWeight, head_values, base) -> ir.Value:
+        """Rows of the embedding packed along hidden: the very bytes of MatMulNBits' B when tied."""
+        shape = (packed.n, packed.k * packed.fmt.container_bits // 8)
+        if emb.tied:
+            src = head_values["B"].const_value
+            tensor = ir.ExternalTensor(
+                src.location, src.offset, src.length, ir.DataType.UINT8, shape=ir.Shape(shape), name=base, base_dir=src.base_dir
+            )
+            value = rewrite.new_initializer(self.graph, f"{base}_data", tensor)
+            self.written.add(value.name)
+            return value
+        arr = rewrite.pack.matmulnbits_b(packed.codes, packed.fmt.container_bits).reshape(shape)
+        return self._write(f"{base}_data", arr, ir.DataType.UINT8, shape)
+
+    def _replace_float(self, name: str, values: torch.Tensor) -> None:
+        old = self.graph.initializers[name].const_value
+        arr = values.detach().cpu().numpy().astype(load.numpy_dtype(old.dtype))
+        tensor = self.writer.write(name, arr, old.dtype, tuple(old.shape.numpy()))
+        rewrite.replace_initializer(self.graph, name, tensor)
+        self.written.add(name)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.float16 if np.dtype(dtype) == np.float16 else torch.float32

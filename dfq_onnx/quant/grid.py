@@ -1,0 +1,139 @@
+"""Group-wise integer grids on W[K, N]: blocks of `block_size` consecutive rows per column.
+
+Layout is MatMulNBits' own: blocks are stored as [N, k_blocks, block_size] (row n of the
+stored tensor is column n of W), codes are unsigned container codes, and a symmetric
+grid has the implicit zero point 2^(container_bits - 1).
+
+Round-to-nearest reproduces ONNX Runtime's DEFAULT quantizer (MLAS) bit for bit: the same
+float32 operations in the same order (reciprocal of the stored scale, add the zero point,
+then round half away from zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import QuantFormat
+
+
+@dataclasses.dataclass
+class Quantized:
+    """Codes and quantization parameters of one weight matrix W[K, N]."""
+
+    codes: torch.Tensor  # uint8 [N, k_blocks, block_size], container codes
+    scales: torch.Tensor  # float32 [N, k_blocks] (values representable in the model's float dtype)
+    zero_points: torch.Tensor | None  # uint8 [N, k_blocks]; None: symmetric, implicit midpoint
+    k: int  # rows of W before padding to whole blocks
+    fmt: QuantFormat
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    def zero_point_values(self) -> torch.Tensor:
+        if self.zero_points is not None:
+            return self.zero_points
+        mid = 1 << (self.fmt.container_bits - 1)
+        return torch.full(self.scales.shape, mid, dtype=torch.uint8, device=self.scales.device)
+
+    def dequantize(self) -> torch.Tensor:
+        """W_hat[K, N] in float32, exactly as the kernels compute (q - z) * s."""
+        z = self.zero_point_values().to(torch.float32).unsqueeze(-1)
+        blocks = (self.codes.to(torch.float32) - z) * self.scales.unsqueeze(-1)
+        return from_blocks(blocks, self.k)
+
+
+def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """W[K, N] -> [N, k_blocks, block_size], zero-padding K to whole blocks (as ORT does)."""
+    k, n = w.shape
+    k_blocks = -(-k // block_size)
+    pad = k_blocks * block_size - k
+    wt = w.t()
+    if pad:
+        wt = torch.nn.functional.pad(wt, (0, pad))
+    return wt.reshape(n, k_blocks, block_size)
+
+
+def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k_blocks, block_size] -> W[K, N], dropping the padding rows."""
+    n = blocks.shape[0]
+    return blocks.reshape(n, -1)[:, :k].t()
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (half away from zero), exactly, in the input's precision.
+
+    torch.round rounds half to even, and floor(|x| + 0.5) can round up in float32;
+    truncation plus an exact fractional test does neither.
+    """
+    t = torch.trunc(x)
+    frac = x - t  # exact for IEEE floats
+    return t + torch.sign(x) * (frac.abs() >= 0.5).to(x.dtype)
+
+
+def grid_max(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def rtn_params(
+    blocks: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min/max scales (and zero points) per block, as MLAS computes them.
+
+    Symmetric: the signed value of largest magnitude maps to the lowest code
+    (scale = -v / 2^(b-1)), so all 2^b levels are used (q4_0 style).
+    Asymmetric: the range [min(x, 0), max(x, 0)] spans all levels; zero point rounded.
+    Scales are rounded to the model's dtype before use, like MLAS' ScaleT.
+    """
+    bits = fmt.bits
+    mx = blocks.amax(dim=-1)
+    mn = blocks.amin(dim=-1)
+    if fmt.symmetric:
+        signed_max = torch.where(mx.abs() > mn.abs(), mx, mn)
+        scale = -signed_max / float(1 << (bits - 1))
+        return _as_scale_dtype(scale, scale_dtype), None
+    mn = torch.clamp(mn, max=0.0)
+    mx = torch.clamp(mx, min=0.0)
+    scale_f = (mx - mn) / float(grid_max(bits))
+    nonzero = scale_f != 0
+    zp_f = torch.where(nonzero, 0.0 - mn / torch.where(nonzero, scale_f, 1.0), mn)
+    zp = torch.clamp(round_half_away(zp_f), 0, grid_max(bits)).to(torch.uint8)
+    return _as_scale_dtype(scale_f, scale_dtype), zp
+
+
+def _as_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return scale.to(dtype).to(torch.float32)
+
+
+def quantize_blocks(
+    blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, fmt: QuantFormat
+) -> torch.Tensor:
+    """Container codes for given scales: clamp(roundf(x * (1/s) + z), 0, 2^b - 1) in float32."""
+    bits = fmt.bits
+    inv = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0)
+    if zero_points is None:
+        z = torch.full_like(scales, float(1 << (bits - 1)))
+    else:
+        z = zero_points.to(torch.float32)
+    x = blocks * inv.unsqueeze(-1) + z.unsqueeze(-1)
+    q = torch.clamp(round_half_away(x), 0, grid_max(bits)).to(torch.uint8)
+    if zero_points is None and fmt.container_bits != bits:
+        # Re-centre a symmetric 3-bit grid on the 4-bit container's implicit zero point.
+        q = q + ((1 << (fmt.container_bits - 1)) - (1 << (bits - 1)))
+    return q
+
+
+def rtn(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """Round-to-nearest of W[K, N] with min/max scales: ORT DEFAULT's result."""
+    w = w.to(torch.float32)
+    blocks = to_blocks(w, fmt.block_size)
+    scales, zps = rtn_params(blocks, fmt, scale_dtype)
+    codes = quantize_blocks(blocks, scales, zps, fmt)
+    return Quantized(codes=codes, scales=scales, zero_points=zps, k=w.shape[0], fmt=fmt)
+
+
+def fake_quant(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Round-to-nearest then dequantize: W_hat[K, N]."""
+    return rtn(w, fmt, scale_dtype).dequantize()

@@ -1,0 +1,29 @@
+"""Data-free proxy losses: how far a quantized weight is from the original, in the original space.
+
+Without calibration data the input covariance is taken as the identity, so the loss of a
+linear is ||W - W_hat||_F^2; for two matrices that multiply, the loss is that of their product.
+A diagonal prior (e.g. the RMSNorm gain squared) weights the rows of W.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sq_error(w: torch.Tensor, w_hat: torch.Tensor, row_weight: torch.Tensor | None = None) -> float:
+    """||W - W_hat||^2 (optionally tr(D^T diag(row_weight) D)), summed in float64."""
+    d = (w.to(torch.float64) - w_hat.to(torch.float64)) ** 2
+    if row_weight is not None:
+        d = d * row_weight.to(torch.float64).unsqueeze(-1)
+    return float(d.sum())
+
+
+def sq_norm(w: torch.Tensor, row_weight: torch.Tensor | None = None) -> float:
+    return sq_error(w, torch.zeros_like(w), row_weight)
+
+
+def product_sq_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> float:
+    """||A B - A_hat B_hat||^2 for a pair of matrices that multiply (e.g. V and O of one head)."""
+    p = a.to(torch.float64) @ b.to(torch.float64)
+    p_hat = a_hat.to(torch.float64) @ b_hat.to(torch.float64)
+    return float(((p - p_hat) ** 2).sum())

@@ -1,0 +1,180 @@
+"""What a run did, per site and per role: kept as data (JSON beside the output) and as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .config import Recipe
+from .graph.sites import ModelSites
+
+ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "down", "lm_head", "other"]
+
+
+@dataclasses.dataclass
+class SiteResult:
+    name: str
+    role: str
+    layer: int | None
+    k: int
+    n: int
+    bits: int
+    container_bits: int
+    block_size: int
+    symmetric: bool
+    scale_bits: int
+    rel_error: float  # ||W - W_hat||^2 / ||W||^2 of the written weights
+    rtn_rel_error: float  # the same for round-to-nearest at this format
+    seconds: float
+    transforms: list[str]
+
+    @property
+    def weights(self) -> int:
+        return self.k * self.n
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: container codes plus scale (and zero point) per block."""
+        k_blocks = -(-self.k // self.block_size)
+        extra = self.scale_bits + (0 if self.symmetric else self.container_bits)
+        return (self.container_bits * k_blocks * self.block_size + extra * k_blocks) / self.k
+
+
+@dataclasses.dataclass
+class RoleSummary:
+    role: str
+    count: int
+    shape: str
+    bits_per_weight: float
+    rel_error: float
+    rtn_rel_error: float
+    seconds: float
+    transforms: str
+
+
+@dataclasses.dataclass
+class Report:
+    input: str
+    output: str
+    recipe: dict[str, Any]
+    structure: dict[str, Any]
+    sites: list[SiteResult]
+    seconds: float
+    notes: list[str]
+    verification: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        input_path: Path,
+        output_path: Path,
+        recipe: Recipe,
+        sites: ModelSites,
+        results: list[SiteResult],
+        seconds: float,
+        notes: list[str],
+    ) -> "Report":
+        return cls(
+            input=str(input_path),
+            output=str(output_path),
+            recipe=_jsonable(dataclasses.asdict(recipe)),
+            structure=structure_summary(sites),
+            sites=results,
+            seconds=seconds,
+            notes=list(dict.fromkeys(notes)),
+        )
+
+    def by_role(self) -> list[RoleSummary]:
+        groups: dict[str, list[SiteResult]] = defaultdict(list)
+        for site in self.sites:
+            groups[site.role].append(site)
+        rows = []
+        for role in sorted(groups, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99):
+            items = groups[role]
+            weights = sum(s.weights for s in items)
+            shapes = sorted({f"{s.k}x{s.n}" for s in items})
+            rows.append(
+                RoleSummary(
+                    role=role,
+                    count=len(items),
+                    shape=shapes[0] if len(shapes) == 1 else "mixed",
+                    bits_per_weight=sum(s.bits_per_weight * s.weights for s in items) / weights,
+                    rel_error=sum(s.rel_error for s in items) / len(items),
+                    rtn_rel_error=sum(s.rtn_rel_error for s in items) / len(items),
+                    seconds=sum(s.seconds for s in items),
+                    transforms=",".join(sorted({t for s in items for t in s.transforms})) or "-",
+                )
+            )
+        return rows
+
+    def totals(self) -> dict[str, float]:
+        weights = sum(s.weights for s in self.sites) or 1
+        return {
+            "linears": len(self.sites),
+            "weights": weights,
+            "bits_per_weight": sum(s.bits_per_weight * s.weights for s in self.sites) / weights,
+            "rel_error": sum(s.rel_error for s in self.sites) / max(len(self.sites), 1),
+            "rtn_rel_error": sum(s.rtn_rel_error for s in self.sites) / max(len(self.sites), 1),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "recipe": self.recipe,
+            "structure": self.structure,
+            "seconds": self.seconds,
+            "totals": self.totals(),
+            "roles": [dataclasses.asdict(r) for r in self.by_role()],
+            "sites": [dataclasses.asdict(s) | {"bits_per_weight": s.bits_per_weight} for s in self.sites],
+            "verification": self.verification,
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+
+
+def structure_summary(sites: ModelSites) -> dict[str, Any]:
+    """What the matcher found, in plain data (for `inspect --json` and the report)."""
+    return {
+        "style": sites.style,
+        "vocab": sites.vocab,
+        "layers": len(sites.layers()),
+        "lm_head": sites.lm_head,
+        "embedding": dataclasses.asdict(sites.embedding) if sites.embedding else None,
+        "attention": [_jsonable(dataclasses.asdict(a)) for a in sites.attentions],
+        "mlp": [_jsonable(dataclasses.asdict(m)) for m in sites.mlps],
+        "linears": [
+            {
+                "name": lin.node,
+                "role": lin.role.value,
+                "layer": lin.layer,
+                "k": lin.k,
+                "n": lin.n,
+                "weight": lin.weight.initializer,
+                "transposed": lin.weight.transposed,
+                "dtype": lin.weight.dtype,
+            }
+            for lin in sites.linears.values()
+        ],
+        "pairs": [dataclasses.asdict(p) for p in sites.pairs()],
+        "notes": sites.notes,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj

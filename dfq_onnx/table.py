@@ -1,0 +1,126 @@
+"""Plain-text tables for the terminal (strings only; the CLI decides where they go)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .graph.sites import ModelSites
+from .report import Report
+
+
+def render(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def structure_table(sites: ModelSites, path: Path) -> str:
+    out = [f"{path}: {sites.style} export, {len(sites.layers())} layers, vocab {sites.vocab}"]
+    emb = sites.embedding
+    if emb:
+        tie = "tied to lm_head" if emb.tied else "separate from lm_head"
+        out.append(f"embedding: {emb.vocab}x{emb.hidden} ({tie}{', read through Transpose' if emb.transposed else ''})")
+    if sites.lm_head:
+        lm = sites.linears[sites.lm_head]
+        out.append(f"lm_head: {lm.k}x{lm.n}{' (transposed weight)' if lm.weight.transposed else ''}")
+    rows = []
+    for att in sites.attentions:
+        mlp = next((m for m in sites.mlps if m.layer == att.layer), None)
+        shapes = []
+        for role in ("q", "k", "v", "qkv", "o"):
+            name = getattr(att, role)
+            if name:
+                lin = sites.linears[name]
+                shapes.append(f"{role} {lin.k}x{lin.n}")
+        if mlp:
+            for role in ("gate", "up", "down"):
+                lin = sites.linears[getattr(mlp, role)]
+                shapes.append(f"{role} {lin.k}x{lin.n}")
+        heads = f"{att.num_heads}/{att.num_kv_heads}x{att.head_dim}" if att.head_dim else "?"
+        norms = "+".join(
+            n
+            for n, g in (("attn", att.input_norm), ("mlp", mlp.input_norm if mlp else None))
+            if g is not None and g.exclusive
+        )
+        rows.append(
+            [
+                str(att.layer),
+                att.kind,
+                heads,
+                att.rope + ("" if att.rotary_dim in (None, att.head_dim) else f"/{att.rotary_dim}"),
+                "yes" if att.qk_norm else "no",
+                norms or "-",
+                ", ".join(shapes),
+            ]
+        )
+    out.append("")
+    out.append(render(["layer", "attention", "heads/kv x dim", "rope", "qk-norm", "norm gains", "linears (KxN)"], rows))
+    pairs = sites.pairs()
+    kinds = {k: sum(1 for p in pairs if p.kind == k) for k in ("vo", "up_down", "qk")}
+    qk_ok = sum(1 for p in pairs if p.kind == "qk" and p.detail["applies"])
+    out.append("")
+    out.append(f"pairs: V/O {kinds['vo']}, up/down {kinds['up_down']}, Q/K {kinds['qk']} ({qk_ok} RoPE-commuting)")
+    other = [lin for lin in sites.linears.values() if lin.role.value == "other"]
+    if other:
+        out.append(f"unmatched linears (quantized without transforms): {len(other)}")
+    for note in sites.notes:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def result_table(report: Report) -> str:
+    rows = []
+    for r in report.by_role():
+        rows.append(
+            [
+                r.role,
+                str(r.count),
+                r.shape,
+                f"{r.bits_per_weight:.2f}",
+                f"{100 * r.rtn_rel_error:.3f}%",
+                f"{100 * r.rel_error:.3f}%",
+                r.transforms,
+                f"{r.seconds:.2f}",
+            ]
+        )
+    t = report.totals()
+    rows.append(
+        [
+            "total",
+            str(t["linears"]),
+            f"{t['weights'] / 1e6:.1f}M w",
+            f"{t['bits_per_weight']:.2f}",
+            f"{100 * t['rtn_rel_error']:.3f}%",
+            f"{100 * t['rel_error']:.3f}%",
+            "",
+            f"{sum(s.seconds for s in report.sites):.2f}",
+        ]
+    )
+    recipe = report.recipe
+    q = recipe["quant"]
+    head = (
+        f"{report.output}: int{q['bits']} block {q['block_size']} "
+        f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {recipe['output_format']}, "
+        f"method {recipe['method']['name']}, lm_head {recipe['lm_head']}"
+    )
+    lines = [head, "", render(["role", "count", "shape", "bits/w", "rtn err", "err", "transforms", "sec"], rows, right={1, 3, 4, 5, 7})]
+    if q["bits"] == 3:
+        lines.append("3-bit codes are stored in 4-bit containers (accuracy of 3 bits, size of 4).")
+    lines.append("err: relative proxy error ||W - W_hat||^2 / ||W||^2, mean over the role's matrices.")
+    v = report.verification
+    if v:
+        if "max_abs_error" in v:
+            lines.append(
+                f"verified with ONNX Runtime (CPU) on {v['tokens']} random ids: logits max abs error "
+                f"{v['max_abs_error']:.4g} (relative {v['rel_max_error']:.3g}), mean {v['mean_abs_error']:.4g}, "
+                f"top-1 agreement {100 * v['top1_agreement']:.1f}%"
+            )
+        else:
+            lines.append(f"verified: ONNX Runtime (CPU) loads and runs the output ({v['tokens']} random ids)")
+    lines.append(f"optimised and written in {report.seconds:.1f}s")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
