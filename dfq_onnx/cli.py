@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
             "(or QDQ) nodes. Flags override the recipe; the defaults are 4-bit, block 32, symmetric, "
             "MatMulNBits (the CUDA fast-path layout). A JSON report is written beside the output."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     o.add_argument("model", type=Path, help="the float (fp32/fp16) .onnx file; never modified")
     o.add_argument("-o", "--output", type=Path, default=None, help="output .onnx path (default: <model>.q<bits>.onnx)")
@@ -51,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"a TOML recipe path or built-in name ({', '.join(sorted(builtin_recipes()))})",
     )
-    o.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=None, help="bits per weight (3 is stored in 4-bit containers) [4]")
+    o.add_argument(
+        "--bits",
+        type=int,
+        default=None,
+        help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} (3 is stored in 4-bit containers) [4]",
+    )
     o.add_argument("--block-size", type=int, default=None, help="rows of K per scale: a power of two, 16..256 [32]")
     sym = o.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points [default]")
@@ -71,13 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded [rtn]")
     o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
-    o.add_argument("--device", default="cpu", help="torch device for the optimisation (cpu, cuda, cuda:1)")
-    o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method")
+    o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
+    o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method [0]")
     o.add_argument(
         "--verify",
         choices=["compare", "run", "none"],
         default="compare",
-        help="after writing: compare logits with the input on random ids, only run the output, or skip",
+        help="before publishing: compare logits with the input on random ids, only run the output, or skip [compare]",
     )
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser

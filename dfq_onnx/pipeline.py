@@ -84,6 +84,7 @@ def optimize(
         writer.close()
         save.save_model(model, work / output_path.name)
         optimise_seconds = time.perf_counter() - started
+        verification = _verify(input_path, work / output_path.name, sites, options)
         save.publish(work, output_path, location)
     except BaseException:
         writer.close()
@@ -99,14 +100,18 @@ def optimize(
         seconds=optimise_seconds,
         notes=sites.notes + rewriter.notes,
     )
-    if options.verify != "none":
-        from . import verify  # ONNX Runtime is needed only here
-
-        report.verification = verify.check_output(
-            input_path, output_path, sites, compare=options.verify == "compare"
-        )
+    report.verification = verification
     report.write_json(report_path_for(output_path))
     return report
+
+
+def _verify(input_path: Path, candidate: Path, sites: ModelSites, options: RunOptions) -> dict | None:
+    """Run the written model in ONNX Runtime before it is published: a model ORT rejects is never left behind."""
+    if options.verify == "none":
+        return None
+    from . import verify  # ONNX Runtime is needed only here
+
+    return verify.check_output(input_path, candidate, sites, compare=options.verify == "compare")
 
 
 def report_path_for(output_path: Path) -> Path:
@@ -284,29 +289,32 @@ class _Rewriter:
         packed = self._packed(q, dtype, lin)
         gather = self.nodes.pop(emb.node)
         base = f"{emb.initializer}_embedding"
-        if self.recipe.output_format == OutputFormat.MATMULNBITS:
-            data = self._embedding_data(emb, packed, head_values, base)
-            scales = head_values["scales"] if emb.tied else self._write(
-                f"{base}_scales", packed.scales, rewrite._ir_dtype(packed.scales.dtype), packed.scales.shape
-            )
-            zps = None
+        nbits = self.recipe.output_format == OutputFormat.MATMULNBITS
+        shared = head_values if (emb.tied and nbits) else None  # reuse the lm_head's B bytes and scales
+        data = self._embedding_data(packed, shared, base)
+        scales = shared["scales"] if shared else self._write(
+            f"{base}_scales", packed.scales, rewrite._ir_dtype(packed.scales.dtype), packed.scales.shape
+        )
+        zps = None
+        if nbits:
             if packed.zero_points is not None:
                 zp = rewrite.pack.matmulnbits_zero_points(packed.zero_points, fmt.container_bits)
-                zps = head_values["zero_points"] if emb.tied else self._write(f"{base}_zp", zp, ir.DataType.UINT8, zp.shape)
+                zps = shared["zero_points"] if shared else self._write(f"{base}_zp", zp, ir.DataType.UINT8, zp.shape)
             new = rewrite.gather_block_quantized(self.graph, gather, data, scales, zps, fmt)
         else:
-            values = {}
-            for key, (arr, irtype, shape) in packed.qdq_gather_tensors().items():
-                values[key] = self._write(f"{base}_{key}", arr, irtype, shape)
-            new = rewrite.gather_then_dequantize(self.graph, gather, values, fmt)
-            self.notes.append("QDQ output stores the tied embedding and lm_head as two quantized copies")
+            if packed.zero_points is not None:
+                zps = self._write(f"{base}_zp", packed.zero_points, ir.DataType.UINT8, packed.zero_points.shape)
+            irtype = rewrite._ir_dtype(packed.scales.dtype)
+            new = rewrite.gather_unpacked(self.graph, gather, data, scales, zps, fmt, lin.k, irtype)
+            if emb.tied:
+                self.notes.append("QDQ output stores the tied embedding and lm_head as two quantized copies")
         self.nodes[new.name] = new
 
-    def _embedding_data(self, emb, packed: rewrite.PackedWeight, head_values, base) -> ir.Value:
+    def _embedding_data(self, packed: rewrite.PackedWeight, shared, base) -> ir.Value:
         """Rows of the embedding packed along hidden: the very bytes of MatMulNBits' B when tied."""
         shape = (packed.n, packed.k * packed.fmt.container_bits // 8)
-        if emb.tied:
-            src = head_values["B"].const_value
+        if shared:
+            src = shared["B"].const_value
             tensor = ir.ExternalTensor(
                 src.location, src.offset, src.length, ir.DataType.UINT8, shape=ir.Shape(shape), name=base, base_dir=src.base_dir
             )

@@ -34,8 +34,14 @@ class PackedWeight:
 
     def matmulnbits_tensors(self) -> dict[str, tuple[np.ndarray, ir.DataType]]:
         bits = self.fmt.container_bits
+        codes = self.codes
+        if codes.shape[1] * codes.shape[2] != self.k:
+            # Padding rows past K are never read; ORT's quantizer leaves them 0, and so do we.
+            codes = codes.reshape(self.n, -1).copy()
+            codes[:, self.k :] = 0
+            codes = codes.reshape(self.codes.shape)
         out = {
-            "B": (pack.matmulnbits_b(self.codes, bits), ir.DataType.UINT8),
+            "B": (pack.matmulnbits_b(codes, bits), ir.DataType.UINT8),
             "scales": (np.ascontiguousarray(self.scales), _ir_dtype(self.scales.dtype)),
         }
         if self.zero_points is not None:
@@ -64,18 +70,6 @@ class PackedWeight:
         if self.zero_points is not None:
             zp, _ = self._qdq_codes(self.zero_points.T)
             out["zero_points"] = (zp, dtype, (kb, self.n))
-        return out
-
-    def qdq_gather_tensors(self) -> dict[str, tuple[np.ndarray, ir.DataType, tuple[int, ...]]]:
-        """Embedding rows for Gather -> DequantizeLinear: E_q[vocab, K] row-major, scales [vocab, k_blocks]."""
-        data, dtype = self._qdq_codes(self._codes_rows())
-        out = {
-            "data": (data, dtype, (self.n, self.k)),
-            "scales": (np.ascontiguousarray(self.scales), _ir_dtype(self.scales.dtype), self.scales.shape),
-        }
-        if self.zero_points is not None:
-            zp, _ = self._qdq_codes(self.zero_points)
-            out["zero_points"] = (zp, dtype, self.zero_points.shape)
         return out
 
 
@@ -221,26 +215,56 @@ def gather_block_quantized(
     return new
 
 
-def gather_then_dequantize(graph: ir.Graph, gather: ir.Node, tensors: dict[str, ir.Value], fmt: QuantFormat) -> ir.Node:
-    """Plain-ONNX quantized embedding: gather quantized rows and their scales, then dequantize."""
+def gather_unpacked(
+    graph: ir.Graph,
+    gather: ir.Node,
+    data: ir.Value,
+    scales: ir.Value,
+    zero_points: ir.Value | None,
+    fmt: QuantFormat,
+    k: int,
+    dtype: ir.DataType,
+) -> ir.Node:
+    """Plain-ONNX quantized embedding: gather packed rows, unpack nibbles, (q - z) * s per block.
+
+    ONNX's Gather takes no 4-bit types, so rows stay uint8-packed (MatMulNBits' own row layout)
+    and are unpacked with bit ops after the lookup; only the looked-up rows are dequantized.
+    """
     ids = gather.inputs[1]
-    rows = ir.Node("", "Gather", [tensors["data"], ids], [ir.AttrInt64("axis", 0)], num_outputs=1, name=f"{gather.name}_rows")
-    parts = [rows]
-    dq_inputs = [rows.outputs[0]]
-    for key in ("scales", "zero_points"):
-        if key in tensors:
-            g = ir.Node("", "Gather", [tensors[key], ids], [ir.AttrInt64("axis", 0)], num_outputs=1, name=f"{gather.name}_{key}")
-            parts.append(g)
-            dq_inputs.append(g.outputs[0])
-    dq = ir.Node(
-        "",
-        "DequantizeLinear",
-        dq_inputs,
-        [ir.AttrInt64("axis", -1), ir.AttrInt64("block_size", fmt.block_size)],
-        num_outputs=1,
-        name=f"{gather.name}_DQ",
-    )
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, inputs, **attrs) -> ir.Value:
+        node = ir.Node("", op_type, inputs, [_attr(k, v) for k, v in attrs.items()], num_outputs=1,
+                       name=f"{gather.name}_{op_type}_{len(nodes)}")
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        return new_initializer(graph, f"{gather.name}_{name}", ir.Tensor(array))
+
+    bs, kb = fmt.block_size, k // fmt.block_size
+    rows = op("Gather", [data, ids], axis=0)
+    if fmt.container_bits == 4:
+        last = const("last_axis", np.array([-1], dtype=np.int64))
+        low = op("BitwiseAnd", [rows, const("low_mask", np.array(15, dtype=np.uint8))])
+        high = op("BitShift", [rows, const("shift", np.array(4, dtype=np.uint8))], direction="RIGHT")
+        rows = op("Concat", [op("Unsqueeze", [low, last]), op("Unsqueeze", [high, last])], axis=-1)
+    codes = op("Cast", [op("Reshape", [rows, const("block_shape", np.array([0, 0, kb, bs], dtype=np.int64))])], to=dtype)
+    if zero_points is None:
+        mid = np.array(1 << (fmt.container_bits - 1), dtype=ir.DataType(dtype).numpy())
+        zero = const("zero_point", mid)
+    else:
+        zero = op("Cast", [op("Unsqueeze", [op("Gather", [zero_points, ids], axis=0), const("zp_axis", np.array([-1], dtype=np.int64))])], to=dtype)
+    scale = op("Unsqueeze", [op("Gather", [scales, ids], axis=0), const("scale_axis", np.array([-1], dtype=np.int64))])
+    values = op("Mul", [op("Sub", [codes, zero]), scale])
+    out = op("Reshape", [values, const("row_shape", np.array([0, 0, k], dtype=np.int64))])
     old_table = gather.inputs[0]
-    ir.convenience.replace_nodes_and_values(graph, gather, [gather], [*parts, dq], [gather.outputs[0]], [dq.outputs[0]])
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], nodes, [gather.outputs[0]], [out])
     drop_unused(graph, old_table)
-    return dq
+    return nodes[-1]
+
+
+def _attr(name: str, value) -> ir.Attr:
+    if isinstance(value, str):
+        return ir.AttrString(name, value)
+    return ir.AttrInt64(name, int(value))

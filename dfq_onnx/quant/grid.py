@@ -90,13 +90,16 @@ def rtn_params(
     bits = fmt.bits
     mx = blocks.amax(dim=-1)
     mn = blocks.amin(dim=-1)
+    # An all-zero block keeps MLAS' signed zero: its scan leaves min = max = the first element.
+    all_zero = (mx == 0) & (mn == 0)
     if fmt.symmetric:
         signed_max = torch.where(mx.abs() > mn.abs(), mx, mn)
+        signed_max = torch.where(all_zero, blocks[..., 0], signed_max)
         scale = -signed_max / float(1 << (bits - 1))
         return _as_scale_dtype(scale, scale_dtype), None
     mn = torch.clamp(mn, max=0.0)
     mx = torch.clamp(mx, min=0.0)
-    scale_f = (mx - mn) / float(grid_max(bits))
+    scale_f = torch.where(all_zero, 0.0, (mx - mn) / float(grid_max(bits)))
     nonzero = scale_f != 0
     zp_f = torch.where(nonzero, 0.0 - mn / torch.where(nonzero, scale_f, 1.0), mn)
     zp = torch.clamp(round_half_away(zp_f), 0, grid_max(bits)).to(torch.uint8)

@@ -1,0 +1,47 @@
+"""House rules of the architecture: the math (quant/) knows nothing of ONNX."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "dfq_onnx"
+FORBIDDEN = ("onnx", "onnx_ir", "onnxruntime", "onnxscript")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_quant_sources_import_no_onnx():
+    files = sorted((PACKAGE / "quant").glob("*.py"))
+    assert files
+    for path in files:
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_importing_quant_loads_no_onnx_module():
+    """Transitively too: importing every quant module pulls in no ONNX package."""
+    modules = [f"dfq_onnx.quant.{p.stem}" for p in (PACKAGE / "quant").glob("*.py") if p.stem != "__init__"]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules)
+    code += f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\nprint(bad)\nassert not bad, bad\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_graph_does_no_optimisation():
+    """graph/ never imports torch or the math: rewriting is wiring, not deciding."""
+    for path in sorted((PACKAGE / "graph").glob("*.py")):
+        mods = imported_modules(path)
+        assert "torch" not in mods, path.name
+        source = path.read_text()
+        assert "from ..quant" not in source and "dfq_onnx.quant" not in source, path.name

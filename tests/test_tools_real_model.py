@@ -1,0 +1,109 @@
+"""The evaluation tools on the real Gemma 3 270M and Jane Austen (slow: `pytest -m slow`).
+
+The model fixture runs tools/build_gemma3_270m.py, which reuses finished outputs
+under models/gemma3-270m (seconds) or builds them offline (about five minutes).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
+MODEL_DIR = REPO / "models" / "gemma3-270m"
+sys.path.insert(0, str(TOOLS))
+
+import eval_quality  # noqa: E402
+from build_gemma3_270m import flatten_rope_config  # noqa: E402
+
+@pytest.fixture(scope="module")
+def built() -> Path:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(TOOLS / "build_gemma3_270m.py"), "--out", str(MODEL_DIR)],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (MODEL_DIR / "dynamo" / "model.onnx").is_file()
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return eval_quality.load_text()
+
+
+def test_metrics_match_float64():
+    """The fast float32-exp metrics agree with a plain float64 log-softmax."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 5000)).astype(np.float32) * 6
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * 0.3
+    t = rng.integers(0, 5000, 40)
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(a), log_softmax(b)
+    nll, kl, top1 = eval_quality.compare(a, b, t)
+    assert nll == pytest.approx(-lq[np.arange(40), t].sum(), rel=1e-7)
+    assert kl == pytest.approx((np.exp(lp) * (lp - lq)).sum(), rel=1e-5)
+    assert top1 == int((a.argmax(-1) == b.argmax(-1)).sum())
+    assert eval_quality.nll_sum(a, t) == pytest.approx(-lp[np.arange(40), t].sum(), rel=1e-7)
+    assert eval_quality.compare(a, a, t)[1] == 0.0
+
+
+def test_flatten_rope_config():
+    nested = {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
+                                  "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}}
+    flat = flatten_rope_config(nested)
+    assert flat["rope_parameters"]["rope_type"] == "default"
+    assert flat["rope_parameters"]["rope_theta"] == flat["rope_theta"] == 1e6
+    assert flat["rope_parameters"]["rope_local_base_freq"] == flat["rope_local_base_freq"] == 1e4
+    assert "full_attention" in nested["rope_parameters"]  # input untouched
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_text_is_pride_and_prejudice(text):
+    assert text.startswith("PRIDE AND PREJUDICE By Jane Austen Chapter 1 It is a truth universally")
+    assert "  " not in text and "\n" not in text
+    assert 600_000 < len(text) < 800_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_reference_perplexity_is_sane(built, text):
+    ref = built / "dynamo" / "model.onnx"
+    result = eval_quality.evaluate(str(ref), [], windows=2, text=text, progress=False)
+    ppl = result["reference"]["ppl"]
+    assert result["tokens_evaluated"] == 2 * 511
+    assert math.isfinite(ppl) and 5 < ppl < 60, ppl
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_reference_against_itself(built, text):
+    ref = str(built / "dynamo" / "model.onnx")
+    result = eval_quality.evaluate(ref, [ref], windows=2, text=text, progress=False)
+    cand = result["candidates"][0]
+    assert abs(cand["kl"]) < 1e-9
+    assert cand["top1"] == 1.0
+    assert cand["ppl"] == pytest.approx(result["reference"]["ppl"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_genai_export_matches_dynamo(built, text):
+    genai = built / "genai" / "model.onnx"
+    if not (built / "genai" / "build_info.json").is_file():
+        pytest.skip("the onnxruntime-genai export did not build")
+    result = eval_quality.evaluate(str(built / "dynamo" / "model.onnx"), [str(genai)], windows=1,
+                                   text=text, progress=False)
+    cand = result["candidates"][0]
+    assert cand["kl"] < 1e-5  # genai rounds the embedding scale to 25.3: tiny but nonzero
+    assert cand["top1"] > 0.99
