@@ -68,7 +68,6 @@ def test_flatten_rope_config():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_text_is_pride_and_prejudice(text):
     assert text.startswith("PRIDE AND PREJUDICE By Jane Austen Chapter 1 It is a truth universally")
     assert "  " not in text and "\n" not in text
@@ -76,7 +75,6 @@ def test_text_is_pride_and_prejudice(text):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_reference_perplexity_is_sane(built, text):
     ref = built / "dynamo" / "model.onnx"
     result = eval_quality.evaluate(str(ref), [], windows=2, text=text, progress=False)
@@ -86,7 +84,6 @@ def test_reference_perplexity_is_sane(built, text):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_reference_against_itself(built, text):
     ref = str(built / "dynamo" / "model.onnx")
     result = eval_quality.evaluate(ref, [ref], windows=2, text=text, progress=False)
@@ -97,7 +94,6 @@ def test_reference_against_itself(built, text):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_genai_export_matches_dynamo(built, text):
     genai = built / "genai" / "model.onnx"
     if not (built / "genai" / "build_info.json").is_file():
