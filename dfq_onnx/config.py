@@ -66,11 +66,30 @@ class QuantFormat:
 
 class Method(str, enum.Enum):
     RTN = "rtn"  # round-to-nearest, byte-identical to ORT's DEFAULT quantizer
+    CAFEQ = "cafeq"  # data-free learned transforms, paired transforms, adaptive rounding
+
+
+class Prior(str, enum.Enum):
+    PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
+    IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    name: Method = Method.RTN
+    """The method and its knobs (all ignored by round-to-nearest)."""
+
+    name: Method = Method.CAFEQ
+    prior: Prior = Prior.PROPAGATED
+    scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
+    diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
+    vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group
+    gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+
+    def describe(self) -> str:
+        if self.name == Method.RTN:
+            return "rtn"
+        knobs = [k for k in ("scale_search", "diagonal", "vo_pairs", "gptq") if getattr(self, k)]
+        return f"cafeq (prior {self.prior.value}; {', '.join(knobs) or 'no transforms'})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +118,7 @@ class Recipe:
         if "lm_head" in top:
             top["lm_head"] = _enum(LmHeadPolicy, top["lm_head"], "--lm-head")
         if "method" in top:
-            top["method"] = MethodConfig(name=_enum(Method, top["method"], "--method"))
+            top["method"] = dataclasses.replace(self.method, name=_enum(Method, top["method"], "--method"))
         return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **q), **top)
 
 
@@ -152,7 +171,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     method = data.get("method", {})
     _check_keys(quant, {"bits", "block_size", "symmetric"}, f"{source} [quant]")
     _check_keys(output, {"format", "lm_head", "accuracy_level"}, f"{source} [output]")
-    _check_keys(method, {"name"}, f"{source} [method]")
+    _check_keys(method, {f.name for f in dataclasses.fields(MethodConfig)}, f"{source} [method]")
     return Recipe(
         name=meta.get("name", Path(source).stem),
         description=meta.get("description", ""),
@@ -160,8 +179,19 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         output_format=_enum(OutputFormat, output.get("format", "matmulnbits"), "format"),
         lm_head=_enum(LmHeadPolicy, output.get("lm_head", "keep"), "lm_head"),
         accuracy_level=int(output.get("accuracy_level", 0)),
-        method=MethodConfig(name=_enum(Method, method.get("name", "rtn"), "method")),
+        method=_method_config(method),
     )
+
+
+def _method_config(section: dict[str, Any]) -> MethodConfig:
+    values = dict(section)
+    values["name"] = _enum(Method, values.get("name", Method.CAFEQ.value), "method")
+    if "prior" in values:
+        values["prior"] = _enum(Prior, values["prior"], "method prior")
+    for key in ("scale_search", "diagonal", "vo_pairs", "gptq"):
+        if key in values and not isinstance(values[key], bool):
+            raise DfqError(f"recipe [method] {key} must be true or false")
+    return MethodConfig(**values)
 
 
 def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:

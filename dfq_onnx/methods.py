@@ -1,8 +1,9 @@
 """The registry from a method's config type to the code that quantizes one unit of work.
 
 A unit is one transformer layer (its attention and MLP linears, with their pairing), or a
-group of linears outside the layers. A method gets the float weights of the unit and
-returns their quantized forms, plus any float tensors it changed (e.g. folded norm gains).
+group of linears outside the layers. A method gets the float weights of the unit (and the norm
+gains in front of them) and returns their quantized forms, the float tensors it changed (folded
+norm gains) and, per linear, the proxy errors it reached.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Callable
 import torch
 
 from .config import Method, MethodConfig, QuantFormat
-from .graph.sites import Attention, Linear, Mlp
-from .quant import grid
+from .graph.sites import Attention, Linear, Mlp, NormGain
+from .quant import grid, stats
+from .quant.layer import LayerOptions, LayerWeights, optimise_layer
 
 
 @dataclasses.dataclass
@@ -26,16 +28,34 @@ class Unit:
     linears: list[Linear]
     attention: Attention | None = None
     mlp: Mlp | None = None
+    foldable: set[str] = dataclasses.field(default_factory=set)  # gain initializers we may rewrite
+
+
+@dataclasses.dataclass
+class SiteErrors:
+    error: float
+    rtn_error: float
+    reference: float
 
 
 @dataclasses.dataclass
 class UnitResult:
     quantized: dict[str, grid.Quantized]
-    changed: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # initializer -> new values
+    changed: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # gain initializer -> new gain
     transforms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # linear -> transforms used
+    errors: dict[str, SiteErrors] = dataclasses.field(default_factory=dict)  # linear -> proxy errors
+    residual: stats.Moments | None = None  # residual-stream statistics after the unit
 
 
-MethodFn = Callable[[Unit, dict[str, torch.Tensor], QuantFormat, dict[str, torch.dtype], MethodConfig], UnitResult]
+@dataclasses.dataclass
+class UnitInput:
+    weights: dict[str, torch.Tensor]  # linear -> W[K, N] (float32, on the method's device)
+    scale_dtypes: dict[str, torch.dtype]
+    gains: dict[str, torch.Tensor]  # norm gain initializer -> multiplicative gain values
+    residual: stats.Moments | None = None  # residual-stream statistics before the unit
+
+
+MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
 
 _REGISTRY: dict[Method, MethodFn] = {}
 
@@ -53,11 +73,51 @@ def method_for(config: MethodConfig) -> MethodFn:
 
 
 @register(Method.RTN)
-def round_to_nearest(
-    unit: Unit,
-    weights: dict[str, torch.Tensor],
-    fmt: QuantFormat,
-    scale_dtypes: dict[str, torch.dtype],
-    config: MethodConfig,
-) -> UnitResult:
-    return UnitResult(quantized={name: grid.rtn(w, fmt, scale_dtypes[name]) for name, w in weights.items()})
+def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
+    return UnitResult(quantized={name: grid.rtn(w, fmt, data.scale_dtypes[name]) for name, w in data.weights.items()})
+
+
+@register(Method.CAFEQ)
+def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
+    layer = LayerWeights(weights=data.weights, scale_dtypes=data.scale_dtypes)
+    att, mlp = unit.attention, unit.mlp
+    if att is not None:
+        for role in ("q", "k", "v", "qkv", "o"):
+            setattr(layer, role, getattr(att, role))
+        layer.qkv_split = att.qkv_split
+        layer.head_dim, layer.num_heads, layer.num_kv_heads = att.head_dim, att.num_heads, att.num_kv_heads
+        layer.attn_gain, layer.attn_gain_foldable = _gain(att.input_norm, data, unit)
+        layer.attn_post_gain, _ = _gain(att.output_norm, data, unit)
+        layer.attn_post_norm = att.output_norm is not None
+        if att.qkv and not att.qkv_split:
+            layer.qkv = None  # a packed projection we cannot split is quantized on its own
+    if mlp is not None:
+        layer.gate, layer.up, layer.down = mlp.gate, mlp.up, mlp.down
+        layer.activation = stats.activation_kind(mlp.activation)
+        layer.mlp_gain, layer.mlp_gain_foldable = _gain(mlp.input_norm, data, unit)
+        layer.mlp_post_gain, _ = _gain(mlp.output_norm, data, unit)
+        layer.mlp_post_norm = mlp.output_norm is not None
+    opts = LayerOptions(
+        prior=config.prior.value,
+        scale_search=config.scale_search,
+        diagonal=config.diagonal,
+        vo_pairs=config.vo_pairs,
+        gptq=config.gptq,
+    )
+    result = optimise_layer(layer, fmt, opts, data.residual)
+    out = UnitResult(quantized={}, residual=result.residual)
+    for name, site in result.sites.items():
+        out.quantized[name] = site.quantized
+        out.transforms[name] = site.transforms
+        out.errors[name] = SiteErrors(site.error, site.rtn_error, site.reference)
+    if result.attn_gain is not None:
+        out.changed[att.input_norm.initializer] = result.attn_gain
+    if result.mlp_gain is not None:
+        out.changed[mlp.input_norm.initializer] = result.mlp_gain
+    return out
+
+
+def _gain(norm: NormGain | None, data: UnitInput, unit: Unit) -> tuple[torch.Tensor | None, bool]:
+    if norm is None or norm.initializer not in data.gains:
+        return None, False
+    return data.gains[norm.initializer], norm.exclusive and norm.initializer in unit.foldable

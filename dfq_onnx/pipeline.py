@@ -18,11 +18,11 @@ import onnx_ir as ir
 import torch
 
 from . import methods
-from .config import OutputFormat, QuantFormat, Recipe
+from .config import Method, OutputFormat, Prior, QuantFormat, Recipe
 from .errors import DfqError
 from .graph import load, opset, rewrite, save
 from .graph.sites import Embedding, Linear, ModelSites, Role, find_sites
-from .quant import grid, proxy
+from .quant import grid, proxy, stats
 from .report import Report, SiteResult
 
 ProgressFn = Callable[[str, int, int], None]  # (label of the unit just done, done, total)
@@ -66,10 +66,11 @@ def optimize(
     writer = save.ExternalDataWriter(work, location)
     try:
         rewriter = _Rewriter(model, sites, recipe, writer)
-        units = plan_units(sites)
+        units = plan_units(sites, model.graph)
         head = _head_linears(sites, recipe)
         total = len(units) + (1 if head else 0)
         results: list[SiteResult] = []
+        rewriter.residual = rewriter.initial_statistics(options)
         for i, unit in enumerate(units):
             results.extend(rewriter.run_unit(unit, recipe.quant, options))
             if progress:
@@ -128,18 +129,28 @@ def check_weight_types(model: ir.Model) -> None:
             )
 
 
-def plan_units(sites: ModelSites) -> list[methods.Unit]:
+def plan_units(sites: ModelSites, graph: ir.Graph | None = None) -> list[methods.Unit]:
     """One unit per layer (attention + MLP), then any remaining linears outside the layers."""
     units = []
     for layer in sites.layers():
         members = [lin for lin in sites.linears.values() if lin.layer == layer and lin.role != Role.LM_HEAD]
         att = next((a for a in sites.attentions if a.layer == layer), None)
         mlp = next((m for m in sites.mlps if m.layer == layer), None)
-        units.append(methods.Unit(f"layer {layer}", layer, members, att, mlp))
+        foldable = {
+            g.initializer
+            for g in (att.input_norm if att else None, mlp.input_norm if mlp else None)
+            if g is not None and g.exclusive and (graph is None or _only_used_by_its_norm(graph, g.initializer))
+        }
+        units.append(methods.Unit(f"layer {layer}", layer, members, att, mlp, foldable))
     loose = [lin for lin in sites.linears.values() if lin.layer is None and lin.role == Role.OTHER]
     if loose:
         units.append(methods.Unit("other linears", None, loose))
     return units
+
+
+def _only_used_by_its_norm(graph: ir.Graph, name: str) -> bool:
+    """A gain initializer shared with other nodes cannot be rewritten for one of them."""
+    return len(graph.initializers[name].uses()) == 1
 
 
 def _head_linears(sites: ModelSites, recipe: Recipe) -> list[Linear]:
@@ -164,6 +175,7 @@ class _Rewriter:
         self.nodes = {node.name: node for node in self.graph}
         self.written: set[str] = set()
         self.notes: list[str] = []
+        self.residual = None  # propagated residual-stream statistics (the data-free prior)
 
     # -- reading
 
@@ -187,17 +199,50 @@ class _Rewriter:
         t0 = time.perf_counter()
         weights = {lin.node: self.weight(lin) for lin in unit.linears}
         dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
-        scale_dtypes = {name: _torch_dtype(dt) for name, dt in dtypes.items()}
-        device_weights = {name: w.to(options.device) for name, w in weights.items()}
-        result = methods.method_for(self.recipe.method)(unit, device_weights, fmt, scale_dtypes, self.recipe.method)
+        data = methods.UnitInput(
+            weights={name: w.to(options.device) for name, w in weights.items()},
+            scale_dtypes={name: _torch_dtype(dt) for name, dt in dtypes.items()},
+            gains={name: g.to(options.device) for name, g in self.gains(unit).items()},
+            residual=self.residual,
+        )
+        result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
+        self.residual = result.residual
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
         out = []
         for lin in unit.linears:
             q = result.quantized[lin.node]
-            out.append(self._site_result(lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, [])))
+            out.append(
+                self._site_result(
+                    lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, []), result.errors.get(lin.node)
+                )
+            )
             self._emit_linear(lin, q, dtypes[lin.node])
-        for name, values in result.changed.items():
-            self._replace_float(name, values)
+        for name, gain in result.changed.items():
+            self._replace_gain(name, gain)
+        return out
+
+    def initial_statistics(self, options: RunOptions):
+        """Residual-stream statistics at the first layer, from the embedding table (for the propagated prior)."""
+        method = self.recipe.method
+        emb = self.sites.embedding
+        if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or emb is None:
+            return None
+        tensor = self.graph.initializers[emb.initializer].const_value
+        return stats.embedding_moments(load.iter_rows(tensor, emb.transposed), self.sites.embedding_scale, options.device)
+
+    def gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
+        """Multiplicative norm gains in front of the unit's linears (1 + w where the graph adds the 1)."""
+        out = {}
+        norms = []
+        if unit.attention:
+            norms += [unit.attention.input_norm, unit.attention.output_norm]
+        if unit.mlp:
+            norms += [unit.mlp.input_norm, unit.mlp.output_norm]
+        for norm in norms:
+            if norm is None:
+                continue
+            arr = load.read_array(self.graph.initializers[norm.initializer].const_value).astype(np.float32).reshape(-1)
+            out[norm.initializer] = torch.from_numpy(arr + 1.0 if norm.plus_one else arr)
         return out
 
     def run_head(self, head: list[Linear], options: RunOptions) -> list[SiteResult]:
@@ -217,11 +262,13 @@ class _Rewriter:
 
     # -- results
 
-    def _site_result(self, lin, w, q: grid.Quantized, fmt, seconds, transforms) -> SiteResult:
-        w_hat = q.dequantize().cpu()
-        ref = proxy.sq_norm(w)
-        err = proxy.sq_error(w, w_hat)
-        rtn_err = err if not transforms else proxy.sq_error(w, grid.fake_quant(w, fmt, q.scales.dtype))
+    def _site_result(self, lin, w, q: grid.Quantized, fmt, seconds, transforms, errors=None) -> SiteResult:
+        if errors is not None:
+            ref, err, rtn_err = errors.reference, errors.error, errors.rtn_error
+        else:
+            ref = proxy.sq_norm(w)
+            err = proxy.sq_error(w, q.dequantize().cpu())
+            rtn_err = err
         return SiteResult(
             name=lin.node,
             role=lin.role.value,
@@ -324,10 +371,18 @@ class _Rewriter:
         arr = rewrite.pack.matmulnbits_b(packed.codes, packed.fmt.container_bits).reshape(shape)
         return self._write(f"{base}_data", arr, ir.DataType.UINT8, shape)
 
-    def _replace_float(self, name: str, values: torch.Tensor) -> None:
+    def _replace_gain(self, name: str, gain: torch.Tensor) -> None:
+        """Write a folded norm gain back in the graph's own form (stored w where the graph adds 1)."""
+        plus_one = any(
+            g is not None and g.initializer == name and g.plus_one
+            for g in [a.input_norm for a in self.sites.attentions] + [m.input_norm for m in self.sites.mlps]
+        )
         old = self.graph.initializers[name].const_value
-        arr = values.detach().cpu().numpy().astype(load.numpy_dtype(old.dtype))
-        tensor = self.writer.write(name, arr, old.dtype, tuple(old.shape.numpy()))
+        values = gain.detach().cpu().numpy().astype(np.float64)
+        if plus_one:
+            values = values - 1.0
+        arr = values.astype(load.numpy_dtype(old.dtype)).reshape(tuple(old.shape.numpy()))
+        tensor = self.writer.write(name, arr, old.dtype, arr.shape)
         rewrite.replace_initializer(self.graph, name, tensor)
         self.written.add(name)
 

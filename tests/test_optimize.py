@@ -75,7 +75,7 @@ def test_output_computes_exactly_the_quantized_weights(tiny, tmp_path, style, fm
     """MatMulNBits / QDQ output == the float graph with dequantized weights: packing and wiring are right."""
     model = tiny(style)
     out = tmp_path / "q.onnx"
-    run_cli(model, out, *fmt_flags, "--verify", "none")
+    run_cli(model, out, *fmt_flags, "--verify", "none", "--method", "rtn")
     symmetric = "--asymmetric" not in fmt_flags
     block = int(fmt_flags[fmt_flags.index("--block-size") + 1]) if "--block-size" in fmt_flags else 32
     fake_quantized_copy(model, tmp_path / "fq.onnx", QuantFormat(4, block, symmetric))

@@ -117,3 +117,38 @@ def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
             raise DfqError(f"external data of '{tensor.name}' ends early ({got} of {view.nbytes} bytes)")
         return out.reshape(tensor.shape.numpy())
     return np.array(tensor.numpy(), copy=True)
+
+
+def iter_rows(tensor: ir.TensorProtocol, transposed: bool, rows_per_block: int = 4096):
+    """Row blocks of a matrix M (M = tensor, or tensor^T when `transposed`) without loading it whole.
+
+    A transposed external tensor is read as column segments of each stored row (positioned reads).
+    """
+    stored_rows, stored_cols = (int(d) for d in tensor.shape)
+    if not isinstance(tensor, ir.ExternalTensor):
+        arr = np.asarray(tensor.numpy())
+        arr = arr.T if transposed else arr
+        for i in range(0, arr.shape[0], rows_per_block):
+            yield np.array(arr[i : i + rows_per_block], dtype=np.float32)
+        return
+    dtype = numpy_dtype(tensor.dtype)
+    item = dtype.itemsize
+    with open(tensor.path, "rb", buffering=0) as f:
+        base = tensor.offset or 0
+        if not transposed:
+            for i in range(0, stored_rows, rows_per_block):
+                n = min(rows_per_block, stored_rows - i)
+                buf = np.empty(n * stored_cols, dtype=dtype)
+                f.seek(base + i * stored_cols * item)
+                f.readinto(memoryview(buf.view(np.uint8)))
+                yield buf.reshape(n, stored_cols).astype(np.float32)
+            return
+        for j in range(0, stored_cols, rows_per_block):
+            n = min(rows_per_block, stored_cols - j)
+            out = np.empty((n, stored_rows), dtype=np.float32)
+            seg = np.empty(n, dtype=dtype)
+            for r in range(stored_rows):
+                f.seek(base + (r * stored_cols + j) * item)
+                f.readinto(memoryview(seg.view(np.uint8)))
+                out[:, r] = seg
+            yield out

@@ -95,6 +95,7 @@ class Attention:
     rotary_dim: int | None = None
     qk_norm: bool = False
     input_norm: NormGain | None = None
+    output_norm: NormGain | None = None  # a norm on the attention output before the residual add (Gemma)
 
     @property
     def group_size(self) -> int | None:
@@ -111,6 +112,7 @@ class Mlp:
     down: str
     activation: str
     input_norm: NormGain | None = None
+    output_norm: NormGain | None = None
 
 
 @dataclasses.dataclass
@@ -144,6 +146,7 @@ class ModelSites:
     vocab: int | None
     style: str
     notes: list[str]
+    embedding_scale: float = 1.0  # the constant the embedding lookup is multiplied by
 
     def by_role(self, role: Role) -> list[Linear]:
         return [lin for lin in self.linears.values() if lin.role == role]
@@ -215,8 +218,11 @@ def find_sites(model: ir.Model) -> ModelSites:
     _assign_layers(linears, attentions, mlps, nodes, order)
     for att in attentions:
         att.input_norm = _norm_gain(nodes, linears, [x for x in (att.q, att.k, att.v, att.qkv) if x])
+        if att.o:
+            att.output_norm = _output_norm(nodes[att.o], linears[att.o].n)
     for mlp in mlps:
         mlp.input_norm = _norm_gain(nodes, linears, [mlp.gate, mlp.up])
+        mlp.output_norm = _output_norm(nodes[mlp.down], linears[mlp.down].n)
     vocab = embedding.vocab if embedding else (linears[lm_head].n if lm_head else None)
     return ModelSites(
         linears=linears,
@@ -227,6 +233,7 @@ def find_sites(model: ir.Model) -> ModelSites:
         vocab=vocab,
         style=_guess_style(model, attentions),
         notes=notes,
+        embedding_scale=_embedding_scale(nodes[embedding.node]) if embedding else 1.0,
     )
 
 
@@ -631,6 +638,66 @@ def _norm_gain(nodes: dict[str, ir.Node], linears: dict[str, Linear], members: l
         consumers=list(members),
         exclusive=_only_feeds(value, {id(nodes[m]) for m in members}),
     )
+
+
+def _output_norm(linear_node: ir.Node, n: int) -> NormGain | None:
+    """An RMSNorm applied to a sublayer's output before it joins the residual stream (Gemma's post-norms).
+
+    Followed downstream over the norm's own ops; a residual add (Add of two activations that are
+    not both derived from this output, or a Skip*Normalization) ends the search.
+    """
+    start = linear_node.outputs[0]
+    derived = {id(start)}
+    frontier = [start]
+    seen_reduce = False
+    for _ in range(12):
+        nxt = []
+        for value in frontier:
+            for node, idx in trace.consumers(value):
+                if node.op_type in ("SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization") and idx == 0:
+                    gain = _gain_initializer(node.inputs[1] if len(node.inputs) > 1 else None, n)
+                    if gain:
+                        return NormGain(node.name, node.op_type, 1, gain[0], gain[1], [], False)
+                    return None
+                if node.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "MatMul", "Gemm"):
+                    continue
+                if node.op_type == "Add" and all(not trace.is_constant(x) for x in node.inputs):
+                    if not all(id(x) in derived for x in node.inputs):
+                        continue  # the residual add: no norm before it
+                if node.op_type == "ReduceMean":
+                    seen_reduce = True
+                if node.op_type == "Mul" and seen_reduce:
+                    for i, x in enumerate(node.inputs):
+                        gain = _gain_initializer(x, n)
+                        if gain and id(node.inputs[1 - i]) in derived:
+                            return NormGain(node.name, node.op_type, i, gain[0], gain[1], [], False)
+                if node.op_type in ("Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Mul"):
+                    for out in node.outputs:
+                        if id(out) not in derived:
+                            derived.add(id(out))
+                            nxt.append(out)
+        frontier = nxt
+    return None
+
+
+def _embedding_scale(gather: ir.Node) -> float:
+    """Gemma multiplies embeddings by sqrt(hidden); other models by nothing."""
+    value = gather.outputs[0]
+    for _ in range(3):
+        users = list(trace.consumers(value))
+        if len(users) != 1:
+            break
+        node, _ = users[0]
+        if node.op_type == "Cast":
+            value = node.outputs[0]
+            continue
+        if node.op_type == "Mul":
+            for x in node.inputs:
+                arr = trace.const_array(x)
+                if arr is not None and arr.size == 1:
+                    return float(arr.reshape(-1)[0])
+        break
+    return 1.0
 
 
 def _gain_initializer(value: ir.Value | None, k: int) -> tuple[str, bool] | None:

@@ -1,0 +1,145 @@
+"""Data-free activation statistics: first and second moments propagated through the network
+from its weights alone.
+
+Quantization error matters in proportion to the input it multiplies (tr(D^T E[x^T x] D)), and
+nothing in the weights of one matrix says which input channels are loud. The network as a whole
+does: the residual stream starts as scaled token embeddings (their mean and covariance over the
+vocabulary are known exactly), and every sublayer adds an output whose moments follow from its
+weights and, in Gemma, from its post-norm gain. Propagating a mean vector and a covariance matrix
+layer by layer (Gaussian, independent-token assumptions; no text, no tokens, no activations)
+gives an estimate of E[x^T x] at every linear's input:
+
+- RMSNorm divides by the root mean square and multiplies by the gain;
+- linear maps move means and covariances exactly;
+- attention mixes value vectors: the mean is kept, the covariance shrinks by a concentration c;
+- a gated MLP's hidden units act(g) * p with (g, p) jointly Gaussian: 1-D Gauss-Hermite integrals.
+
+On Gemma 3 270M the estimated second moments correlate with the real ones at 0.8-0.9 (log scale)
+for q/k/v and gate/up inputs, where the norm gain alone correlates at about 0.4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+ATTENTION_CONCENTRATION = 0.3  # E[sum_t p_t^2]: 1 for one-hot attention, 1/T for uniform
+_HERMITE = np.polynomial.hermite.hermgauss(48)
+
+
+@dataclasses.dataclass
+class Moments:
+    """Mean [d] and covariance [d, d] of an activation (float64)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+    def second(self) -> torch.Tensor:
+        """E[x^T x] = Cov + mean mean^T (what weights a linear's rounding error)."""
+        return self.cov + torch.outer(self.mean, self.mean)
+
+    def __add__(self, other: "Moments") -> "Moments":  # independent contributions to a residual sum
+        return Moments(self.mean + other.mean, self.cov + other.cov)
+
+
+def embedding_moments(chunks, scale: float, device="cpu") -> Moments:
+    """Residual stream at the first layer: token embeddings (uniform over the vocabulary) times scale.
+
+    `chunks` yields row blocks of the [vocab, hidden] table, so the table is never whole in memory.
+    """
+    total = None
+    outer = None
+    rows = 0
+    for block in chunks:
+        e = torch.as_tensor(block, dtype=torch.float64, device=device)
+        total = e.sum(0) if total is None else total + e.sum(0)
+        outer = e.t() @ e if outer is None else outer + e.t() @ e
+        rows += e.shape[0]
+    mean = total / rows
+    cov = outer / rows - torch.outer(mean, mean)
+    return Moments(mean * scale, cov * scale * scale)
+
+
+def rms_norm(x: Moments, gain: torch.Tensor | None) -> Moments:
+    """n(x) * gain with n(x) = x / rms(x): divide by sqrt(E[mean_k x_k^2])."""
+    r = float((x.mean**2).mean() + torch.diagonal(x.cov).mean())
+    r = math.sqrt(max(r, 1e-30))
+    g = torch.ones_like(x.mean) if gain is None else gain.to(torch.float64)
+    return Moments(x.mean * g / r, x.cov * torch.outer(g, g) / (r * r))
+
+
+def linear(x: Moments, w: torch.Tensor) -> Moments:
+    w = w.to(torch.float64)
+    return Moments(x.mean @ w, w.t() @ x.cov @ w)
+
+
+def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: float = ATTENTION_CONCENTRATION) -> Moments:
+    """Moments of the concatenated head outputs [H*d]: each query head mixes its KV head's values."""
+    kv = v.mean.shape[0] // head_dim
+    group = num_heads // kv
+    means, blocks = [], []
+    for h in range(num_heads):
+        g = slice((h // group) * head_dim, (h // group + 1) * head_dim)
+        means.append(v.mean[g])
+        blocks.append(concentration * v.cov[g, g])
+    return Moments(torch.cat(means), torch.block_diag(*blocks))
+
+
+def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "gelu_tanh") -> Moments:
+    """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal)."""
+    wg = w_gate.to(torch.float64)
+    wu = w_up.to(torch.float64)
+    cg = x.cov @ wg
+    mu_g, mu_p = x.mean @ wg, x.mean @ wu
+    var_g = (cg * wg).sum(0).clamp(min=1e-30)
+    var_p = ((x.cov @ wu) * wu).sum(0)
+    cov_gp = (cg * wu).sum(0)
+    a = cov_gp / var_g  # p = mu_p + a (g - mu_g) + e, e independent of g
+    var_e = (var_p - a * cov_gp).clamp(min=0.0)
+    nodes, weights = (torch.as_tensor(t, dtype=torch.float64, device=x.mean.device) for t in _HERMITE)
+    weights = weights / math.sqrt(math.pi)
+    g = mu_g[:, None] + math.sqrt(2.0) * var_g.sqrt()[:, None] * nodes[None, :]
+    f = _act(g, activation)
+    p = mu_p[:, None] + a[:, None] * (g - mu_g[:, None])
+    m1 = (weights * f * p).sum(1)
+    m2 = (weights * f * f * p * p).sum(1) + var_e * (weights * f * f).sum(1)
+    return Moments(m1, torch.diag((m2 - m1 * m1).clamp(min=0.0)))
+
+
+def activation_kind(ops: str) -> str:
+    """Map the activation ops the matcher saw on the gate path to a function name."""
+    ops = ops.lower()
+    if "sigmoid" in ops or "silu" in ops or "swish" in ops:
+        return "silu"
+    if "relu" in ops:
+        return "relu"
+    if "erf" in ops:
+        return "gelu"
+    return "gelu_tanh"  # Gelu(approximate=tanh), FastGelu, or GELU written out with Tanh
+
+
+def _act(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "silu":
+        return x * torch.sigmoid(x)
+    if name == "relu":
+        return torch.relu(x)
+    if name == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def sublayer_output(y: Moments, post_gain: torch.Tensor | None, has_post_norm: bool) -> Moments:
+    """What a sublayer adds to the residual stream: its output, post-normalised when the graph says so."""
+    return rms_norm(y, post_gain) if has_post_norm else y
+
+
+def diagonal_plus_mean(x: Moments) -> torch.Tensor:
+    """A sparser Hessian estimate: per-channel variance plus the mean direction.
+
+    The propagated off-diagonal covariances are the least reliable part of the estimate; the
+    mean direction carries most of E[x^T x] (massive, token-independent channels).
+    """
+    return torch.diag(torch.diagonal(x.cov)) + torch.outer(x.mean, x.mean)

@@ -1,0 +1,80 @@
+"""Function-preserving transforms, chosen from the weights to lower the proxy after rounding.
+
+Diagonal input scaling: for linears that read one activation x (q/k/v after a norm, gate/up after
+a norm, down after up), W' = diag(a)^-1 W and x' = x * a leave x W unchanged. The gain a is folded
+for free into the norm gain (or into up's columns). An input channel k of W' is rounded with W'
+but its error reaches the output multiplied by a_k, so the proxy of W' weights row k by h_k a_k^2.
+
+The search is a small grid over a = h^(-alpha/2) * r^beta (h: the prior importance of the input
+channel, r: the spread of the channel's weights), each candidate scored by the real rounding
+error; alpha = beta = 0 (no transform) is always a candidate, so the result is never worse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import QuantFormat
+from . import grid, scales
+
+ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+BETAS = (0.0, 0.25, 0.5)
+
+
+@dataclasses.dataclass
+class DiagonalChoice:
+    a: torch.Tensor  # [K] multiplicative input scaling (x' = x * a, W' = W / a)
+    alpha: float
+    beta: float
+    error: float  # weighted proxy of all consumers at the chosen a (round-to-nearest)
+    identity_error: float
+
+    @property
+    def is_identity(self) -> bool:
+        return self.alpha == 0.0 and self.beta == 0.0
+
+
+def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
+    """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`)."""
+    blocks = grid.to_blocks(w, fmt.block_size)
+    wb = None if weight is None else grid.to_blocks(weight.view(-1, 1), fmt.block_size)  # [1, kb, bs]
+    if search:
+        s, z = scales.search(blocks, fmt, wb)
+    else:
+        s, z = grid.rtn_params(blocks, fmt)
+    codes = grid.quantize_blocks(blocks, s, z, fmt)
+    zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
+    return float(scales.block_error(blocks, codes, s, zero, wb).sum())
+
+
+def search_diagonal(
+    weights: list[torch.Tensor],
+    importance: torch.Tensor | None,
+    fmt: QuantFormat,
+    alphas: tuple[float, ...] = ALPHAS,
+    betas: tuple[float, ...] = BETAS,
+) -> DiagonalChoice:
+    """Best diagonal input scaling shared by linears that read the same activation."""
+    k = weights[0].shape[0]
+    h = torch.ones(k, device=weights[0].device) if importance is None else importance.to(torch.float32)
+    h_pos = h.clamp(min=h[h > 0].min() if (h > 0).any() else 1.0)
+    spread = torch.cat([w.abs() for w in weights], dim=1).amax(dim=1).clamp(min=1e-12)
+    best: DiagonalChoice | None = None
+    identity = None
+    for alpha in alphas if importance is not None else (0.0,):
+        for beta in betas:
+            a = _normalise(h_pos ** (-alpha / 2) * spread**beta)
+            err = sum(rounding_error(w / a.unsqueeze(1), fmt, h * a * a) for w in weights)
+            if alpha == 0.0 and beta == 0.0:
+                identity = err
+            if best is None or err < best.error:
+                best = DiagonalChoice(a, alpha, beta, err, 0.0)
+    best.identity_error = identity
+    return best
+
+
+def _normalise(a: torch.Tensor) -> torch.Tensor:
+    """Geometric mean 1: a global factor changes nothing, and this keeps the gains well scaled."""
+    return a / torch.exp(torch.log(a).mean())
