@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits",
         type=int,
         default=None,
-        help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} (3 is stored in 4-bit containers) [4]",
+        help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} (3 is stored in 4-bit containers) [4]; "
+        "16 writes float weights with the method's free transforms applied (an exactness check)",
     )
     o.add_argument("--block-size", type=int, default=None, help="rows of K per scale: a power of two, 16..256 [32]")
     sym = o.add_mutually_exclusive_group()
@@ -163,7 +164,7 @@ def _progress_bar(quiet: bool):
     def update(label: str, done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="layer", desc="optimise", file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=total, unit="site", desc="optimise", file=sys.stderr, dynamic_ncols=True)
         bar.set_postfix_str(label)
         bar.update(done - bar.n)
 

@@ -82,13 +82,16 @@ class MethodConfig:
     prior: Prior = Prior.PROPAGATED
     scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
     diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
-    vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group
+    vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group (alternating)
+    vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
+    qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+    force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
 
     def describe(self) -> str:
         if self.name == Method.RTN:
             return "rtn"
-        knobs = [k for k in ("scale_search", "diagonal", "vo_pairs", "gptq") if getattr(self, k)]
+        knobs = [k for k in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq") if getattr(self, k)]
         return f"cafeq (prior {self.prior.value}; {', '.join(knobs) or 'no transforms'})"
 
 
@@ -103,6 +106,7 @@ class Recipe:
     lm_head: LmHeadPolicy = LmHeadPolicy.KEEP
     method: MethodConfig = MethodConfig()
     accuracy_level: int = 0
+    float_output: bool = False  # apply the method's free transforms but keep float weights (--bits 16)
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -111,6 +115,9 @@ class Recipe:
     def with_overrides(self, **overrides: Any) -> "Recipe":
         """Apply CLI flags (None means 'not given') on top of the recipe."""
         quant_keys = {"bits", "block_size", "symmetric"}
+        if overrides.get("bits") == 16:
+            # Float output: transforms are planned for the recipe's own grid, weights stay float.
+            overrides = {**overrides, "bits": None, "float_output": True}
         q = {k: v for k, v in overrides.items() if k in quant_keys and v is not None}
         top = {k: v for k, v in overrides.items() if k not in quant_keys and v is not None}
         if "output_format" in top:
@@ -188,7 +195,7 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
     values["name"] = _enum(Method, values.get("name", Method.CAFEQ.value), "method")
     if "prior" in values:
         values["prior"] = _enum(Prior, values["prior"], "method prior")
-    for key in ("scale_search", "diagonal", "vo_pairs", "gptq"):
+    for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):
         if key in values and not isinstance(values[key], bool):
             raise DfqError(f"recipe [method] {key} must be true or false")
     return MethodConfig(**values)

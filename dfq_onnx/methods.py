@@ -45,6 +45,7 @@ class UnitResult:
     transforms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # linear -> transforms used
     errors: dict[str, SiteErrors] = dataclasses.field(default_factory=dict)  # linear -> proxy errors
     residual: stats.Moments | None = None  # residual-stream statistics after the unit
+    float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # transformed W (float)
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
             setattr(layer, role, getattr(att, role))
         layer.qkv_split = att.qkv_split
         layer.head_dim, layer.num_heads, layer.num_kv_heads = att.head_dim, att.num_heads, att.num_kv_heads
+        layer.rope, layer.rotary_dim, layer.qk_norm = att.rope, att.rotary_dim, att.qk_norm
         layer.attn_gain, layer.attn_gain_foldable = _gain(att.input_norm, data, unit)
         layer.attn_post_gain, _ = _gain(att.output_norm, data, unit)
         layer.attn_post_norm = att.output_norm is not None
@@ -102,7 +104,10 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         scale_search=config.scale_search,
         diagonal=config.diagonal,
         vo_pairs=config.vo_pairs,
+        vo_transform=config.vo_transform,
+        qk_transform=config.qk_transform,
         gptq=config.gptq,
+        force_transforms=config.force_transforms,
     )
     result = optimise_layer(layer, fmt, opts, data.residual)
     out = UnitResult(quantized={}, residual=result.residual)
@@ -110,6 +115,8 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         out.quantized[name] = site.quantized
         out.transforms[name] = site.transforms
         out.errors[name] = SiteErrors(site.error, site.rtn_error, site.reference)
+        if site.float_weight is not None:
+            out.float_weights[name] = site.float_weight
     if result.attn_gain is not None:
         out.changed[att.input_norm.initializer] = result.attn_gain
     if result.mlp_gain is not None:

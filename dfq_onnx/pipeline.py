@@ -68,18 +68,20 @@ def optimize(
         rewriter = _Rewriter(model, sites, recipe, writer)
         units = plan_units(sites, model.graph)
         head = _head_linears(sites, recipe)
-        total = len(units) + (1 if head else 0)
+        total = sum(len(u.linears) for u in units) + len(head)  # progress counts linears (sites)
         results: list[SiteResult] = []
         rewriter.residual = rewriter.initial_statistics(options)
-        for i, unit in enumerate(units):
+        if progress:
+            progress("statistics" if rewriter.residual is not None else "start", 0, total)
+        for unit in units:
             results.extend(rewriter.run_unit(unit, recipe.quant, options))
             if progress:
-                progress(unit.label, i + 1, total)
+                progress(unit.label, len(results), total)
         if head:
             results.extend(rewriter.run_head(head, options))
             if progress:
-                progress("lm_head/embedding", total, total)
-        if recipe.output_format == OutputFormat.QDQ:
+                progress("lm_head/embedding", len(results), total)
+        if recipe.output_format == OutputFormat.QDQ and not recipe.float_output:
             opset.raise_default_opset(model, 25 if _uses_int2(recipe) else 21)
         save.externalize_remaining(model, writer, keep_names=rewriter.written)
         writer.close()
@@ -154,7 +156,7 @@ def _only_used_by_its_norm(graph: ir.Graph, name: str) -> bool:
 
 
 def _head_linears(sites: ModelSites, recipe: Recipe) -> list[Linear]:
-    if recipe.lm_head.bits is None or sites.lm_head is None:
+    if recipe.lm_head.bits is None or sites.lm_head is None or recipe.float_output:
         return []
     return [sites.linears[sites.lm_head]]
 
@@ -216,7 +218,10 @@ class _Rewriter:
                     lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, []), result.errors.get(lin.node)
                 )
             )
-            self._emit_linear(lin, q, dtypes[lin.node])
+            if self.recipe.float_output:
+                self._emit_float(lin, result.float_weights.get(lin.node, weights[lin.node]))
+            else:
+                self._emit_linear(lin, q, dtypes[lin.node])
         for name, gain in result.changed.items():
             self._replace_gain(name, gain)
         return out
@@ -370,6 +375,16 @@ class _Rewriter:
             return value
         arr = rewrite.pack.matmulnbits_b(packed.codes, packed.fmt.container_bits).reshape(shape)
         return self._write(f"{base}_data", arr, ir.DataType.UINT8, shape)
+
+    def _emit_float(self, lin: Linear, w: torch.Tensor) -> None:
+        """Float output: the (transformed) weight goes back into its own initializer, in its layout."""
+        name = lin.weight.initializer
+        old = self.graph.initializers[name].const_value
+        arr = w.detach().cpu().numpy()
+        arr = arr.T if lin.weight.transposed else arr
+        arr = np.ascontiguousarray(arr.astype(load.numpy_dtype(old.dtype)))
+        rewrite.replace_initializer(self.graph, name, self.writer.write(name, arr, old.dtype, arr.shape))
+        self.written.add(name)
 
     def _replace_gain(self, name: str, gain: torch.Tensor) -> None:
         """Write a folded norm gain back in the graph's own form (stored w where the graph adds 1)."""

@@ -109,7 +109,13 @@ def result_table(report: Report) -> str:
     lines = [head, "", render(["role", "count", "shape", "bits/w", "rtn err", "err", "transforms", "sec"], rows, right={1, 3, 4, 5, 7})]
     if q["bits"] == 3:
         lines.append("3-bit codes are stored in 4-bit containers (accuracy of 3 bits, size of 4).")
-    lines.append("err: relative proxy error ||W - W_hat||^2 / ||W||^2, mean over the role's matrices.")
+    if recipe["method"]["name"] == "rtn" or recipe["method"].get("prior") == "identity":
+        lines.append("err: relative proxy error ||W - W_hat||^2 / ||W||^2, mean over the role's matrices.")
+    else:
+        lines.append(
+            "err: relative proxy error tr(D^T H D) / tr(W^T H W) with H the input statistics propagated from the "
+            "weights; v and o: their V/O product. Mean over the role's matrices; rtn err: round-to-nearest, same measure."
+        )
     v = report.verification
     if v:
         if "max_abs_error" in v:

@@ -85,7 +85,7 @@ def test_already_quantized(tiny, tmp_path, capsys):
     "flags,needle",
     [
         (["--bits", "5"], "--bits 5"),
-        (["--bits", "16"], "--bits 16"),
+        (["--bits", "6"], "--bits 6"),
         (["--block-size", "48"], "--block-size 48"),
         (["--block-size", "512"], "--block-size 512"),
         (["--block-size", "8"], "--block-size 8"),

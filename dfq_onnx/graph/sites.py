@@ -223,6 +223,10 @@ def find_sites(model: ir.Model) -> ModelSites:
     for mlp in mlps:
         mlp.input_norm = _norm_gain(nodes, linears, [mlp.gate, mlp.up])
         mlp.output_norm = _output_norm(nodes[mlp.down], linears[mlp.down].n)
+    blocked = [a.layer for a in attentions if a.qk_norm or a.rope != "half"]
+    if blocked:
+        why = "q/k norms" if any(a.qk_norm for a in attentions) else "RoPE layout is not half-split"
+        notes.append(f"Q/K RoPE-commuting factors do not apply in {len(blocked)} of {len(attentions)} layers ({why})")
     vocab = embedding.vocab if embedding else (linears[lm_head].n if lm_head else None)
     return ModelSites(
         linears=linears,

@@ -73,6 +73,20 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return t + torch.sign(x) * (frac.abs() >= 0.5).to(x.dtype)
 
 
+_BELOW_HALF = float(torch.tensor(0.5, dtype=torch.float32).nextafter(torch.tensor(0.0)))  # 0.49999997
+
+
+def round_clamped(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """clamp(roundf(x), 0, qmax) for float32 x, exactly, in three elementwise ops.
+
+    floor(x + 0.5) equals roundf(x) for every float32 x >= 0 except 0.49999997 (where x + 0.5
+    rounds up to 1.0), and both fall to 0 or below for x < 0, where the clamp takes over.
+    """
+    r = torch.floor(x + 0.5)
+    r = r - (x == _BELOW_HALF).to(r.dtype)
+    return torch.clamp(r, 0, qmax)
+
+
 def grid_max(bits: int) -> int:
     return (1 << bits) - 1
 
@@ -121,7 +135,7 @@ def quantize_blocks(
     else:
         z = zero_points.to(torch.float32)
     x = blocks * inv.unsqueeze(-1) + z.unsqueeze(-1)
-    q = torch.clamp(round_half_away(x), 0, grid_max(bits)).to(torch.uint8)
+    q = round_clamped(x, grid_max(bits)).to(torch.uint8)
     if zero_points is None and fmt.container_bits != bits:
         # Re-centre a symmetric 3-bit grid on the 4-bit container's implicit zero point.
         q = q + ((1 << (fmt.container_bits - 1)) - (1 << (bits - 1)))

@@ -18,6 +18,7 @@ keeps round-to-nearest; a transform that does not lower its group's error is dro
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -31,7 +32,11 @@ class LayerOptions:
     scale_search: bool = True
     diagonal: bool = True
     vo_pairs: bool = True
+    vo_transform: bool = True  # try invertible T per KV head on the V/O pair
+    qk_transform: bool = True  # RoPE-commuting rotations of q/k pairs (when they apply)
     gptq: bool = True
+    alternations: int = 2  # V/O alternating rounding steps
+    force_transforms: bool = False  # take a non-identity transform wherever one applies (exactness checks)
 
 
 @dataclasses.dataclass
@@ -49,6 +54,9 @@ class LayerWeights:
     head_dim: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    rope: str = "unknown"
+    rotary_dim: int | None = None
+    qk_norm: bool = False
     attn_gain: torch.Tensor | None = None
     attn_gain_foldable: bool = False
     attn_post_gain: torch.Tensor | None = None
@@ -70,6 +78,7 @@ class SiteOutcome:
     rtn_error: float  # proxy of round-to-nearest at the same format
     reference: float  # proxy norm of the float weights (for relative errors)
     transforms: list[str]
+    float_weight: torch.Tensor | None = None  # the transformed float weight (what was rounded)
 
 
 @dataclasses.dataclass
@@ -123,35 +132,61 @@ def _round(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, dtype, opts: Laye
     return grid.Quantized(grid.quantize_blocks(blocks, s, z, fmt), s, z, w.shape[0], fmt)
 
 
-def _linear(w, h, fmt, dtype, opts, a: torch.Tensor | None, tags, col_scale: torch.Tensor | None = None) -> SiteOutcome:
-    """Round W' = diag(a)^-1 W diag(c) (a: folded input scaling, c: folded output scaling) and score
-    it in the original space against round-to-nearest of W."""
+@dataclasses.dataclass
+class SiteTransform:
+    """A function-preserving change of one linear's weight: W' = L W C.
+
+    `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L;
+    `col` is a vector c (C = diag(c)) or a matrix C (folded into what reads the output).
+    """
+
+    row: torch.Tensor | None = None
+    col: torch.Tensor | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.row is not None:
+            w = w / self.row.unsqueeze(1) if self.row.dim() == 1 else self.row @ w
+        if self.col is not None:
+            w = w * self.col.unsqueeze(0) if self.col.dim() == 1 else w @ self.col
+        return w
+
+    def backward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.col is not None:
+            w = w / self.col.unsqueeze(0) if self.col.dim() == 1 else w @ _inverse(self.col)
+        if self.row is not None:
+            w = w * self.row.unsqueeze(1) if self.row.dim() == 1 else _inverse(self.row) @ w
+        return w
+
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
+        if self.row is None:
+            return h
+        if self.row.dim() == 1:
+            return h * torch.outer(self.row, self.row)
+        inv = _inverse(self.row)
+        return inv.t() @ h @ inv
+
+
+def _inverse(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(m.to(torch.float64)).to(m.dtype)
+
+
+def _linear(w, h, fmt, dtype, opts, tf: SiteTransform | None, tags) -> SiteOutcome:
+    """Round W' = tf(W) for tr(D^T H D) measured in the original space, against RTN of W."""
+    tf = tf or SiteTransform()
     rtn = grid.rtn(w, fmt, dtype)
     rtn_err = rounding.weighted_error(w, rtn.dequantize(), h)
     ref = rounding.weighted_error(w, torch.zeros_like(w), h)
-    wt, ht = w, h
-    if a is not None:
-        wt = wt / a.unsqueeze(1)
-        ht = h * torch.outer(a, a)
-    if col_scale is not None:
-        wt = wt * col_scale.unsqueeze(0)
-    q = _round(wt, ht, fmt, dtype, opts)
-    err = rounding.weighted_error(w, _to_original(q.dequantize(), a, col_scale), h)
+    wt = tf.forward(w)
+    q = _round(wt, tf.hessian(h), fmt, dtype, opts)
+    err = rounding.weighted_error(w, tf.backward(q.dequantize()), h)
     fallback = grid.rtn(wt, fmt, dtype)
-    fallback_err = rounding.weighted_error(w, _to_original(fallback.dequantize(), a, col_scale), h)
+    fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize()), h)
     if fallback_err < err:
-        q, err, tags = fallback, fallback_err, [t for t in tags if "diag" in t]
+        q, err, tags = fallback, fallback_err, list(tags)
     else:
         tags = [*tags, *_method_tags(opts)]
-    return SiteOutcome(q, err, rtn_err, ref, tags)
-
-
-def _to_original(w_hat, a, col_scale):
-    if a is not None:
-        w_hat = w_hat * a.unsqueeze(1)
-    if col_scale is not None:
-        w_hat = w_hat / col_scale.unsqueeze(0)
-    return w_hat
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt)
 
 
 def _method_tags(opts: LayerOptions) -> list[str]:
@@ -162,14 +197,10 @@ def _diagonal(weights, h: torch.Tensor, fmt, opts, foldable: bool, label: str):
     """A folded per-channel input scaling for a group of linears, or None."""
     if not (opts.diagonal and foldable):
         return None, []
-    choice = transforms.search_diagonal(weights, torch.diagonal(h).clamp(min=0.0), fmt)
+    choice = transforms.search_diagonal(weights, torch.diagonal(h).clamp(min=0.0), fmt, exclude_identity=opts.force_transforms)
     if choice.is_identity:
         return None, []
     return choice.a, [label]
-
-
-def _group(outcomes: dict[str, SiteOutcome]) -> tuple[float, float]:
-    return sum(o.error for o in outcomes.values()), sum(o.rtn_error for o in outcomes.values())
 
 
 # ----------------------------------------------------------------------------- attention
@@ -183,38 +214,98 @@ def _split_qkv(layer: LayerWeights) -> dict[str, torch.Tensor]:
     return {"q": w[:, :nq], "k": w[:, nq : nq + nk], "v": w[:, nq + nk :]}
 
 
+@dataclasses.dataclass
+class _Attention:
+    sites: dict[str, SiteOutcome]  # role -> outcome ("q", "k", "v", "o")
+    error: float
+
+
 def _attention(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Moments | None):
     parts = _split_qkv(layer)
-    k = next(iter(parts.values())).shape[0]
-    device = next(iter(parts.values())).device
-    x = _identity(k, device) if residual is None else stats.rms_norm(residual, layer.attn_gain)
+    first = next(iter(parts.values()))
+    x = _identity(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.attn_gain)
     h = _hessian(x)
-    names = {"q": layer.q, "k": layer.k, "v": layer.v}
-    dtype_of = lambda role: layer.scale_dtypes[layer.qkv or names[role]]  # noqa: E731
-
-    def run(a, tags):
-        return {role: _linear(w, h, fmt, dtype_of(role), opts, a, tags) for role, w in parts.items()}
-
-    a, tags = _diagonal(list(parts.values()), h, fmt, opts, layer.attn_gain_foldable, "norm-diag")
-    outcomes = run(a, tags)
-    if a is not None and _group(outcomes)[0] >= _group(run(None, []))[0]:
-        a, outcomes = None, run(None, [])
+    # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
+    a, a_tags = _diagonal(list(parts.values()), h, fmt, opts, layer.attn_gain_foldable, "norm-diag")
+    best = _attention_with(layer, parts, x, h, a, a_tags, fmt, opts)
     if a is not None:
         result.attn_gain = layer.attn_gain.to(torch.float32) * a
-
-    if layer.o:
-        result.sites[layer.o] = _output_projection(layer, parts.get("v"), outcomes.get("v"), a, x, fmt, opts)
+    names = {"q": layer.q, "k": layer.k, "v": layer.v}
+    if layer.o and "o" in best.sites:
+        result.sites[layer.o] = best.sites["o"]
     if layer.qkv:
-        result.sites[layer.qkv] = _merge(outcomes)
+        result.sites[layer.qkv] = _merge({r: best.sites[r] for r in ("q", "k", "v")})
     else:
-        for role, outcome in outcomes.items():
-            result.sites[names[role]] = outcome
+        for role in ("q", "k", "v"):
+            if role in best.sites:
+                result.sites[names[role]] = best.sites[role]
 
     if residual is None or not (layer.o and "v" in parts and layer.head_dim and layer.num_heads):
         return residual
     z = stats.attention_output(stats.linear(x, parts["v"]), layer.num_heads, layer.head_dim)
     y = stats.linear(z, layer.weights[layer.o])
     return residual + stats.sublayer_output(y, layer.attn_post_gain, layer.attn_post_norm)
+
+
+def _attention_with(layer, parts, x, h, a, tags, fmt, opts) -> _Attention:
+    """Everything after the choice of the norm scaling a: Q/K rotations, the V/O pair."""
+    names = {"q": layer.q, "k": layer.k, "v": layer.v}
+    dtype_of = lambda role: layer.scale_dtypes[layer.qkv or names[role]]  # noqa: E731
+    sites: dict[str, SiteOutcome] = {}
+    rq = rk = None
+    qk_tags: list[str] = []
+    if opts.qk_transform and _qk_applies(layer) and "q" in parts and "k" in parts:
+        rq, rk = _rope_rotations(parts["q"], parts["k"], h, a, layer, fmt, opts)
+        qk_tags = ["qk-rope-rotation"] if rq is not None else []
+    for role, rot in (("q", rq), ("k", rk)):
+        if role in parts:
+            sites[role] = _linear(parts[role], h, fmt, dtype_of(role), opts, SiteTransform(row=a, col=rot), tags + qk_tags)
+    if "v" in parts:
+        sites.update(_value_output(layer, parts["v"], x, h, a, tags, fmt, opts, dtype_of("v")))
+    return _Attention(sites, sum(o.error for o in sites.values()))
+
+
+def _qk_applies(layer: LayerWeights) -> bool:
+    """RoPE-commuting factors exist only for half-split pairs and without per-head q/k norms."""
+    return layer.rope == "half" and not layer.qk_norm and bool(layer.head_dim and layer.num_heads)
+
+
+def _rope_rotations(w_q, w_k, h, a, layer, fmt, opts):
+    """Per KV group and RoPE pair, the rotation angle (a unit complex factor) that rounds best.
+
+    Returns the column rotations (R_q, R_k), or (None, None) when no pair moves.
+    """
+    d, heads = layer.head_dim, layer.num_heads
+    r = layer.rotary_dim or d
+    kv = w_k.shape[1] // d
+    group = heads // kv
+    rows = SiteTransform(row=a)
+    wq, wk = rows.forward(w_q), rows.forward(w_k)
+    weight = rows.hessian(torch.diag(torch.diagonal(h).clamp(min=0.0))).diagonal()
+    per_query = lambda ang: ang.repeat_interleave(group, dim=0)  # noqa: E731  (query head h -> group h // group)
+    scores = []
+    for angle in QK_ANGLES:
+        phi = torch.full((kv, r // 2), angle, device=w_q.device)
+        eq = _column_errors(wq @ transforms.rope_rotation(per_query(phi), d, r), weight, fmt).view(heads, d)
+        ek = _column_errors(wk @ transforms.rope_rotation(phi, d, r), weight, fmt).view(kv, d)
+        pair_q = (eq[:, : r // 2] + eq[:, r // 2 : r]).view(kv, group, r // 2).sum(1)
+        scores.append(pair_q + ek[:, : r // 2] + ek[:, r // 2 : r])
+    choice = torch.stack(scores).argmin(0)  # [kv, r/2]
+    if opts.force_transforms:
+        choice = torch.where(choice == 0, torch.ones_like(choice), choice)
+    if not bool(choice.any()):
+        return None, None
+    angles = torch.tensor(QK_ANGLES, device=w_q.device)[choice]
+    return transforms.rope_rotation(per_query(angles), d, r), transforms.rope_rotation(angles, d, r)
+
+
+QK_ANGLES = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8)
+
+
+def _column_errors(w: torch.Tensor, row_weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Weighted round-to-nearest error of each column of W[K, N] -> [N]."""
+    q = grid.rtn(w, fmt)
+    return ((w - q.dequantize()) ** 2 * row_weight.unsqueeze(1)).sum(0)
 
 
 def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
@@ -230,71 +321,144 @@ def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
         fmt=q0.fmt,
     )
     tags = list(dict.fromkeys(t for p in parts for t in p.transforms))
-    return SiteOutcome(merged, sum(p.error for p in parts), sum(p.rtn_error for p in parts), sum(p.reference for p in parts), tags)
+    # q, k and v are scored in different spaces (v through the V/O product): average relative errors.
+    rel = lambda attr: sum(getattr(p, attr) / p.reference for p in parts if p.reference) / len(parts)  # noqa: E731
+    return SiteOutcome(
+        merged,
+        rel("error"),
+        rel("rtn_error"),
+        1.0,
+        tags,
+        float_weight=torch.cat([p.float_weight for p in parts], dim=1),
+    )
 
 
-def _output_projection(layer, w_v, v_outcome, a, x: stats.Moments, fmt, opts) -> SiteOutcome:
-    """o, scored and rounded through the V/O product: E||z W_o - z^ W_o^||^2."""
-    w_o = layer.weights[layer.o]
-    dtype = layer.scale_dtypes[layer.o]
+def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, SiteOutcome]:
+    """V and o as one pair: E||z W_o - z^ W_o^||^2, z the attention mix of x V.
+
+    Candidates for the free V/O transform T (per KV head) are tried; for each, V is rounded,
+    then O compensates the rounded V, then (alternating) V the rounded O; the best pair is kept.
+    """
     d, heads = layer.head_dim, layer.num_heads
-    if w_v is None or not (d and heads) or heads * d != w_o.shape[0]:
-        return _linear(w_o, torch.eye(w_o.shape[0], device=w_o.device), fmt, dtype, opts, None, [])
-    v_hat = v_outcome.quantized.dequantize()
-    if a is not None:
-        v_hat = v_hat * a.unsqueeze(1)
-    v_rtn = grid.rtn(w_v, fmt, layer.scale_dtypes[layer.v or layer.qkv]).dequantize()
-    pair = _PairStats(x, w_v, heads, d)
-    rtn_o = grid.rtn(w_o, fmt, dtype)
-    ref = pair.error(w_v, w_o, torch.zeros_like(w_v), torch.zeros_like(w_o))
-    rtn_err = pair.error(w_v, w_o, v_rtn, rtn_o.dequantize())
-    if opts.vo_pairs:
-        # With V^ fixed, the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
-        h_hat, cross = pair.moments(v_hat, w_v)
-        eye = torch.eye(h_hat.shape[0], device=h_hat.device, dtype=h_hat.dtype)
-        target = torch.linalg.solve(h_hat + 1e-6 * h_hat.diagonal().mean() * eye, cross @ w_o.double()).float()
-        q = _round(target, h_hat.float(), fmt, dtype, opts)
-        tags = ["vo-pair", *_method_tags(opts)]
-    else:
-        h_hat, _ = pair.moments(v_hat, w_v)
-        q = _round(w_o, h_hat.float(), fmt, dtype, opts)
-        tags = _method_tags(opts)
-    err = pair.error(w_v, w_o, v_hat, q.dequantize())
-    rtn_given_v = pair.error(w_v, w_o, v_hat, rtn_o.dequantize())
-    if rtn_given_v < err:  # never worse than round-to-nearest of O
-        q, err, tags = rtn_o, rtn_given_v, []
-    return SiteOutcome(q, err, rtn_err, ref, tags)
+    if not layer.o:
+        return {"v": _linear(w_v, h, fmt, v_dtype, opts, SiteTransform(row=a), tags)}
+    w_o = layer.weights[layer.o]
+    o_dtype = layer.scale_dtypes[layer.o]
+    if not (d and heads) or heads * d != w_o.shape[0]:
+        eye = torch.eye(w_o.shape[0], device=w_o.device)
+        return {
+            "v": _linear(w_v, h, fmt, v_dtype, opts, SiteTransform(row=a), tags),
+            "o": _linear(w_o, eye, fmt, o_dtype, opts, None, []),
+        }
+    pair = _Pair(x, w_v, w_o, heads, d)
+    v_rtn = grid.rtn(w_v, fmt, v_dtype).dequantize()
+    o_rtn = grid.rtn(w_o, fmt, o_dtype).dequantize()
+    rtn_pair = pair.error(v_rtn, o_rtn)
+    ref_pair = pair.error(torch.zeros_like(w_v), torch.zeros_like(w_o))
+
+    # T per KV head is chosen by the pair error of plain rounding; the full pair rounding runs once.
+    candidates = transforms.value_output_candidates(d, w_v.device) if opts.vo_transform else [("identity", None)]
+    chosen = None
+    for label, t in candidates:
+        tf_v = SiteTransform(row=a, col=None if t is None else torch.block_diag(*[t] * (w_v.shape[1] // d)))
+        tf_o = SiteTransform(row=None if t is None else torch.block_diag(*[_inverse(t)] * heads))
+        cheap = pair.error(
+            tf_v.backward(grid.fake_quant(tf_v.forward(w_v), fmt, v_dtype)),
+            tf_o.backward(grid.fake_quant(tf_o.forward(w_o), fmt, o_dtype)),
+        )
+        if chosen is None or cheap < chosen[0] or (opts.force_transforms and t is not None):
+            chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
+    _, tf_v, tf_o, extra = chosen
+    qv, qo, err = _round_pair(pair, tf_v, tf_o, h, fmt, opts, v_dtype, o_dtype)
+    pair_tags = ["vo-pair", *_method_tags(opts)] if opts.vo_pairs else _method_tags(opts)
+    # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
+    return {
+        "v": SiteOutcome(qv, err, rtn_pair, ref_pair, tags + extra + pair_tags, float_weight=tf_v.forward(w_v)),
+        "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o)),
+    }
 
 
-class _PairStats:
-    """Moments of the attention output z = mix(x V) per query head, for V and a rounded V^."""
+def _round_pair(pair: "_Pair", tf_v, tf_o, h, fmt, opts, v_dtype, o_dtype):
+    """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair."""
+    w_v_t = tf_v.forward(pair.w_v)
+    qv = _round(w_v_t, tf_v.hessian(pair.value_hessian()), fmt, v_dtype, opts)
+    best = None
+    for step in range(max(1, opts.alternations)):
+        v_hat = tf_v.backward(qv.dequantize())
+        qo = _round_o(pair, v_hat, tf_o, fmt, opts, o_dtype)
+        err = pair.error(v_hat, tf_o.backward(qo.dequantize()))
+        if best is None or err < best[2]:
+            best = (qv, qo, err)
+        if not opts.vo_pairs or step + 1 >= opts.alternations:
+            break
+        # V given O^: its least-squares target, rounded under the pair's input statistics.
+        target = pair.value_target(tf_o.backward(qo.dequantize()))
+        qv = _round(tf_v.forward(target), tf_v.hessian(pair.value_hessian()), fmt, v_dtype, opts)
+    # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate.
+    qv, qo, err = best
+    v_hat = tf_v.backward(qv.dequantize())
+    o_plain = grid.rtn(tf_o.forward(pair.w_o), fmt, o_dtype)
+    plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
+    if plain_err < err:
+        qo, err = o_plain, plain_err
+    return qv, qo, err
 
-    def __init__(self, x: stats.Moments, w_v: torch.Tensor, heads: int, d: int):
-        self.x, self.heads, self.d = x, heads, d
-        self.h_true = self._second(w_v, w_v)
 
-    def _second(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _round_o(pair: "_Pair", v_hat, tf_o: SiteTransform, fmt, opts, dtype) -> grid.Quantized:
+    if not opts.vo_pairs:
+        return _round(tf_o.forward(pair.w_o), tf_o.hessian(pair.second(v_hat, v_hat).float()), fmt, dtype, opts)
+    # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
+    h_hat = pair.second(v_hat, v_hat)
+    cross = pair.second(v_hat, pair.w_v)
+    eye = torch.eye(h_hat.shape[0], device=h_hat.device, dtype=h_hat.dtype)
+    target = torch.linalg.solve(h_hat + 1e-6 * h_hat.diagonal().mean() * eye, cross @ pair.w_o.double()).float()
+    return _round(tf_o.forward(target), tf_o.hessian(h_hat.float()), fmt, dtype, opts)
+
+
+class _Pair:
+    """Statistics of the attention output z = mix(x V) per query head, for V and a rounded V^."""
+
+    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int):
+        self.x, self.w_v, self.w_o, self.heads, self.d = x, w_v, w_o, heads, d
+        self.kv = w_v.shape[1] // d
+        self.group = heads // self.kv
+        self.h_true = self.second(w_v, w_v)
+
+    def value_hessian(self) -> torch.Tensor:
+        """E over the mix of x^T x: what weighs V's rounding error inside the pair."""
+        c = stats.ATTENTION_CONCENTRATION
+        return (c * self.x.cov + torch.outer(self.x.mean, self.x.mean)).float()
+
+    def second(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         cov = a64.t() @ self.x.cov @ b64
-        kv = a.shape[1] // self.d
-        group = self.heads // kv
         blocks, ma, mb = [], [], []
         mean_a, mean_b = self.x.mean @ a64, self.x.mean @ b64
         for h in range(self.heads):
-            g = slice((h // group) * self.d, (h // group + 1) * self.d)
+            g = slice((h // self.group) * self.d, (h // self.group + 1) * self.d)
             blocks.append(stats.ATTENTION_CONCENTRATION * cov[g, g])
             ma.append(mean_a[g])
             mb.append(mean_b[g])
         return torch.block_diag(*blocks) + torch.outer(torch.cat(ma), torch.cat(mb))
 
-    def moments(self, v_hat: torch.Tensor, w_v: torch.Tensor):
-        return self._second(v_hat, v_hat), self._second(v_hat, w_v)
+    def value_target(self, o_hat: torch.Tensor) -> torch.Tensor:
+        """argmin over V of the pair error for fixed O^: per KV group, V_g (sum_h W_o,h O^_h^T) (sum_h O^_h O^_h^T)^-1."""
+        d = self.d
+        cols = []
+        for g in range(self.kv):
+            heads = range(g * self.group, (g + 1) * self.group)
+            wo = torch.cat([self.w_o[h * d : (h + 1) * d] for h in heads], dim=1).double()
+            oh = torch.cat([o_hat[h * d : (h + 1) * d] for h in heads], dim=1).double()
+            m = oh @ oh.t()
+            m = m + 1e-8 * m.diagonal().mean() * torch.eye(d, device=m.device, dtype=m.dtype)
+            cols.append(self.w_v[:, g * d : (g + 1) * d].double() @ torch.linalg.solve(m, oh @ wo.t()).t())
+        return torch.cat(cols, dim=1).float()
 
-    def error(self, w_v, w_o, v_hat, o_hat) -> float:
+    def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(W_o^T C O^) + tr(O^T H^ O^)."""
-        h_hat, cross = self.moments(v_hat, w_v)
-        wo, oh = w_o.to(torch.float64), o_hat.to(torch.float64)
+        h_hat, cross = self.second(v_hat, v_hat), self.second(v_hat, self.w_v)
+        wo, oh = self.w_o.to(torch.float64), o_hat.to(torch.float64)
         total = (wo * (self.h_true @ wo)).sum() - 2 * (oh * (cross @ wo)).sum() + (oh * (h_hat @ oh)).sum()
         return max(float(total), 0.0)
 
@@ -307,28 +471,21 @@ def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Mo
     device = w_gate.device
     x = _identity(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.mlp_gain)
     h = _hessian(x)
-    if residual is None:
-        u = _identity(w_down.shape[0], device)
-    else:
-        u = stats.gated_mlp_hidden(x, w_gate, w_up, layer.activation)
+    u = _identity(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, layer.activation)
     hd = _hessian(u)
+    dt = layer.scale_dtypes
 
     def run(a, d, tags, down_tags):
-        out = {
-            layer.gate: _linear(w_gate, h, fmt, layer.scale_dtypes[layer.gate], opts, a, tags),
-            layer.up: _linear(w_up, h, fmt, layer.scale_dtypes[layer.up], opts, a, tags + down_tags, col_scale=d),
-            layer.down: _linear(w_down, hd, fmt, layer.scale_dtypes[layer.down], opts, d, down_tags),
+        # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
+        return {
+            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a), tags),
+            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d), tags + down_tags),
+            layer.down: _linear(w_down, hd, fmt, dt[layer.down], opts, SiteTransform(row=d), down_tags),
         }
-        return out
 
     a, tags = _diagonal([w_gate, w_up], h, fmt, opts, layer.mlp_gain_foldable, "norm-diag")
-    # up's columns absorb d (W_up' = W_up diag(d)): a column scaling leaves up's rounding unchanged.
     d, down_tags = _diagonal([w_down], hd, fmt, opts, True, "up-down-diag")
     outcomes = run(a, d, tags, down_tags)
-    if a is not None or d is not None:
-        plain = run(None, None, [], [])
-        if _group(outcomes)[0] >= _group(plain)[0]:
-            a, d, outcomes = None, None, plain
     if a is not None:
         result.mlp_gain = layer.mlp_gain.to(torch.float32) * a
     result.sites.update(outcomes)

@@ -16,7 +16,7 @@ import torch
 from ..config import QuantFormat
 from .grid import grid_max, quantize_blocks, rtn_params
 
-SYMMETRIC_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
+SYMMETRIC_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 (least squares refines between)
 ASYMMETRIC_RATIOS = tuple(1.0 - 0.05 * i for i in range(8))  # 1.0 .. 0.65 on each side
 REFINE_STEPS = 3
 

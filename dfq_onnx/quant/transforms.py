@@ -19,8 +19,8 @@ import torch
 from ..config import QuantFormat
 from . import grid, scales
 
-ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-BETAS = (0.0, 0.25, 0.5)
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+BETAS = (0.0, 0.5)
 
 
 @dataclasses.dataclass
@@ -55,6 +55,7 @@ def search_diagonal(
     fmt: QuantFormat,
     alphas: tuple[float, ...] = ALPHAS,
     betas: tuple[float, ...] = BETAS,
+    exclude_identity: bool = False,
 ) -> DiagonalChoice:
     """Best diagonal input scaling shared by linears that read the same activation."""
     k = weights[0].shape[0]
@@ -69,6 +70,8 @@ def search_diagonal(
             err = sum(rounding_error(w / a.unsqueeze(1), fmt, h * a * a) for w in weights)
             if alpha == 0.0 and beta == 0.0:
                 identity = err
+                if exclude_identity:
+                    continue
             if best is None or err < best.error:
                 best = DiagonalChoice(a, alpha, beta, err, 0.0)
     best.identity_error = identity
@@ -78,3 +81,58 @@ def search_diagonal(
 def _normalise(a: torch.Tensor) -> torch.Tensor:
     """Geometric mean 1: a global factor changes nothing, and this keeps the gains well scaled."""
     return a / torch.exp(torch.log(a).mean())
+
+
+def hadamard(n: int, device=None) -> torch.Tensor | None:
+    """Orthonormal Hadamard matrix of size n (a power of two), else None."""
+    if n < 1 or n & (n - 1):
+        return None
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / (n**0.5)).to(torch.float32)
+
+
+def value_output_candidates(head_dim: int, device=None) -> list[tuple[str, torch.Tensor | None]]:
+    """Invertible T per KV head to try on the V/O pair: V' = V T, O' = T^-1 O (identity first)."""
+    out: list[tuple[str, torch.Tensor | None]] = [("identity", None)]
+    h = hadamard(head_dim, device)
+    if h is not None:
+        out.append(("hadamard", h))
+    return out
+
+
+def apply_value_output(w_v: torch.Tensor, w_o: torch.Tensor, t: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V'[:, g] = V[:, g] T and O'[rows of h] = T^-1 O[rows of h] for every query head h of group g."""
+    d = t.shape[0]
+    kv = w_v.shape[1] // d
+    group = num_heads // kv
+    t_inv = torch.linalg.inv(t.to(torch.float64)).to(w_o.dtype)
+    v = torch.cat([w_v[:, g * d : (g + 1) * d] @ t for g in range(kv)], dim=1)
+    o = torch.cat([t_inv @ w_o[h * d : (h + 1) * d] for h in range(num_heads)], dim=0)
+    del group
+    return v, o
+
+
+def rope_rotation(angles: torch.Tensor, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+    """Column rotation R for a q or k projection: W' = W R multiplies every RoPE pair (i, i + r/2)
+    of head h by the unit complex number e^{i angles[h, i]}.
+
+    A unit complex factor commutes with RoPE's own rotation, and multiplying q's pair and k's
+    pair by the same c = e^{i phi} keeps every score: Re(c q conj(c k)) = Re(q conj(k)).
+    `angles` is [heads of this matrix, r/2]; returns [heads * d, heads * d].
+    """
+    heads, half = angles.shape
+    r = rotary_dim or head_dim
+    n = heads * head_dim
+    rot = torch.eye(n, dtype=torch.float32, device=angles.device)
+    idx = torch.arange(half, device=angles.device)
+    for h in range(heads):
+        x = h * head_dim + idx
+        y = x + r // 2
+        c, s = torch.cos(angles[h]), torch.sin(angles[h])
+        rot[x, x] = c
+        rot[y, x] = -s
+        rot[x, y] = s
+        rot[y, y] = c
+    return rot

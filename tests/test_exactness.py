@@ -1,0 +1,51 @@
+"""Every free transform, applied without quantization (--bits 16), leaves the model's logits unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models as T
+from dfq_onnx.cli import main
+from dfq_onnx.verify import feeds, logits_of, session
+
+FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\n"
+ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard"}
+
+
+def logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    sess = session(path)
+    return logits_of(sess, feeds(sess, ids, T.HEAD_DIM))
+
+
+@pytest.mark.parametrize("style", T.STYLES)
+def test_transforms_preserve_logits(tiny, tmp_path, style):
+    recipe = tmp_path / "force.toml"
+    recipe.write_text(FORCE)
+    model, out = tiny(style), tmp_path / "t.onnx"
+    assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    used = {t for site in report["sites"] for t in site["transforms"]}
+    assert ALL_TRANSFORMS <= used, used
+    ids = np.random.default_rng(3).integers(0, T.VOCAB, size=(2, 20))
+    ref, got = logits(model, ids), logits(out, ids)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    if style == "genai-fp16":
+        # fp16 storage rounds the transformed weights: stay within the export's own fp16 error.
+        fp32 = logits(tiny("genai-fp32"), ids)
+        assert rel <= 2 * np.abs(ref - fp32).max() / np.abs(fp32).max()
+    else:
+        assert rel < 1e-4, rel
+    # The transforms changed the weights (the check is not vacuous).
+    assert report["verification"]["max_abs_error"] < 1e-2
+
+
+def test_method_lowers_proxy_against_rtn_on_every_role(tiny, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--bits", "3", "--quiet"]) == 0
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    for role in report["roles"]:
+        assert role["rel_error"] < role["rtn_rel_error"], role

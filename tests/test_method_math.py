@@ -1,0 +1,173 @@
+"""The method's math on small random matrices with planted outlier channels (the regime of real LLM weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dfq_onnx.config import QuantFormat
+from dfq_onnx.quant import grid, rounding, scales, stats, transforms
+from dfq_onnx.quant.layer import LayerOptions, SiteTransform, _Pair, _round_pair
+
+FMT4 = QuantFormat(4, 32, True)
+FMT3 = QuantFormat(3, 32, True)
+
+
+def planted(k: int, n: int, seed: int = 0, outlier_rows: int = 3, outlier_cols: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, n, generator=g) * 0.02
+    rows = torch.randperm(k, generator=g)[:outlier_rows]
+    cols = torch.randperm(n, generator=g)[:outlier_cols]
+    w[rows] *= 12.0  # input channels with large weights (what RTN's block scales suffer from)
+    w[:, cols] *= 6.0
+    return w
+
+
+def spd(k: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, k, generator=g) / math.sqrt(k)
+    scale = torch.exp(torch.randn(k, generator=g))
+    return (a.t() @ a + 0.1 * torch.eye(k)) * torch.outer(scale, scale)
+
+
+def rtn_error(w, h, fmt=FMT4):
+    return rounding.weighted_error(w, grid.fake_quant(w, fmt), h)
+
+
+@pytest.mark.parametrize("fmt", [FMT4, FMT3, QuantFormat(4, 128, False), QuantFormat(2, 32, False)])
+def test_scale_search_never_worse_and_better_on_outliers(fmt):
+    w = planted(256, 48)
+    h = torch.diagonal(spd(256))
+    blocks = grid.to_blocks(w, fmt.block_size)
+    weight = grid.to_blocks(h.view(-1, 1), fmt.block_size)
+    s, z = scales.search(blocks, fmt, weight)
+    q = grid.Quantized(grid.quantize_blocks(blocks, s, z, fmt), s, z, 256, fmt)
+    per_block = scales.block_error(blocks, q.codes, q.scales, q.zero_point_values().float(), weight)
+    rtn = grid.rtn(w, fmt)
+    rtn_block = scales.block_error(blocks, rtn.codes, rtn.scales, rtn.zero_point_values().float(), weight)
+    assert bool((per_block <= rtn_block * (1 + 1e-6) + 1e-12).all())  # block by block
+    assert per_block.sum() < 0.9 * rtn_block.sum()
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = planted(200, 40)
+    for fmt in (FMT4, QuantFormat(3, 64, False), QuantFormat(2, 16, True)):
+        q = rounding.gptq(w, torch.eye(200), fmt, search_scales=False)
+        r = grid.rtn(w, fmt)
+        assert torch.equal(q.codes.reshape(40, -1)[:, :200], r.codes.reshape(40, -1)[:, :200])
+        assert torch.equal(q.scales, r.scales)
+        if r.zero_points is not None:
+            assert torch.equal(q.zero_points, r.zero_points)
+
+
+@pytest.mark.parametrize("fmt", [FMT4, FMT3])
+def test_gptq_lowers_the_hessian_weighted_error(fmt):
+    w, h = planted(256, 32), spd(256)
+    q = rounding.gptq(w, h, fmt)
+    assert rounding.weighted_error(w, q.dequantize(), h) < 0.8 * rtn_error(w, h, fmt)
+
+
+def test_norm_diagonal_transform_lowers_the_proxy():
+    """A folded input scaling shared by q/k/v-like consumers lowers their joint weighted error."""
+    ws = [planted(128, 64, seed=i) for i in range(3)]
+    h = torch.exp(torch.randn(128, generator=torch.Generator().manual_seed(5)) * 1.5)
+    choice = transforms.search_diagonal(ws, h, FMT3)
+    assert not choice.is_identity
+    assert choice.error < 0.95 * choice.identity_error
+    # Exact without rounding: (x * a) (W / a) = x W.
+    x = torch.randn(7, 128)
+    assert torch.allclose((x * choice.a) @ (ws[0] / choice.a.unsqueeze(1)), x @ ws[0], atol=1e-5)
+
+
+def test_up_down_diagonal_is_exact_and_lowers_down_error():
+    up, down = planted(64, 128), planted(128, 64, seed=3)
+    h = torch.exp(torch.randn(128, generator=torch.Generator().manual_seed(2)))
+    choice = transforms.search_diagonal([down], h, FMT3)
+    d = choice.a
+    assert choice.error < choice.identity_error
+    gate_act = torch.rand(5, 128)
+    x = torch.randn(5, 64)
+    ref = (gate_act * (x @ up)) @ down
+    got = (gate_act * (x @ (up * d.unsqueeze(0)))) @ (down / d.unsqueeze(1))
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80):
+    g = torch.Generator().manual_seed(seed)
+    w_v = torch.randn(k, kv * d, generator=g) * 0.05
+    w_o = torch.randn(heads * d, n, generator=g) * 0.05
+    w_o[torch.randperm(heads * d, generator=g)[:4]] *= 15.0  # outlier rows inside heads
+    mean = torch.randn(k, generator=g, dtype=torch.float64)
+    a = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    x = stats.Moments(mean, a.t() @ a + 0.1 * torch.eye(k, dtype=torch.float64))
+    return _Pair(x, w_v, w_o, heads, d), heads, kv, d
+
+
+def test_value_output_transform_is_exact_and_can_lower_the_pair_error():
+    pair, heads, kv, d = _pair_setup()
+    t = transforms.hadamard(d)
+    v2, o2 = transforms.apply_value_output(pair.w_v, pair.w_o, t, heads)
+    group = heads // kv
+    for h in range(heads):  # the product V_g O_h of every query head is unchanged
+        g = h // group
+        ref = pair.w_v[:, g * d : (g + 1) * d] @ pair.w_o[h * d : (h + 1) * d]
+        got = v2[:, g * d : (g + 1) * d] @ o2[h * d : (h + 1) * d]
+        assert torch.allclose(got, ref, atol=1e-5)
+    opts = LayerOptions(vo_pairs=False, gptq=False, scale_search=False)
+    plain = _round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)[2]
+    tf_v = SiteTransform(col=torch.block_diag(*[t] * kv))
+    tf_o = SiteTransform(row=torch.block_diag(*[t.t()] * heads))
+    rotated = _round_pair(pair, tf_v, tf_o, None, FMT3, opts, torch.float32, torch.float32)[2]
+    assert rotated < plain  # incoherence spreads the planted outlier rows of O
+
+
+def test_alternating_pair_rounding_never_raises_the_product_error():
+    for seed in range(3):
+        pair, *_ = _pair_setup(seed)
+        rtn_pair = pair.error(grid.fake_quant(pair.w_v, FMT3), grid.fake_quant(pair.w_o, FMT3))
+        errors = []
+        for steps in (1, 2, 4):
+            opts = LayerOptions(alternations=steps)
+            errors.append(_round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)[2])
+        assert errors[1] <= errors[0] + 1e-9 and errors[2] <= errors[1] + 1e-9
+        assert errors[0] < rtn_pair
+
+
+def test_rope_rotation_preserves_scores():
+    d, heads = 16, 2
+    angles = torch.rand(heads, d // 2) * 6
+    rot = transforms.rope_rotation(angles, d)
+    q, k = torch.randn(5, heads * d), torch.randn(7, heads * d)
+
+    def rope(x, theta):
+        x = x.view(x.shape[0], heads, d)
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([x1 * torch.cos(theta) - x2 * torch.sin(theta), x2 * torch.cos(theta) + x1 * torch.sin(theta)], -1)
+
+    tq, tk = torch.rand(d // 2) * 3, torch.rand(d // 2) * 3
+    ref = torch.einsum("ahd,bhd->hab", rope(q, tq), rope(k, tk))
+    got = torch.einsum("ahd,bhd->hab", rope(q @ rot, tq), rope(k @ rot, tk))
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert torch.allclose(rot @ rot.t(), torch.eye(heads * d), atol=1e-6)
+
+
+def test_statistics_match_monte_carlo():
+    """Propagated moments of a norm, a linear map and a gated MLP agree with sampling."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 24, 16
+    mean = torch.randn(k, generator=g, dtype=torch.float64)
+    a = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    x = stats.Moments(mean, a.t() @ a)
+    w_g = torch.randn(k, n, generator=g) / math.sqrt(k)
+    w_u = torch.randn(k, n, generator=g) / math.sqrt(k)
+    samples = mean + torch.randn(200_000, k, generator=g, dtype=torch.float64) @ a
+    lin = stats.linear(x, w_g)
+    assert torch.allclose(lin.mean, (samples @ w_g.double()).mean(0), atol=0.02)
+    assert torch.allclose(torch.diagonal(lin.cov), (samples @ w_g.double()).var(0), rtol=0.03)
+    u = stats.gated_mlp_hidden(x, w_g, w_u, "gelu_tanh")
+    gs, us = samples @ w_g.double(), samples @ w_u.double()
+    sampled = 0.5 * gs * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gs + 0.044715 * gs**3))) * us
+    assert torch.allclose(u.mean, sampled.mean(0), atol=0.02)
+    assert torch.allclose(torch.diagonal(u.cov), sampled.var(0), rtol=0.05, atol=1e-3)

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""dfq-onnx against ONNX Runtime's own weight quantizer, on one real model, in one run.
+
+For each setting (bits, block, symmetry) every quantizer writes a model from the same fp32 ONNX
+with the same lm_head/embedding policy (kept in float), each in its own process so that its wall
+time and peak memory are its own; then every model is evaluated through ONNX Runtime on the same
+windows of real text (tools/eval_quality.py): perplexity, KL to the fp32 model, top-1 agreement.
+
+    python tools/compare_peers.py --windows 16            # regenerates the table in BENCHMARKS.md
+
+Peers (onnxruntime.quantization.matmul_nbits_quantizer): DEFAULT (round-to-nearest, symmetric and
+asymmetric), HQQ (asymmetric, float zero points) and k_quant (asymmetric, 4-bit only). None of them
+emits 3 bits; at 3 bits dfq-onnx's method is compared with its own round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+
+import eval_quality  # noqa: E402
+
+DEFAULT_MODEL = REPO / "models" / "gemma3-270m" / "dynamo" / "model.onnx"
+BEGIN, END = "<!-- compare_peers:begin -->", "<!-- compare_peers:end -->"
+PROXY_BEGIN, PROXY_END = "<!-- proxy_table:begin -->", "<!-- proxy_table:end -->"
+ROLES = ["q", "k", "v", "o", "gate", "up", "down", "qkv"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    bits: int
+    block: int
+    symmetric: bool
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits} g{self.block} {'sym' if self.symmetric else 'asym'}"
+
+
+SETTINGS = [Setting(4, 32, True), Setting(4, 128, False), Setting(3, 32, False), Setting(2, 32, False)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    setting: Setting
+    tool: str  # "ort" or "dfq"
+    method: str  # ORT: default / hqq / kquant; dfq: rtn / cafeq
+    symmetric: bool
+
+    @property
+    def name(self) -> str:
+        who = {"ort": "ORT", "dfq": "dfq-onnx"}[self.tool]
+        kind = "" if self.method in ("hqq", "kquant") else (" sym" if self.symmetric else " asym")
+        return f"{who} {self.method.upper() if self.tool == 'ort' else self.method}{kind}"
+
+    @property
+    def stem(self) -> str:
+        s = self.setting
+        return f"{self.tool}-{self.method}-{'sym' if self.symmetric else 'asym'}-{s.bits}b-g{s.block}"
+
+
+def jobs_for(setting: Setting) -> list[Job]:
+    jobs: list[Job] = []
+    if setting.bits in (2, 4, 8):  # ORT writes 2, 4 and 8 bits; peers never 3
+        jobs += [Job(setting, "ort", "default", True), Job(setting, "ort", "default", False)]
+        jobs.append(Job(setting, "ort", "hqq", False))
+        if setting.bits == 4:  # k_quant's node config is fixed at 4 bits
+            jobs.append(Job(setting, "ort", "kquant", False))
+    jobs += [Job(setting, "dfq", "rtn", setting.symmetric), Job(setting, "dfq", "cafeq", setting.symmetric)]
+    return jobs
+
+
+ORT_SCRIPT = r"""
+import sys, onnx
+from onnxruntime.quantization import matmul_nbits_quantizer as q
+src, out, method, bits, block, sym, exclude = sys.argv[1:8]
+bits, block, sym = int(bits), int(block), sym == "1"
+if method == "default":
+    cfg = q.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits)
+elif method == "hqq":
+    cfg = q.HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+else:
+    cfg = q.KQuantWeightOnlyQuantConfig()
+# Loaded in memory (as the ORT command line does): k_quant would otherwise keep references to the
+# input's external data file by a relative name that does not exist beside the output.
+model = onnx.load(src)
+quant = q.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=sym, algo_config=cfg,
+                               nodes_to_exclude=[exclude] if exclude else [])
+quant.process()
+quant.model.save_model_to_file(out, True)
+"""
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float | None, str]:
+    """Run one quantizer in its own process: (wall seconds, peak RSS in MiB, error or '')."""
+    timer = ["/usr/bin/time", "-f", "MAXRSS_KB=%M"] if Path("/usr/bin/time").exists() else []
+    t0 = time.perf_counter()
+    proc = subprocess.run(timer + cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    match = re.search(r"MAXRSS_KB=(\d+)", proc.stderr)
+    rss = int(match.group(1)) / 1024 if match else None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln and not ln.startswith("MAXRSS_KB")]
+        return wall, rss, (lines[-1] if lines else f"exit {proc.returncode}")[:200]
+    return wall, rss, ""
+
+
+def quantize(job: Job, model: Path, out_dir: Path, lm_head: str) -> dict:
+    out = out_dir / f"{job.stem}.onnx"
+    s = job.setting
+    if job.tool == "ort":
+        cmd = [sys.executable, "-c", ORT_SCRIPT, str(model), str(out), job.method, str(s.bits), str(s.block), "1" if job.symmetric else "0", lm_head]
+    else:
+        cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", str(s.bits),
+               "--block-size", str(s.block), "--symmetric" if job.symmetric else "--asymmetric",
+               "--method", job.method, "--verify", "none", "--quiet"]  # fmt: skip
+    wall, rss, error = run_measured(cmd)
+    return {"job": job, "path": str(out), "seconds": wall, "peak_rss_mib": rss, "error": error}
+
+
+def lm_head_node(model: Path) -> str:
+    from dfq_onnx.graph.load import load_model
+    from dfq_onnx.graph.sites import find_sites
+
+    return find_sites(load_model(model)).lm_head or ""
+
+
+def evaluate_setting(reference: Path, rows: list[dict], windows: int, text: str) -> dict:
+    ok = [r for r in rows if not r["error"]]
+    result = eval_quality.evaluate(str(reference), [r["path"] for r in ok], windows, text=text, progress=False)
+    by_path = {c["path"]: c for c in result["candidates"]}
+    for r in ok:
+        r.update({k: by_path[r["path"]][k] for k in ("ppl", "kl", "top1")})
+    return result["reference"]
+
+
+def bits_per_weight(job: Job) -> str:
+    s = job.setting
+    container = 4 if s.bits == 3 else s.bits
+    scale = 32  # fp32 model: scales are fp32
+    zp = 0 if job.symmetric else (scale if job.method == "hqq" else container)  # HQQ's zero points are floats
+    return f"{container + (scale + zp) / s.block:.2f}"
+
+
+def render(rows: list[dict], reference: dict, meta: dict) -> str:
+    lines = [
+        BEGIN,
+        f"Model: {meta['model']} (fp32 ONNX, lm_head and embedding kept in float by every quantizer). "
+        f"Text: Pride and Prejudice, {meta['windows']} windows of BOS + 511 tokens ({meta['tokens']} predictions per model), "
+        "ONNX Runtime CPU, MatMulNBits accuracy level 0.",
+        f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`",
+        "",
+        "| setting | quantizer | bits/weight | PPL | KL to fp32 | top-1 | quantize s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| fp32 reference | - | 32 | {reference['ppl']:.3f} | 0 | 1 | - | - |",
+    ]
+    for r in rows:
+        job = r["job"]
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
+        if r["error"]:
+            lines.append(f"| {job.setting.label} | {job.name} | - | failed: {r['error']} | | | {r['seconds']:.1f} | {rss} |")
+            continue
+        lines.append(
+            f"| {job.setting.label} | {job.name} | {bits_per_weight(job)} | {r['ppl']:.3f} | {r['kl']:.4f} | "
+            f"{r['top1']:.4f} | {r['seconds']:.1f} | {rss} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def render_proxy(rows: list[dict], meta: dict) -> str:
+    """Per role: the method's proxy error against round-to-nearest's, from the method's own reports."""
+    lines = [
+        PROXY_BEGIN,
+        "Relative proxy error tr(D^T H D) / tr(W^T H W), H the input statistics propagated from the weights "
+        "(v and o: their V/O product), mean over the 18 layers; round-to-nearest / method. "
+        f"Machine: {meta['machine']}. Date: {meta['date']}. From the method's reports of `{meta['command']}`.",
+        "",
+    ]
+    reports = []
+    for r in rows:
+        job = r["job"]
+        if job.tool == "dfq" and job.method == "cafeq" and not r["error"]:
+            path = Path(r["path"]).with_name(Path(r["path"]).stem + ".report.json")
+            if path.exists():
+                reports.append((job.setting, json.loads(path.read_text()), r["seconds"]))
+    roles = [role for role in ROLES if any(role in {x["role"] for x in rep["roles"]} for _, rep, _ in reports)]
+    lines.append("| setting | " + " | ".join(roles) + " | total | method s |")
+    lines.append("|---" * (len(roles) + 3) + "|")
+    for setting, rep, seconds in reports:
+        by = {x["role"]: x for x in rep["roles"]}
+        cells = [f"{100 * by[r]['rtn_rel_error']:.3f}% / **{100 * by[r]['rel_error']:.3f}%**" if r in by else "-" for r in roles]
+        t = rep["totals"]
+        cells.append(f"{100 * t['rtn_rel_error']:.3f}% / **{100 * t['rel_error']:.3f}%**")
+        lines.append(f"| {setting.label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    lines.append(PROXY_END)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, begin: str, end: str, title: str, table: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + table + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + table + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="fp32 ONNX model (default: the built Gemma 3 270M dynamo export)")
+    parser.add_argument("--windows", type=int, default=16, help="text windows of BOS + 511 tokens (default: 16)")
+    parser.add_argument("--settings", default=None, help="subset, e.g. '4:32:sym,3:32:sym' (default: the four of the table)")
+    parser.add_argument("--work", default=None, help="directory for the quantized models (default: a temporary one)")
+    parser.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose table is replaced")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = Path(args.model)
+    if not model.is_file():
+        print(f"error: {model} not found; build it with python tools/build_gemma3_270m.py", file=sys.stderr)
+        return 2
+    settings = SETTINGS
+    if args.settings:
+        settings = [Setting(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.settings.split(","))]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="compare_peers_", dir=REPO / "models"))
+    work.mkdir(parents=True, exist_ok=True)
+    lm_head = lm_head_node(model)
+    text = eval_quality.load_text()
+    rows, reference = [], None
+    for setting in settings:
+        batch = []
+        for job in jobs_for(setting):
+            print(f"[{setting.label}] quantizing with {job.name} ...", file=sys.stderr, flush=True)
+            batch.append(quantize(job, model, work, lm_head))
+        print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
+        reference = evaluate_setting(model, batch, args.windows, text)
+        rows += batch
+        for r in batch:  # keep the disk small: a setting's models are not needed once evaluated
+            for p in Path(r["path"]).parent.glob(Path(r["path"]).name + "*"):
+                p.unlink()
+    meta = {
+        "model": model.relative_to(REPO) if model.is_relative_to(REPO) else model,
+        "windows": args.windows,
+        "tokens": args.windows * (eval_quality.WINDOW - 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {_memory()}",
+        "date": datetime.date.today().isoformat(),
+        "command": "python tools/compare_peers.py" + (f" --windows {args.windows}" if args.windows != 16 else ""),
+    }
+    table = render(rows, reference, meta)
+    proxy = render_proxy(rows, meta)
+    print(table + "\n\n" + proxy)
+    write_section(Path(args.benchmarks), BEGIN, END, "Quality against ONNX Runtime's quantizer (Gemma 3 270M)", table)
+    write_section(Path(args.benchmarks), PROXY_BEGIN, PROXY_END, "Proxy error per role: round-to-nearest vs the method (Gemma 3 270M)", proxy)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**r, "job": r["job"].name, "setting": r["job"].setting.label} for r in rows] + [{"reference": reference}], indent=2, default=str))
+    return 0
+
+
+def _memory() -> str:
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        return f"{kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        return "RAM unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
