@@ -233,7 +233,8 @@ class _Rewriter:
         if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or emb is None:
             return None
         tensor = self.graph.initializers[emb.initializer].const_value
-        return stats.embedding_moments(load.iter_rows(tensor, emb.transposed), self.sites.embedding_scale, options.device)
+        rows = load.iter_rows(tensor, emb.transposed)
+        return stats.embedding_moments(rows, self.sites.embedding_scale, emb.vocab, options.device)
 
     def gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
         """Multiplicative norm gains in front of the unit's linears (1 + w where the graph adds the 1)."""

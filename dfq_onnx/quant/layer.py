@@ -103,7 +103,7 @@ def optimise_layer(
         done.update((layer.gate, layer.up, layer.down))
     for name, w in layer.weights.items():
         if name not in done:
-            h = torch.eye(w.shape[0], device=w.device)
+            h = rounding.LowRank.identity(w.shape[0], w.device)
             result.sites[name] = _linear(w, h, fmt, layer.scale_dtypes[name], opts, None, [])
     result.residual = residual if propagate else None
     return result
@@ -112,12 +112,13 @@ def optimise_layer(
 # ----------------------------------------------------------------------------- one linear
 
 
-def _hessian(x: stats.Moments) -> torch.Tensor:
-    return stats.diagonal_plus_mean(x).to(torch.float32)
+def _hessian(x: stats.Moments) -> rounding.LowRank:
+    diag, vec = stats.diagonal_plus_mean(x)
+    return rounding.LowRank(diag.to(torch.float32), vec.to(torch.float32))
 
 
 def _identity(k: int, device) -> stats.Moments:
-    return stats.Moments(torch.zeros(k, dtype=torch.float64, device=device), torch.eye(k, dtype=torch.float64, device=device))
+    return stats.Moments(torch.zeros(k, dtype=torch.float64, device=device), torch.ones(k, dtype=torch.float64, device=device))
 
 
 def _round(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, dtype, opts: LayerOptions) -> grid.Quantized:
@@ -127,7 +128,7 @@ def _round(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, dtype, opts: Laye
     if not opts.scale_search:
         return grid.rtn(w, fmt, dtype)
     blocks = grid.to_blocks(w, fmt.block_size)
-    weight = grid.to_blocks(torch.diagonal(h).reshape(-1, 1), fmt.block_size)
+    weight = grid.to_blocks(rounding.hessian_diagonal(h).reshape(-1, 1), fmt.block_size)
     s, z = scales.search(blocks, fmt, weight, dtype)
     return grid.Quantized(grid.quantize_blocks(blocks, s, z, fmt), s, z, w.shape[0], fmt)
 
@@ -157,14 +158,15 @@ class SiteTransform:
             w = w * self.row.unsqueeze(1) if self.row.dim() == 1 else _inverse(self.row) @ w
         return w
 
-    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+    def hessian(self, h):
         """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
         if self.row is None:
             return h
         if self.row.dim() == 1:
-            return h * torch.outer(self.row, self.row)
+            return h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
+        dense = h.dense() if isinstance(h, rounding.LowRank) else h
         inv = _inverse(self.row)
-        return inv.t() @ h @ inv
+        return inv.t() @ dense @ inv
 
 
 def _inverse(m: torch.Tensor) -> torch.Tensor:
@@ -197,7 +199,7 @@ def _diagonal(weights, h: torch.Tensor, fmt, opts, foldable: bool, label: str):
     """A folded per-channel input scaling for a group of linears, or None."""
     if not (opts.diagonal and foldable):
         return None, []
-    choice = transforms.search_diagonal(weights, torch.diagonal(h).clamp(min=0.0), fmt, exclude_identity=opts.force_transforms)
+    choice = transforms.search_diagonal(weights, rounding.hessian_diagonal(h).clamp(min=0.0), fmt, exclude_identity=opts.force_transforms)
     if choice.is_identity:
         return None, []
     return choice.a, [label]
@@ -281,7 +283,7 @@ def _rope_rotations(w_q, w_k, h, a, layer, fmt, opts):
     group = heads // kv
     rows = SiteTransform(row=a)
     wq, wk = rows.forward(w_q), rows.forward(w_k)
-    weight = rows.hessian(torch.diag(torch.diagonal(h).clamp(min=0.0))).diagonal()
+    weight = rounding.hessian_diagonal(rows.hessian(h)).clamp(min=0.0)
     per_query = lambda ang: ang.repeat_interleave(group, dim=0)  # noqa: E731  (query head h -> group h // group)
     scores = []
     for angle in QK_ANGLES:
@@ -345,7 +347,7 @@ def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, Si
     w_o = layer.weights[layer.o]
     o_dtype = layer.scale_dtypes[layer.o]
     if not (d and heads) or heads * d != w_o.shape[0]:
-        eye = torch.eye(w_o.shape[0], device=w_o.device)
+        eye = rounding.LowRank.identity(w_o.shape[0], w_o.device)
         return {
             "v": _linear(w_v, h, fmt, v_dtype, opts, SiteTransform(row=a), tags),
             "o": _linear(w_o, eye, fmt, o_dtype, opts, None, []),
@@ -427,12 +429,12 @@ class _Pair:
     def value_hessian(self) -> torch.Tensor:
         """E over the mix of x^T x: what weighs V's rounding error inside the pair."""
         c = stats.ATTENTION_CONCENTRATION
-        return (c * self.x.cov + torch.outer(self.x.mean, self.x.mean)).float()
+        return (c * self.x.dense_cov() + torch.outer(self.x.mean, self.x.mean)).float()
 
     def second(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        cov = a64.t() @ self.x.cov @ b64
+        cov = a64.t() @ self.x.dense_cov() @ b64
         blocks, ma, mb = [], [], []
         mean_a, mean_b = self.x.mean @ a64, self.x.mean @ b64
         for h in range(self.heads):

@@ -9,6 +9,8 @@ compensated weights. With a diagonal H nothing is fed back and the result is pla
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..config import QuantFormat
@@ -17,15 +19,47 @@ from . import grid, scales
 LAZY_ROWS = 128
 
 
+@dataclasses.dataclass
+class LowRank:
+    """A structured Hessian H = diag(d) + u u^T (per-channel variance plus the mean direction).
+
+    GPTQ under such an H needs no K x K matrix: every rounding error moves the rows still to be
+    rounded along u / d (Sherman-Morrison), so it runs in O(K N) time and O(N) extra memory.
+    """
+
+    diag: torch.Tensor  # [K]
+    vec: torch.Tensor  # [K]
+
+    def scaled(self, a: torch.Tensor) -> "LowRank":
+        """The Hessian of W' = W / a (rows): diag(a) H diag(a)."""
+        return LowRank(self.diag * a * a, self.vec * a)
+
+    def diagonal(self) -> torch.Tensor:
+        return self.diag + self.vec * self.vec
+
+    def dense(self) -> torch.Tensor:
+        return torch.diag(self.diag) + torch.outer(self.vec, self.vec)
+
+    @classmethod
+    def identity(cls, k: int, device=None) -> "LowRank":
+        return cls(torch.ones(k, device=device), torch.zeros(k, device=device))
+
+
+def hessian_diagonal(h) -> torch.Tensor:
+    return h.diagonal() if isinstance(h, LowRank) else torch.diagonal(h)
+
+
 def gptq(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h,
     fmt: QuantFormat,
     scale_dtype: torch.dtype = torch.float32,
     search_scales: bool = True,
     damp: float = 0.01,
 ) -> grid.Quantized:
-    """Quantize W[K, N] minimising tr(D^T H D); H is [K, K] (symmetric PSD)."""
+    """Quantize W[K, N] minimising tr(D^T H D); H is [K, K] (symmetric PSD) or a LowRank."""
+    if isinstance(h, LowRank):
+        return _gptq_low_rank(w, h, fmt, scale_dtype, search_scales, damp)
     k, n = w.shape
     bs = fmt.block_size
     kb = -(-k // bs)
@@ -71,6 +105,52 @@ def gptq(
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 
 
+def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp) -> grid.Quantized:
+    """GPTQ for H = diag(d) + u u^T, exactly, without forming H.
+
+    Rounding row i with error e_i changes each later row j by (u_j / d_j) * e_i u_i / (1 + s_{i+1}),
+    s_{i+1} = sum_{k > i} u_k^2 / d_k: all later rows move along one direction, so one running
+    accumulator A [N] carries every update (row j is read as W_j + (u_j / d_j) A).
+    """
+    k, n = w.shape
+    bs = fmt.block_size
+    kb = -(-k // bs)
+    kp = kb * bs
+    d = torch.ones(kp, dtype=torch.float64, device=w.device)
+    u = torch.zeros(kp, dtype=torch.float64, device=w.device)
+    d[:k] = h.diag.to(torch.float64)
+    u[:k] = h.vec.to(torch.float64)
+    live = d[:k] > 0
+    d[:k] = d[:k] + damp * float(h.diagonal()[live].mean() if bool(live.any()) else 1.0)
+    ratio = (u / d).to(torch.float32)
+    tail = torch.flip(torch.cumsum(torch.flip(u * u / d, [0]), 0), [0])  # s_i = sum_{k >= i}
+    s_next = torch.cat([tail[1:], tail.new_zeros(1)])
+    coef = (u / (1.0 + s_next)).to(torch.float32)
+    wt = torch.zeros(kp, n, dtype=torch.float32, device=w.device)
+    wt[:k] = w.to(torch.float32)
+    importance = (d + u * u).to(torch.float32)
+    acc = torch.zeros(n, dtype=torch.float32, device=w.device)
+    codes = torch.zeros(n, kp, dtype=torch.uint8, device=w.device)
+    scale_out = torch.zeros(n, kb, dtype=torch.float32, device=w.device)
+    zp_out = None if fmt.symmetric else torch.zeros(n, kb, dtype=torch.uint8, device=w.device)
+    centre_code = float(1 << (fmt.container_bits - 1))
+    for b in range(kb):
+        rows = slice(b * bs, (b + 1) * bs)
+        current = wt[rows] + ratio[rows].unsqueeze(1) * acc  # [bs, N] as the group starts
+        s, z = _group_params(current.t(), importance[rows], fmt, scale_dtype, search_scales)
+        scale_out[:, b] = s
+        if zp_out is not None:
+            zp_out[:, b] = z
+        centre = z.to(torch.float32) if z is not None else torch.full_like(s, centre_code)
+        for i in range(b * bs, (b + 1) * bs):
+            x = wt[i] + ratio[i] * acc
+            q = grid.quantize_blocks(x.unsqueeze(1), s, z, fmt)[:, 0]
+            codes[:, i] = q
+            err = x - (q.to(torch.float32) - centre) * s
+            acc += err * coef[i]
+    return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
+
+
 def _group_params(group, importance, fmt, scale_dtype, search_scales):
     blocks = group.unsqueeze(1)  # [N, 1, bs]
     if search_scales:
@@ -80,8 +160,11 @@ def _group_params(group, importance, fmt, scale_dtype, search_scales):
     return s[:, 0], (None if z is None else z[:, 0])
 
 
-def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> float:
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h) -> float:
     """tr((W - W_hat)^T H (W - W_hat)); H None means identity, a vector means diag(H)."""
+    if isinstance(h, LowRank):
+        d = (w - w_hat).to(torch.float32)
+        return float((h.diag.unsqueeze(1) * d * d).sum(dtype=torch.float64)) + float(((h.vec @ d) ** 2).sum(dtype=torch.float64))
     d = (w - w_hat).to(torch.float64)
     if h is None:
         return float((d * d).sum())

@@ -32,48 +32,66 @@ _HERMITE = np.polynomial.hermite.hermgauss(48)
 
 @dataclasses.dataclass
 class Moments:
-    """Mean [d] and covariance [d, d] of an activation (float64)."""
+    """Mean [d] and covariance of an activation (float64): [d, d], or [d] when kept diagonal."""
 
     mean: torch.Tensor
     cov: torch.Tensor
 
-    def second(self) -> torch.Tensor:
-        """E[x^T x] = Cov + mean mean^T (what weights a linear's rounding error)."""
-        return self.cov + torch.outer(self.mean, self.mean)
+    @property
+    def diagonal(self) -> bool:
+        return self.cov.dim() == 1
+
+    def variances(self) -> torch.Tensor:
+        return self.cov if self.diagonal else torch.diagonal(self.cov)
+
+    def dense_cov(self) -> torch.Tensor:
+        return torch.diag(self.cov) if self.diagonal else self.cov
 
     def __add__(self, other: "Moments") -> "Moments":  # independent contributions to a residual sum
+        if self.diagonal != other.diagonal:
+            return Moments(self.mean + other.mean, self.dense_cov() + other.dense_cov())
         return Moments(self.mean + other.mean, self.cov + other.cov)
 
 
-def embedding_moments(chunks, scale: float, device="cpu") -> Moments:
+COVARIANCE_ROWS = 65536  # embedding rows that enter the covariance (evenly strided); the mean uses all
+
+
+def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments:
     """Residual stream at the first layer: token embeddings (uniform over the vocabulary) times scale.
 
     `chunks` yields row blocks of the [vocab, hidden] table, so the table is never whole in memory.
+    The covariance of a 262k x 640 table is well estimated from an even subset of rows, which
+    keeps this step to seconds for 256k x 3584 tables.
     """
-    total = None
-    outer = None
-    rows = 0
+    stride = max(1, vocab // COVARIANCE_ROWS)
+    total, outer, rows, sampled, start = None, None, 0, 0, 0
     for block in chunks:
-        e = torch.as_tensor(block, dtype=torch.float64, device=device)
-        total = e.sum(0) if total is None else total + e.sum(0)
-        outer = e.t() @ e if outer is None else outer + e.t() @ e
+        e = torch.as_tensor(block, device=device)
+        total = e.double().sum(0) if total is None else total + e.double().sum(0)
+        pick = e[(-start) % stride :: stride].to(torch.float32)
+        part = (pick.t() @ pick).double()
+        outer = part if outer is None else outer + part
+        sampled += pick.shape[0]
         rows += e.shape[0]
+        start += e.shape[0]
     mean = total / rows
-    cov = outer / rows - torch.outer(mean, mean)
+    cov = outer / max(sampled, 1) - torch.outer(mean, mean)
     return Moments(mean * scale, cov * scale * scale)
 
 
 def rms_norm(x: Moments, gain: torch.Tensor | None) -> Moments:
     """n(x) * gain with n(x) = x / rms(x): divide by sqrt(E[mean_k x_k^2])."""
-    r = float((x.mean**2).mean() + torch.diagonal(x.cov).mean())
+    r = float((x.mean**2).mean() + x.variances().mean())
     r = math.sqrt(max(r, 1e-30))
     g = torch.ones_like(x.mean) if gain is None else gain.to(torch.float64)
-    return Moments(x.mean * g / r, x.cov * torch.outer(g, g) / (r * r))
+    cov = x.cov * g * g if x.diagonal else x.cov * torch.outer(g, g)
+    return Moments(x.mean * g / r, cov / (r * r))
 
 
 def linear(x: Moments, w: torch.Tensor) -> Moments:
     w = w.to(torch.float64)
-    return Moments(x.mean @ w, w.t() @ x.cov @ w)
+    cov = (w * x.cov.unsqueeze(1)).t() @ w if x.diagonal else w.t() @ x.cov @ w
+    return Moments(x.mean @ w, cov)
 
 
 def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: float = ATTENTION_CONCENTRATION) -> Moments:
@@ -92,10 +110,11 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal)."""
     wg = w_gate.to(torch.float64)
     wu = w_up.to(torch.float64)
-    cg = x.cov @ wg
+    cov_times = (lambda w: x.cov.unsqueeze(1) * w) if x.diagonal else (lambda w: x.cov @ w)
+    cg = cov_times(wg)
     mu_g, mu_p = x.mean @ wg, x.mean @ wu
     var_g = (cg * wg).sum(0).clamp(min=1e-30)
-    var_p = ((x.cov @ wu) * wu).sum(0)
+    var_p = (cov_times(wu) * wu).sum(0)
     cov_gp = (cg * wu).sum(0)
     a = cov_gp / var_g  # p = mu_p + a (g - mu_g) + e, e independent of g
     var_e = (var_p - a * cov_gp).clamp(min=0.0)
@@ -106,7 +125,7 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     p = mu_p[:, None] + a[:, None] * (g - mu_g[:, None])
     m1 = (weights * f * p).sum(1)
     m2 = (weights * f * f * p * p).sum(1) + var_e * (weights * f * f).sum(1)
-    return Moments(m1, torch.diag((m2 - m1 * m1).clamp(min=0.0)))
+    return Moments(m1, (m2 - m1 * m1).clamp(min=0.0))
 
 
 def activation_kind(ops: str) -> str:
@@ -136,10 +155,10 @@ def sublayer_output(y: Moments, post_gain: torch.Tensor | None, has_post_norm: b
     return rms_norm(y, post_gain) if has_post_norm else y
 
 
-def diagonal_plus_mean(x: Moments) -> torch.Tensor:
-    """A sparser Hessian estimate: per-channel variance plus the mean direction.
+def diagonal_plus_mean(x: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparser Hessian estimate: per-channel variance plus the mean direction, as (diag, vector).
 
     The propagated off-diagonal covariances are the least reliable part of the estimate; the
     mean direction carries most of E[x^T x] (massive, token-independent channels).
     """
-    return torch.diag(torch.diagonal(x.cov)) + torch.outer(x.mean, x.mean)
+    return x.variances(), x.mean
