@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, Recipe, builtin_recipes, load_recipe
-from .errors import DfqError
+from .errors import DfqError, Interrupted
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="compare",
         help="before publishing: compare logits with the input on random ids, only run the output, or skip [compare]",
     )
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (Ctrl-C, kill) of the same command from its last finished layer; "
+        "the result is byte-identical to an uninterrupted run",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser
 
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except DfqError as exc:
         print(f"dfq-onnx: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"dfq-onnx: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("dfq-onnx: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -131,7 +141,8 @@ def _optimize(args) -> int:
         accuracy_level=args.accuracy_level,
     )
     output = args.output or default_output_path(args.model, recipe)
-    options = RunOptions(device=_device(args.device), verify=args.verify, seed=args.seed)
+    options = RunOptions(device=_device(args.device), verify=args.verify, seed=args.seed, resume=args.resume)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: progress is kept
     progress, close = _progress_bar(args.quiet)
     try:
         report = optimize(args.model, output, recipe, options, progress=progress)

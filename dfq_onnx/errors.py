@@ -3,3 +3,7 @@
 
 class DfqError(Exception):
     """A problem with the user's input or request; the CLI prints it as one line and exits 2."""
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM); the message says what was kept and how to resume."""

@@ -17,9 +17,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import methods
+from . import checkpoint, methods
 from .config import Method, OutputFormat, Prior, QuantFormat, Recipe
-from .errors import DfqError
+from .errors import DfqError, Interrupted
 from .graph import load, opset, rewrite, save
 from .graph.sites import Embedding, Linear, ModelSites, Role, find_sites
 from .quant import grid, proxy, stats
@@ -33,6 +33,7 @@ class RunOptions:
     device: str = "cpu"
     verify: str = "compare"  # "compare" logits with the input, "run" the output only, "none"
     seed: int = 0
+    resume: bool = False  # continue an interrupted run from its last finished layer
 
 
 def default_output_path(input_path: Path, recipe: Recipe) -> Path:
@@ -60,21 +61,26 @@ def optimize(
     torch.manual_seed(options.seed)
 
     work = save.work_dir_for(output_path)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     location = save.data_location_for(output_path)
-    writer = save.ExternalDataWriter(work, location)
+    key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.seed)
+    state, notes = _start(work, key, options.resume)
+    writer = save.ExternalDataWriter(work, location, start_offset=state.data_offset)
+    units = plan_units(sites, model.graph)
     try:
-        rewriter = _Rewriter(model, sites, recipe, writer)
-        units = plan_units(sites, model.graph)
+        rewriter = _Rewriter(model, sites, recipe, writer, state)
         head = _head_linears(sites, recipe)
         total = sum(len(u.linears) for u in units) + len(head)  # progress counts linears (sites)
-        results: list[SiteResult] = []
-        rewriter.residual = rewriter.initial_statistics(options)
+        results = rewriter.replay(units[: state.units_done])
+        if state.units_done:
+            rewriter.residual = state.residual
+            torch.set_rng_state(state.rng)
+        else:
+            rewriter.residual = rewriter.initial_statistics(options)
         if progress:
-            progress("statistics" if rewriter.residual is not None else "start", 0, total)
-        for unit in units:
+            progress(f"resumed after {units[state.units_done - 1].label}" if state.units_done else "start", len(results), total)
+        for index, unit in enumerate(units[state.units_done :], start=state.units_done):
             results.extend(rewriter.run_unit(unit, recipe.quant, options))
+            rewriter.checkpoint(work, index + 1, results)
             if progress:
                 progress(unit.label, len(results), total)
         if head:
@@ -89,6 +95,9 @@ def optimize(
         optimise_seconds = time.perf_counter() - started
         verification = _verify(input_path, work / output_path.name, sites, options)
         save.publish(work, output_path, location)
+    except KeyboardInterrupt:
+        writer.close()
+        raise Interrupted(_interrupted_message(work, output_path, state.units_done, len(units))) from None
     except BaseException:
         writer.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -101,11 +110,40 @@ def optimize(
         sites=sites,
         results=results,
         seconds=optimise_seconds,
-        notes=sites.notes + rewriter.notes,
+        notes=notes + sites.notes + rewriter.notes,
     )
     report.verification = verification
+    report.resumed_units = rewriter.resumed_units
     report.write_json(report_path_for(output_path))
     return report
+
+
+def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[str]]:
+    """A fresh work directory, or the unfinished run's state when resuming it is asked for and possible."""
+    notes = []
+    if work.exists():
+        state, why_not = checkpoint.load(work, key)
+        if resume and state is not None:
+            return state, [f"resumed an unfinished run after {state.units_done} layer(s); they were not recomputed"]
+        if resume:
+            notes.append(f"--resume: {why_not}; started afresh")
+        elif state is not None:
+            notes.append("an unfinished run of this job was discarded (pass --resume to continue one)")
+        shutil.rmtree(work, ignore_errors=True)
+    elif resume:
+        notes.append("--resume: no unfinished run was found; started afresh")
+    work.mkdir()
+    return checkpoint.State(fingerprint=key), notes
+
+
+def _interrupted_message(work: Path, output: Path, done: int, total: int) -> str:
+    if not done:
+        shutil.rmtree(work, ignore_errors=True)
+        return f"interrupted before the first layer finished; nothing was written to {output}"
+    return (
+        f"interrupted after {done} of {total} layers; nothing was written to {output}. "
+        f"Run the same command with --resume to continue (progress is kept in {work})"
+    )
 
 
 def _verify(input_path: Path, candidate: Path, sites: ModelSites, options: RunOptions) -> dict | None:
@@ -168,7 +206,9 @@ def _uses_int2(recipe: Recipe) -> bool:
 class _Rewriter:
     """Reads weights, runs the method, writes tensors and rewires one unit at a time."""
 
-    def __init__(self, model: ir.Model, sites: ModelSites, recipe: Recipe, writer: save.ExternalDataWriter):
+    def __init__(
+        self, model: ir.Model, sites: ModelSites, recipe: Recipe, writer: save.ExternalDataWriter, state: checkpoint.State
+    ):
         self.model = model
         self.graph = model.graph
         self.sites = sites
@@ -178,6 +218,37 @@ class _Rewriter:
         self.written: set[str] = set()
         self.notes: list[str] = []
         self.residual = None  # propagated residual-stream statistics (the data-free prior)
+        self.state = state  # what a resumed run needs: tensors written and graph edits made, per finished layer
+        self.tensors: dict[str, ir.ExternalTensor] = {}
+        self.resumed_units = state.units_done
+
+    # -- resuming
+
+    def replay(self, done: list[methods.Unit]) -> list[SiteResult]:
+        """Redo the graph edits of finished layers from the checkpoint: their tensors are already in the data file."""
+        if not done:
+            return []
+        for name in self.state.tensors:
+            self.tensors[name] = self.state.tensor(name, self.writer.directory, self.writer.location)
+        for action in self.state.actions:
+            if action["op"] == "linear":
+                lin = self.sites.linears[action["node"]]
+                self._rewire_linear(lin, action["tensors"], QuantFormat(*action["fmt"]))
+            else:
+                self._adopt_replacement(action["initializer"], action["tensor"])
+        self.notes.extend(self.state.notes)
+        return self.state.site_results()
+
+    def checkpoint(self, work: Path, units_done: int, results: list[SiteResult]) -> None:
+        """Record a finished layer, after its bytes are on disk."""
+        self.writer.flush()
+        self.state.units_done = units_done
+        self.state.data_offset = self.writer.offset
+        self.state.results = [checkpoint.result_record(r) for r in results]
+        self.state.notes = list(self.notes)
+        self.state.residual = self.residual
+        self.state.rng = torch.get_rng_state()
+        checkpoint.save(work, self.state)
 
     # -- reading
 
@@ -295,10 +366,28 @@ class _Rewriter:
     # -- writing
 
     def _write(self, name: str, array: np.ndarray, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
+        return self._adopt(self._store(name, array, dtype, shape))
+
+    def _store(self, name: str, array: np.ndarray, dtype: ir.DataType, shape: tuple[int, ...]) -> str:
+        """Append a tensor to the data file and remember where it is (for the graph and the checkpoint)."""
         tensor = self.writer.write(name, array, dtype, shape)
-        value = rewrite.new_initializer(self.graph, name, tensor)
+        self.tensors[name] = tensor
+        checkpoint.record_tensor(self.state, tensor)
+        return name
+
+    def _adopt(self, name: str) -> ir.Value:
+        value = rewrite.new_initializer(self.graph, name, self.tensors[name])
         self.written.add(value.name)
         return value
+
+    def _adopt_replacement(self, initializer: str, name: str) -> None:
+        rewrite.replace_initializer(self.graph, initializer, self.tensors[name])
+        self.written.add(initializer)
+
+    def _replace_with(self, initializer: str, array: np.ndarray, dtype: ir.DataType) -> None:
+        self._store(initializer, array, dtype, array.shape)
+        self.state.actions.append({"op": "replace", "initializer": initializer, "tensor": initializer})
+        self._adopt_replacement(initializer, initializer)
 
     def _packed(self, q: grid.Quantized, dtype: np.dtype, lin: Linear) -> rewrite.PackedWeight:
         return rewrite.PackedWeight(
@@ -313,16 +402,24 @@ class _Rewriter:
     def _emit_linear(self, lin: Linear, q: grid.Quantized, dtype: np.dtype) -> dict[str, ir.Value]:
         packed = self._packed(q, dtype, lin)
         base = lin.weight.initializer
-        node = self.nodes.pop(lin.node)
-        values: dict[str, ir.Value] = {}
         if self.recipe.output_format == OutputFormat.MATMULNBITS:
-            for key, (arr, irtype) in packed.matmulnbits_tensors().items():
-                values[key] = self._write(f"{base}_Q{q.fmt.bits}_{key}", arr, irtype, arr.shape)
-            new = rewrite.to_matmulnbits(self.graph, node, lin, values, q.fmt, self.recipe.accuracy_level)
+            tensors = {key: (arr, irtype, arr.shape) for key, (arr, irtype) in packed.matmulnbits_tensors().items()}
+            tag = "Q"
         else:
-            for key, (arr, irtype, shape) in packed.qdq_tensors().items():
-                values[key] = self._write(f"{base}_DQ{q.fmt.bits}_{key}", arr, irtype, shape)
-            new = rewrite.to_qdq(self.graph, node, lin, values, q.fmt)
+            tensors = packed.qdq_tensors()
+            tag = "DQ"
+        names = {key: self._store(f"{base}_{tag}{q.fmt.bits}_{key}", *spec) for key, spec in tensors.items()}
+        fmt = [q.fmt.bits, q.fmt.block_size, q.fmt.symmetric]
+        self.state.actions.append({"op": "linear", "node": lin.node, "tensors": names, "fmt": fmt})
+        return self._rewire_linear(lin, names, q.fmt)
+
+    def _rewire_linear(self, lin: Linear, names: dict[str, str], fmt: QuantFormat) -> dict[str, ir.Value]:
+        values = {key: self._adopt(name) for key, name in names.items()}
+        node = self.nodes.pop(lin.node)
+        if self.recipe.output_format == OutputFormat.MATMULNBITS:
+            new = rewrite.to_matmulnbits(self.graph, node, lin, values, fmt, self.recipe.accuracy_level)
+        else:
+            new = rewrite.to_qdq(self.graph, node, lin, values, fmt)
         self.nodes[new.name] = new
         return values
 
@@ -384,8 +481,7 @@ class _Rewriter:
         arr = w.detach().cpu().numpy()
         arr = arr.T if lin.weight.transposed else arr
         arr = np.ascontiguousarray(arr.astype(load.numpy_dtype(old.dtype)))
-        rewrite.replace_initializer(self.graph, name, self.writer.write(name, arr, old.dtype, arr.shape))
-        self.written.add(name)
+        self._replace_with(name, arr, old.dtype)
 
     def _replace_gain(self, name: str, gain: torch.Tensor) -> None:
         """Write a folded norm gain back in the graph's own form (stored w where the graph adds 1)."""
@@ -398,9 +494,7 @@ class _Rewriter:
         if plus_one:
             values = values - 1.0
         arr = values.astype(load.numpy_dtype(old.dtype)).reshape(tuple(old.shape.numpy()))
-        tensor = self.writer.write(name, arr, old.dtype, arr.shape)
-        rewrite.replace_initializer(self.graph, name, tensor)
-        self.written.add(name)
+        self._replace_with(name, arr, old.dtype)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -67,6 +67,7 @@ class Report:
     seconds: float
     notes: list[str]
     verification: dict[str, Any] | None = None
+    resumed_units: int = 0  # layers taken from an interrupted run's checkpoint (--resume)
 
     @classmethod
     def build(
@@ -133,6 +134,7 @@ class Report:
             "roles": [dataclasses.asdict(r) for r in self.by_role()],
             "sites": [dataclasses.asdict(s) | {"bits_per_weight": s.bits_per_weight} for s in self.sites],
             "verification": self.verification,
+            "resumed_units": self.resumed_units,
             "notes": self.notes,
         }
 

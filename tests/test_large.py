@@ -1,0 +1,119 @@
+"""Large-model machinery at a small size: the synthetic model generator, and interrupted runs resumed.
+
+The generator makes the real dynamo export graph of Gemma 2 at a given shape with streamed
+random weights; here at a few-layer toy shape so the test stays quick. An interrupted run
+(SIGKILL: no handler runs) is resumed and must give the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import file_digests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import make_synthetic  # noqa: E402
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic") / "model.onnx"
+    assert make_synthetic.main(["--shape", "gemma2-tiny", "--layers", str(LAYERS), "-o", str(out)]) == 0
+    return out
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dfq_onnx.cli", *args]
+
+
+def test_synthetic_model_has_the_real_graph(synthetic):
+    from dfq_onnx.pipeline import inspect
+
+    shape = make_synthetic.SHAPES["gemma2-tiny"]
+    sites = inspect(synthetic)
+    assert len(sites.layers()) == LAYERS
+    for att in sites.attentions:
+        assert (att.num_heads, att.num_kv_heads, att.head_dim) == (shape.heads, shape.kv_heads, shape.head_dim)
+    roles = sorted(lin.role.value for lin in sites.linears.values() if lin.layer == 0)
+    assert roles == ["down", "gate", "k", "o", "q", "up", "v"]
+    assert all(lin.weight.dtype == "FLOAT16" for lin in sites.linears.values())
+    # the weights were planted: not zeros, spread 1/sqrt(K), a few outlier input channels
+    session = ort.InferenceSession(str(synthetic), providers=["CPUExecutionProvider"])
+    ids = np.arange(1, 17, dtype=np.int64)[None]
+    logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert logits.shape == (1, 16, shape.vocab) and np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_synthetic_weights_are_reproducible(synthetic, tmp_path):
+    again = tmp_path / "model.onnx"
+    assert make_synthetic.main(["--shape", "gemma2-tiny", "--layers", str(LAYERS), "-o", str(again)]) == 0
+    # the weights are the same bytes (the graph file carries the exporter's own metadata)
+    assert file_digests(again)["model.onnx.data"] == file_digests(synthetic)["model.onnx.data"]
+
+
+def test_killed_run_resumes_to_identical_bytes(synthetic, tmp_path):
+    args = ["optimize", str(synthetic), "--method", "cafeq", "--verify", "none", "--quiet"]
+    whole = tmp_path / "whole" / "model.q4.onnx"
+    whole.parent.mkdir()
+    subprocess.run(_cli(*args, "-o", str(whole)), check=True, cwd=REPO)
+
+    out = tmp_path / "resumed" / "model.q4.onnx"
+    out.parent.mkdir()
+    work = out.parent / f".{out.name}.partial"
+    proc = subprocess.Popen(_cli(*args, "-o", str(out)), cwd=REPO)
+    manifest = work / "checkpoint.json"
+    deadline = time.time() + 300
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the hardest interruption
+    proc.wait()
+    done = json.loads(manifest.read_text())["units_done"]
+    assert 1 <= done < LAYERS, "the run should have been killed between layers"
+    assert not out.exists() and not (out.parent / f"{out.name}.data").exists(), "no partial output where the user looks"
+
+    subprocess.run(_cli(*args, "-o", str(out), "--resume"), check=True, cwd=REPO)
+    assert not work.exists()
+    report = json.loads((out.parent / "model.q4.report.json").read_text())
+    assert report["resumed_units"] == done
+    for name in ("model.q4.onnx", "model.q4.onnx.data"):
+        assert (out.parent / name).read_bytes() == (whole.parent / name).read_bytes(), name
+
+
+def test_interrupt_keeps_progress_and_says_how_to_resume(synthetic, tmp_path):
+    out = tmp_path / "model.q4.onnx"
+    work = tmp_path / f".{out.name}.partial"
+    proc = subprocess.Popen(
+        _cli("optimize", str(synthetic), "--method", "cafeq", "--verify", "none", "--quiet", "-o", str(out)),
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (work / "checkpoint.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # `kill`: handled like Ctrl-C
+    _, err = proc.communicate()
+    assert proc.returncode == 130
+    assert "--resume" in err and "nothing was written" in err
+    assert not out.exists() and (work / "checkpoint.json").exists()
+    # without --resume the stale progress is discarded, and said so
+    done = subprocess.run(
+        _cli("optimize", str(synthetic), "--method", "rtn", "--verify", "none", "-o", str(out)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and out.exists() and not work.exists()
