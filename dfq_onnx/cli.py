@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method [0]")
     o.add_argument(
         "--verify",
-        choices=["compare", "run", "none"],
-        default="compare",
-        help="before publishing: compare logits with the input on random ids, only run the output, or skip [compare]",
+        choices=["auto", "compare", "run", "none"],
+        default="auto",
+        help="before publishing: compare logits with the input on random ids, only run the output, or skip; "
+        "auto compares models up to 2 GiB of weights and skips larger ones (ORT would hold them in RAM) [auto]",
     )
     o.add_argument(
         "--resume",
@@ -128,7 +129,10 @@ def _inspect(args) -> int:
 
 
 def _optimize(args) -> int:
+    from . import memory
     from .pipeline import RunOptions, default_output_path, optimize
+
+    memory.configure()
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe()
     recipe = recipe.with_overrides(

@@ -54,6 +54,7 @@ class UnitInput:
     scale_dtypes: dict[str, torch.dtype]
     gains: dict[str, torch.Tensor]  # norm gain initializer -> multiplicative gain values
     residual: stats.Moments | None = None  # residual-stream statistics before the unit
+    keep_float: bool = False  # return the transformed float weights too (float output)
 
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
@@ -108,6 +109,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         qk_transform=config.qk_transform,
         gptq=config.gptq,
         force_transforms=config.force_transforms,
+        keep_float=data.keep_float,
     )
     result = optimise_layer(layer, fmt, opts, data.residual)
     out = UnitResult(quantized={}, residual=result.residual)

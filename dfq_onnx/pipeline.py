@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import checkpoint, methods
+from . import checkpoint, memory, methods
 from .config import Method, OutputFormat, Prior, QuantFormat, Recipe
 from .errors import DfqError, Interrupted
 from .graph import load, opset, rewrite, save
@@ -31,7 +31,7 @@ ProgressFn = Callable[[str, int, int], None]  # (label of the unit just done, do
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     device: str = "cpu"
-    verify: str = "compare"  # "compare" logits with the input, "run" the output only, "none"
+    verify: str = "auto"  # "compare" logits with the input, "run" the output only, "none"; "auto": by size
     seed: int = 0
     resume: bool = False  # continue an interrupted run from its last finished layer
 
@@ -64,6 +64,7 @@ def optimize(
     location = save.data_location_for(output_path)
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.seed)
     state, notes = _start(work, key, options.resume)
+    verify_mode = _verify_mode(options.verify, model, notes)  # sized on the input's weights, before rewriting
     writer = save.ExternalDataWriter(work, location, start_offset=state.data_offset)
     units = plan_units(sites, model.graph)
     try:
@@ -81,6 +82,7 @@ def optimize(
         for index, unit in enumerate(units[state.units_done :], start=state.units_done):
             results.extend(rewriter.run_unit(unit, recipe.quant, options))
             rewriter.checkpoint(work, index + 1, results)
+            memory.release()  # hand the layer's freed buffers back to the OS before the next one
             if progress:
                 progress(unit.label, len(results), total)
         if head:
@@ -93,7 +95,7 @@ def optimize(
         writer.close()
         save.save_model(model, work / output_path.name)
         optimise_seconds = time.perf_counter() - started
-        verification = _verify(input_path, work / output_path.name, sites, options)
+        verification = _verify(input_path, work / output_path.name, sites, verify_mode)
         save.publish(work, output_path, location)
     except KeyboardInterrupt:
         writer.close()
@@ -146,13 +148,30 @@ def _interrupted_message(work: Path, output: Path, done: int, total: int) -> str
     )
 
 
-def _verify(input_path: Path, candidate: Path, sites: ModelSites, options: RunOptions) -> dict | None:
+VERIFY_AUTO_LIMIT = 2 << 30  # bytes of input weights up to which "auto" compares logits in ORT
+
+
+def _verify_mode(requested: str, model: ir.Model, notes: list[str]) -> str:
+    """"auto" compares small models; a large one is not loaded in ORT, whose memory would dwarf ours."""
+    if requested != "auto":
+        return requested
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size <= VERIFY_AUTO_LIMIT:
+        return "compare"
+    notes.append(
+        f"the output was not loaded in ONNX Runtime: the input's weights are {size / 2**30:.1f} GiB and ORT would hold "
+        "them in memory; pass --verify run (or compare) to check it anyway"
+    )
+    return "none"
+
+
+def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str) -> dict | None:
     """Run the written model in ONNX Runtime before it is published: a model ORT rejects is never left behind."""
-    if options.verify == "none":
+    if mode == "none":
         return None
     from . import verify  # ONNX Runtime is needed only here
 
-    return verify.check_output(input_path, candidate, sites, compare=options.verify == "compare")
+    return verify.check_output(input_path, candidate, sites, compare=mode == "compare")
 
 
 def report_path_for(output_path: Path) -> Path:
@@ -277,6 +296,7 @@ class _Rewriter:
             scale_dtypes={name: _torch_dtype(dt) for name, dt in dtypes.items()},
             gains={name: g.to(options.device) for name, g in self.gains(unit).items()},
             residual=self.residual,
+            keep_float=self.recipe.float_output,
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         self.residual = result.residual
@@ -304,7 +324,7 @@ class _Rewriter:
         if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or emb is None:
             return None
         tensor = self.graph.initializers[emb.initializer].const_value
-        rows = load.iter_rows(tensor, emb.transposed)
+        rows = load.iter_rows(tensor, emb.transposed, rows_per_block=1024)
         return stats.embedding_moments(rows, self.sites.embedding_scale, emb.vocab, options.device)
 
     def gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ class LayerOptions:
     gptq: bool = True
     alternations: int = 2  # V/O alternating rounding steps
     force_transforms: bool = False  # take a non-identity transform wherever one applies (exactness checks)
+    keep_float: bool = False  # return the transformed float weights (float output); otherwise drop them early
 
 
 @dataclasses.dataclass
@@ -188,7 +189,7 @@ def _linear(w, h, fmt, dtype, opts, tf: SiteTransform | None, tags) -> SiteOutco
         q, err, tags = fallback, fallback_err, list(tags)
     else:
         tags = [*tags, *_method_tags(opts)]
-    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt)
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if opts.keep_float else None)
 
 
 def _method_tags(opts: LayerOptions) -> list[str]:
@@ -331,7 +332,7 @@ def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
         rel("rtn_error"),
         1.0,
         tags,
-        float_weight=torch.cat([p.float_weight for p in parts], dim=1),
+        float_weight=None if any(p.float_weight is None for p in parts) else torch.cat([p.float_weight for p in parts], dim=1),
     )
 
 
@@ -375,8 +376,8 @@ def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, Si
     pair_tags = ["vo-pair", *_method_tags(opts)] if opts.vo_pairs else _method_tags(opts)
     # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
     return {
-        "v": SiteOutcome(qv, err, rtn_pair, ref_pair, tags + extra + pair_tags, float_weight=tf_v.forward(w_v)),
-        "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o)),
+        "v": SiteOutcome(qv, err, rtn_pair, ref_pair, tags + extra + pair_tags, float_weight=tf_v.forward(w_v) if opts.keep_float else None),
+        "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o) if opts.keep_float else None),
     }
 
 

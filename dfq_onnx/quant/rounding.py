@@ -134,19 +134,24 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp) -> grid
     scale_out = torch.zeros(n, kb, dtype=torch.float32, device=w.device)
     zp_out = None if fmt.symmetric else torch.zeros(n, kb, dtype=torch.uint8, device=w.device)
     centre_code = float(1 << (fmt.container_bits - 1))
+    grid_centre = float(1 << (fmt.bits - 1))
+    qmax = grid.grid_max(fmt.bits)
     for b in range(kb):
         rows = slice(b * bs, (b + 1) * bs)
         current = wt[rows] + ratio[rows].unsqueeze(1) * acc  # [bs, N] as the group starts
-        s, z = _group_params(current.t(), importance[rows], fmt, scale_dtype, search_scales)
+        s, z = _group_params(current.t().contiguous(), importance[rows], fmt, scale_dtype, search_scales)
         scale_out[:, b] = s
         if zp_out is not None:
             zp_out[:, b] = z
-        centre = z.to(torch.float32) if z is not None else torch.full_like(s, centre_code)
+        # Codes as quantize_blocks makes them, kept in float inside the row loop (one cast per row).
+        zero = z.to(torch.float32) if z is not None else grid_centre
+        offset = 0.0 if z is not None else centre_code - grid_centre
+        inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
         for i in range(b * bs, (b + 1) * bs):
             x = wt[i] + ratio[i] * acc
-            q = grid.quantize_blocks(x.unsqueeze(1), s, z, fmt)[:, 0]
-            codes[:, i] = q
-            err = x - (q.to(torch.float32) - centre) * s
+            q = grid.round_clamped(x * inv + zero, qmax)
+            codes[:, i] = (q + offset).to(torch.uint8)
+            err = x - (q - zero) * s
             acc += err * coef[i]
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 

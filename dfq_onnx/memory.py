@@ -1,0 +1,41 @@
+"""Keeping resident memory at the size of one layer: the C allocator's habits, tamed.
+
+glibc raises its mmap threshold after large buffers are freed, after which layer-sized arrays
+come from the heap and stay resident when released. A fixed threshold keeps every large
+buffer in its own mapping (returned on free), and a trim after each layer returns the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+
+
+def configure() -> None:
+    """Fix the allocator's mmap threshold (glibc only; elsewhere nothing to do)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def release() -> None:
+    """Return freed heap memory to the OS."""
+    import gc
+
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
