@@ -271,10 +271,14 @@ class _Rewriter:
 
     # -- reading
 
-    def weight(self, lin: Linear) -> torch.Tensor:
+    def weight(self, lin: Linear, contiguous: bool = True) -> torch.Tensor:
+        """W[K, N] in float32. A weight stored [N, K] is, without `contiguous`, a view: the very
+        layout of the blocks round-to-nearest works on, so no transpose is copied twice."""
         arr = load.read_array(self.graph.initializers[lin.weight.initializer].const_value)
         w = torch.from_numpy(arr.astype(np.float32, copy=False))
-        return w.t().contiguous() if lin.weight.transposed else w
+        if not lin.weight.transposed:
+            return w
+        return w.t().contiguous() if contiguous else w.t()
 
     def activation_dtype(self, lin: Linear) -> np.dtype:
         node = self.nodes[lin.node]
@@ -289,7 +293,8 @@ class _Rewriter:
 
     def run_unit(self, unit: methods.Unit, fmt: QuantFormat, options: RunOptions) -> list[SiteResult]:
         t0 = time.perf_counter()
-        weights = {lin.node: self.weight(lin) for lin in unit.linears}
+        layout_free = self.recipe.method.name == Method.RTN  # RTN reads blocks in whichever layout is stored
+        weights = {lin.node: self.weight(lin, contiguous=not layout_free) for lin in unit.linears}
         dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
         data = methods.UnitInput(
             weights={name: w.to(options.device) for name, w in weights.items()},
@@ -363,8 +368,7 @@ class _Rewriter:
         if errors is not None:
             ref, err, rtn_err = errors.reference, errors.error, errors.rtn_error
         else:
-            ref = proxy.sq_norm(w)
-            err = proxy.sq_error(w, q.dequantize().cpu())
+            ref, err = proxy.quantized_errors(w, q)
             rtn_err = err
         return SiteResult(
             name=lin.node,

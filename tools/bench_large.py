@@ -28,7 +28,7 @@ import compare_peers  # noqa: E402
 import make_synthetic  # noqa: E402
 
 RUNS = ("ort-default", "rtn", "cafeq")
-BEGIN, END = "<!-- bench_large:{shape}:begin -->", "<!-- bench_large:{shape}:end -->"
+BEGIN, END = "<!-- bench_large:{key}:begin -->", "<!-- bench_large:{key}:end -->"  # one table per shape and set of runs
 
 
 def weight_stats(model: Path) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def render(rows: list[dict], meta: dict) -> str:
     ort = next((r for r in rows if r["kind"] == "ort-default" and not r["error"]), None)
     names = {"ort-default": "ORT MatMulNBitsQuantizer DEFAULT", "rtn": "dfq-onnx rtn", "cafeq": "dfq-onnx method (cafeq)"}
     lines = [
-        BEGIN.format(shape=meta["shape"]),
+        BEGIN.format(key=meta["key"]),
         f"Model: synthetic {meta['shape']} ({meta['layers']} layers, dynamo export graph), "
         f"{meta['params'] / 1e9:.2f}B parameters, {meta['weight_bytes'] / 2**30:.2f} GiB of fp16 weights. "
         "Setting: int4, block 32, symmetric, MatMulNBits, lm_head/embedding kept.",
@@ -86,7 +86,7 @@ def render(rows: list[dict], meta: dict) -> str:
             f"| {names[r['kind']]} | {r['seconds']:.0f} s | {rss / 1024:.2f} GiB | {rss * 2**20 / meta['weight_bytes']:.3f} | "
             f"{r['seconds'] / (meta['params'] / 1e9):.0f} | {rel_t} | {rel_m} |"
         )
-    lines.append(END.format(shape=meta["shape"]))
+    lines.append(END.format(key=meta["key"]))
     return "\n".join(lines)
 
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     work.rmdir()
     meta = {
         "shape": args.shape,
+        "key": f"{args.shape}:{'+'.join(runs)}",
         "layers": len(sites.layers()),
         "params": params,
         "weight_bytes": weight_bytes,
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     compare_peers.write_section(
         args.benchmarks,
-        BEGIN.format(shape=args.shape),
-        END.format(shape=args.shape),
-        f"Large model: memory and speed on synthetic {args.shape}",
+        BEGIN.format(key=meta["key"]),
+        END.format(key=meta["key"]),
+        f"Large model: memory and speed on synthetic {args.shape} ({', '.join(runs)})",
         table,
     )
     if args.json:

@@ -114,7 +114,10 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float 
     match = re.search(r"MAXRSS_KB=(\d+)", proc.stderr)
     rss = int(match.group(1)) / 1024 if match else None
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln and not ln.startswith("MAXRSS_KB")]
+        lines = [
+            ln for ln in proc.stderr.strip().splitlines()
+            if ln and not ln.startswith(("MAXRSS_KB", "Command exited", "Command terminated"))
+        ]  # the failing tool's own last words, not /usr/bin/time's
         return wall, rss, (lines[-1] if lines else f"exit {proc.returncode}")[:200]
     return wall, rss, ""
 

@@ -78,19 +78,44 @@ class ExternalDataWriter:
         self._align()
         start = self.offset
         if isinstance(tensor, ir.ExternalTensor):
+            length = tensor.length if tensor.length is not None else tensor.nbytes
             with open(tensor.path, "rb") as src:
-                src.seek(tensor.offset or 0)
-                remaining = tensor.length if tensor.length is not None else tensor.nbytes
-                while remaining:
-                    chunk = src.read(min(COPY_CHUNK, remaining))
-                    if not chunk:
-                        raise DfqError(f"external data of '{name}' ends early; the input file is truncated")
-                    self._file.write(chunk)
-                    remaining -= len(chunk)
+                if not self._copy_in_kernel(src, tensor.offset or 0, length):
+                    src.seek(tensor.offset or 0)
+                    remaining = length
+                    while remaining:
+                        chunk = src.read(min(COPY_CHUNK, remaining))
+                        if not chunk:
+                            raise DfqError(f"external data of '{name}' ends early; the input file is truncated")
+                        self._file.write(chunk)
+                        remaining -= len(chunk)
         else:
             self._file.write(tensor.tobytes())
         length = self.offset_after_write() - start
         return self._reference(name, tensor.dtype, tuple(tensor.shape.numpy()), start, length)
+
+    def _copy_in_kernel(self, src, offset: int, length: int) -> bool:
+        """Copy file to file without passing the bytes through this process (copy_file_range).
+
+        Several times faster than read/write for the float tensors a model keeps (embedding,
+        lm_head), and it touches no user memory. False when the platform or file system refuses.
+        """
+        if not hasattr(os, "copy_file_range") or length == 0:
+            return False
+        self._file.flush()
+        start, done = self._file.tell(), 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src.fileno(), self._file.fileno(), length - done, offset + done, start + done)
+                if n == 0:
+                    raise DfqError("external data of a tensor ends early; the input file is truncated")
+                done += n
+        except OSError:
+            self._file.seek(start)
+            self._file.truncate(start)
+            return False
+        self._file.seek(start + length)
+        return True
 
     def offset_after_write(self) -> int:
         self.offset = self._file.tell()

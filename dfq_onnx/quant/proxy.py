@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import grid
+
 
 def sq_error(w: torch.Tensor, w_hat: torch.Tensor, row_weight: torch.Tensor | None = None) -> float:
     """||W - W_hat||^2 (optionally tr(D^T diag(row_weight) D)), summed in float64."""
@@ -27,3 +29,16 @@ def product_sq_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_ha
     p = a.to(torch.float64) @ b.to(torch.float64)
     p_hat = a_hat.to(torch.float64) @ b_hat.to(torch.float64)
     return float(((p - p_hat) ** 2).sum())
+
+
+def quantized_errors(w: torch.Tensor, q: grid.Quantized) -> tuple[float, float]:
+    """(||W||^2, ||W - W_hat||^2) in the blocks' own layout, with BLAS dot products (float32, blocked
+    accumulation: ample for a relative error in a report).
+
+    Padding rows dequantize to exactly zero (their codes sit on the zero point), so they add nothing.
+    """
+    blocks = grid.to_blocks(w.to(device=q.codes.device, dtype=torch.float32), q.fmt.block_size).reshape(-1)
+    z = q.zero_point_values().to(torch.float32).unsqueeze(-1)
+    d = torch.addcmul(blocks.view(q.codes.shape), q.codes.to(torch.float32) - z, q.scales.unsqueeze(-1), value=-1.0)
+    d = d.reshape(-1)
+    return float(torch.dot(blocks, blocks)), float(torch.dot(d, d))  # BLAS dots: one pass, no temporaries
