@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {compare_peers._memory()}"
         + (f", torch device {args.device}" if args.device != "cpu" else ""),
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/bench_large.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": f"python tools/bench_large.py --shape {args.shape} --runs {','.join(runs)}"
+        + (f" --device {args.device}" if args.device != "cpu" else ""),
     }
     table = render(rows, meta)
     print(table)
