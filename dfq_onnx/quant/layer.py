@@ -179,7 +179,7 @@ def _linear(w, h, fmt, dtype, opts, tf: SiteTransform | None, tags) -> SiteOutco
     tf = tf or SiteTransform()
     rtn = grid.rtn(w, fmt, dtype)
     rtn_err = rounding.weighted_error(w, rtn.dequantize(), h)
-    ref = rounding.weighted_error(w, torch.zeros_like(w), h)
+    ref = rounding.weighted_error(w, None, h)
     wt = tf.forward(w)
     q = _round(wt, tf.hessian(h), fmt, dtype, opts)
     err = rounding.weighted_error(w, tf.backward(q.dequantize()), h)

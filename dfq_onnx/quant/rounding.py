@@ -166,11 +166,12 @@ def _group_params(group, importance, fmt, scale_dtype, search_scales):
 
 
 def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h) -> float:
-    """tr((W - W_hat)^T H (W - W_hat)); H None means identity, a vector means diag(H)."""
-    if isinstance(h, LowRank):
-        d = (w - w_hat).to(torch.float32)
-        return float((h.diag.unsqueeze(1) * d * d).sum(dtype=torch.float64)) + float(((h.vec @ d) ** 2).sum(dtype=torch.float64))
-    d = (w - w_hat).to(torch.float64)
+    """tr((W - W_hat)^T H (W - W_hat)); W_hat None means zero; H None means identity, a vector diag(H)."""
+    if isinstance(h, LowRank):  # row norms and one product: no [K, N] temporaries beyond D itself
+        d = (w if w_hat is None else w - w_hat).to(torch.float32)
+        rows = torch.linalg.vector_norm(d, dim=1).double() ** 2
+        return float((h.diag.double() * rows).sum()) + float(((h.vec @ d).double() ** 2).sum())
+    d = (w if w_hat is None else w - w_hat).to(torch.float64)
     if h is None:
         return float((d * d).sum())
     h = h.to(torch.float64)

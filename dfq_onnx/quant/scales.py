@@ -61,7 +61,7 @@ def _round_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s.to(dtype).to(torch.float32)
 
 
-CANDIDATE_ELEMENTS = 1 << 24  # values evaluated at once across candidates (bounds the search's memory)
+CANDIDATE_ELEMENTS = 1 << 22  # values evaluated at once across candidates (bounds the search's memory)
 
 
 def candidate_errors(blocks, scales, zero, qmax: int, weight) -> torch.Tensor:

@@ -88,10 +88,19 @@ def rms_norm(x: Moments, gain: torch.Tensor | None) -> Moments:
     return Moments(x.mean * g / r, cov / (r * r))
 
 
+CHUNK = 1024  # rows or columns of a weight taken to float64 at once: bounds the temporaries of wide layers
+
+
 def linear(x: Moments, w: torch.Tensor) -> Moments:
-    w = w.to(torch.float64)
-    cov = (w * x.cov.unsqueeze(1)).t() @ w if x.diagonal else w.t() @ x.cov @ w
-    return Moments(x.mean @ w, cov)
+    if not x.diagonal:
+        w = w.to(torch.float64)
+        return Moments(x.mean @ w, w.t() @ x.cov @ w)
+    mean, cov = 0.0, 0.0
+    for r in range(0, w.shape[0], CHUNK):  # sum over input rows of W_r^T diag(var_r) W_r
+        wr = w[r : r + CHUNK].to(torch.float64)
+        mean = mean + x.mean[r : r + CHUNK] @ wr
+        cov = cov + (wr * x.cov[r : r + CHUNK].unsqueeze(1)).t() @ wr
+    return Moments(mean, cov)
 
 
 def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: float = ATTENTION_CONCENTRATION) -> Moments:
@@ -107,7 +116,14 @@ def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: f
 
 
 def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "gelu_tanh") -> Moments:
-    """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal)."""
+    """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal).
+
+    Hidden units are independent here, so they are taken a chunk of columns at a time."""
+    parts = [_gated_columns(x, w_gate[:, c : c + CHUNK], w_up[:, c : c + CHUNK], activation) for c in range(0, w_gate.shape[1], CHUNK)]
+    return Moments(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]))
+
+
+def _gated_columns(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     wg = w_gate.to(torch.float64)
     wu = w_up.to(torch.float64)
     cov_times = (lambda w: x.cov.unsqueeze(1) * w) if x.diagonal else (lambda w: x.cov @ w)
@@ -125,7 +141,7 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     p = mu_p[:, None] + a[:, None] * (g - mu_g[:, None])
     m1 = (weights * f * p).sum(1)
     m2 = (weights * f * f * p * p).sum(1) + var_e * (weights * f * f).sum(1)
-    return Moments(m1, (m2 - m1 * m1).clamp(min=0.0))
+    return m1, (m2 - m1 * m1).clamp(min=0.0)
 
 
 def activation_kind(ops: str) -> str:

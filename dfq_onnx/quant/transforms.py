@@ -36,8 +36,17 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
+COLUMNS_PER_STEP = 1024  # columns are independent: bounding them bounds the temporaries of a wide matrix
+
+
 def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
     """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`)."""
+    return sum(
+        _rounding_error(w[:, c : c + COLUMNS_PER_STEP], fmt, weight, search) for c in range(0, w.shape[1], COLUMNS_PER_STEP)
+    )
+
+
+def _rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool) -> float:
     blocks = grid.to_blocks(w, fmt.block_size)
     wb = None if weight is None else grid.to_blocks(weight.view(-1, 1), fmt.block_size)  # [1, kb, bs]
     if search:
@@ -61,7 +70,7 @@ def search_diagonal(
     k = weights[0].shape[0]
     h = torch.ones(k, device=weights[0].device) if importance is None else importance.to(torch.float32)
     h_pos = h.clamp(min=h[h > 0].min() if (h > 0).any() else 1.0)
-    spread = torch.cat([w.abs() for w in weights], dim=1).amax(dim=1).clamp(min=1e-12)
+    spread = torch.stack([torch.maximum(w.amax(dim=1), -w.amin(dim=1)) for w in weights]).amax(0).clamp(min=1e-12)
     best: DiagonalChoice | None = None
     identity = None
     for alpha in alphas if importance is not None else (0.0,):
