@@ -133,6 +133,3 @@ def save(work: Path, state: State) -> None:
         if old != blob:
             old.unlink()
 
-
-def result_record(result: SiteResult) -> dict[str, Any]:
-    return dataclasses.asdict(result)

@@ -67,6 +67,7 @@ def optimize(
     verify_mode = _verify_mode(options.verify, model, notes)  # sized on the input's weights, before rewriting
     writer = save.ExternalDataWriter(work, location, start_offset=state.data_offset)
     units = plan_units(sites, model.graph)
+    resumed = state.units_done
     try:
         rewriter = _Rewriter(model, sites, recipe, writer, state)
         head = _head_linears(sites, recipe)
@@ -99,6 +100,8 @@ def optimize(
         save.publish(work, output_path, location)
     except KeyboardInterrupt:
         writer.close()
+        if not state.units_done:  # nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
         raise Interrupted(_interrupted_message(work, output_path, state.units_done, len(units))) from None
     except BaseException:
         writer.close()
@@ -115,7 +118,7 @@ def optimize(
         notes=notes + sites.notes + rewriter.notes,
     )
     report.verification = verification
-    report.resumed_units = rewriter.resumed_units
+    report.resumed_units = resumed
     report.write_json(report_path_for(output_path))
     return report
 
@@ -140,7 +143,6 @@ def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[s
 
 def _interrupted_message(work: Path, output: Path, done: int, total: int) -> str:
     if not done:
-        shutil.rmtree(work, ignore_errors=True)
         return f"interrupted before the first layer finished; nothing was written to {output}"
     return (
         f"interrupted after {done} of {total} layers; nothing was written to {output}. "
@@ -239,7 +241,6 @@ class _Rewriter:
         self.residual = None  # propagated residual-stream statistics (the data-free prior)
         self.state = state  # what a resumed run needs: tensors written and graph edits made, per finished layer
         self.tensors: dict[str, ir.ExternalTensor] = {}
-        self.resumed_units = state.units_done
 
     # -- resuming
 
@@ -263,7 +264,7 @@ class _Rewriter:
         self.writer.flush()
         self.state.units_done = units_done
         self.state.data_offset = self.writer.offset
-        self.state.results = [checkpoint.result_record(r) for r in results]
+        self.state.results = [dataclasses.asdict(r) for r in results]
         self.state.notes = list(self.notes)
         self.state.residual = self.residual
         self.state.rng = torch.get_rng_state()

@@ -20,10 +20,6 @@ def sq_error(w: torch.Tensor, w_hat: torch.Tensor, row_weight: torch.Tensor | No
     return float(d.sum())
 
 
-def sq_norm(w: torch.Tensor, row_weight: torch.Tensor | None = None) -> float:
-    return sq_error(w, torch.zeros_like(w), row_weight)
-
-
 def product_sq_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> float:
     """||A B - A_hat B_hat||^2 for a pair of matrices that multiply (e.g. V and O of one head)."""
     p = a.to(torch.float64) @ b.to(torch.float64)

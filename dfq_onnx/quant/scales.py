@@ -30,21 +30,6 @@ def block_error(blocks: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return err.sum(-1)
 
 
-def _zero(fmt: QuantFormat, zero_points: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if zero_points is None:
-        return torch.full_like(like, float(1 << (fmt.bits - 1)))
-    return zero_points.to(like.dtype)
-
-
-def _codes(blocks, scales, zero_points, fmt):
-    """Grid codes (not container codes) for given parameters."""
-    sym_fmt = QuantFormat(fmt.bits, fmt.block_size, fmt.symmetric)
-    q = quantize_blocks(blocks, scales, zero_points, sym_fmt)
-    if zero_points is None and fmt.container_bits != fmt.bits:
-        q = q - ((1 << (fmt.container_bits - 1)) - (1 << (fmt.bits - 1)))
-    return q
-
-
 def search(
     blocks: torch.Tensor,
     fmt: QuantFormat,
