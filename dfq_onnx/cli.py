@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="lm_head and embedding (kept consistent when tied): keep float, or quantize [keep]",
     )
-    o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded [rtn]")
+    o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded: cafeq (the data-free method) or rtn (round-to-nearest) [cafeq]")
     o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method [0]")

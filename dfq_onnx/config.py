@@ -86,12 +86,17 @@ class MethodConfig:
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+    online: tuple[str, ...] = ("down",)  # inputs that may get an online block Hadamard (an inserted op)
+    online_block: int = 64  # its largest block size
+    online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
 
     def describe(self) -> str:
         if self.name == Method.RTN:
             return "rtn"
         knobs = [k for k in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq") if getattr(self, k)]
+        if self.online:
+            knobs.append(f"online {'+'.join(self.online)} <= {self.online_block}")
         return f"cafeq (prior {self.prior.value}; {', '.join(knobs) or 'no transforms'})"
 
 
@@ -198,7 +203,28 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
     for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):
         if key in values and not isinstance(values[key], bool):
             raise DfqError(f"recipe [method] {key} must be true or false")
+    if "online" in values:
+        values["online"] = parse_online(values["online"])
+    if "online_block" in values:
+        b = values["online_block"]
+        if not isinstance(b, int) or b < 8 or b & (b - 1):
+            raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
+    if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
+        raise DfqError("recipe [method] online_min_gain must be a number (a fraction, e.g. 0.05)")
     return MethodConfig(**values)
+
+
+ONLINE_SITES = ("down", "gate_up")
+
+
+def parse_online(value: Any) -> tuple[str, ...]:
+    """Where online rotations may go: a list, or a comma-separated string ("none" for nowhere)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
+    unknown = [i for i in items if i not in ONLINE_SITES]
+    if unknown:
+        raise DfqError(f"unknown online site(s) {unknown}: choose from {', '.join(ONLINE_SITES)}, or none")
+    return tuple(dict.fromkeys(items))
 
 
 def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:

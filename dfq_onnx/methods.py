@@ -46,6 +46,7 @@ class UnitResult:
     errors: dict[str, SiteErrors] = dataclasses.field(default_factory=dict)  # linear -> proxy errors
     residual: stats.Moments | None = None  # residual-stream statistics after the unit
     float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # transformed W (float)
+    online: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> block T of x' = x T
 
 
 @dataclasses.dataclass
@@ -109,10 +110,13 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         qk_transform=config.qk_transform,
         gptq=config.gptq,
         force_transforms=config.force_transforms,
+        online=config.online,
+        online_block=config.online_block,
+        online_min_gain=config.online_min_gain,
         keep_float=data.keep_float,
     )
     result = optimise_layer(layer, fmt, opts, data.residual)
-    out = UnitResult(quantized={}, residual=result.residual)
+    out = UnitResult(quantized={}, residual=result.residual, online=result.online)
     for name, site in result.sites.items():
         out.quantized[name] = site.quantized
         out.transforms[name] = site.transforms

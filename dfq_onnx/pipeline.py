@@ -8,6 +8,7 @@ the largest layer, not the model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -118,6 +119,7 @@ def optimize(
         notes=notes + sites.notes + rewriter.notes,
     )
     report.verification = verification
+    report.online = rewriter.online_rotations()
     report.resumed_units = resumed
     report.write_json(report_path_for(output_path))
     return report
@@ -254,6 +256,8 @@ class _Rewriter:
             if action["op"] == "linear":
                 lin = self.sites.linears[action["node"]]
                 self._rewire_linear(lin, action["tensors"], QuantFormat(*action["fmt"]))
+            elif action["op"] == "online":
+                self._rotate(action["nodes"], action["tensor"])
             else:
                 self._adopt_replacement(action["initializer"], action["tensor"])
         self.notes.extend(self.state.notes)
@@ -307,6 +311,7 @@ class _Rewriter:
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         self.residual = result.residual
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
+        self._insert_online(result.online, dtypes)  # before the linears are replaced: it rewires their input
         out = []
         for lin in unit.linears:
             q = result.quantized[lin.node]
@@ -362,6 +367,37 @@ class _Rewriter:
             if emb is not None:
                 self._emit_embedding(emb, lin, q, written, fmt, dtype, options)
         return out
+
+    # -- online rotations
+
+    def _insert_online(self, online: dict[str, torch.Tensor], dtypes: dict[str, np.dtype]) -> None:
+        """One inserted rotation per activation, shared by the linears of the unit that read it."""
+        groups: dict[int, list[str]] = {}
+        for name in online:
+            groups.setdefault(id(self.nodes[name].inputs[0]), []).append(name)
+        for names in groups.values():
+            block = online[names[0]].detach().cpu().numpy().astype(dtypes[names[0]])
+            tensor = self._rotation_tensor(block)
+            lin = self.sites.linears[names[0]]
+            self.state.actions.append(
+                {"op": "online", "nodes": names, "tensor": tensor, "k": lin.k, "block": block.shape[0], "layer": lin.layer}
+            )
+            self._rotate(names, tensor)
+
+    def _rotation_tensor(self, block: np.ndarray) -> str:
+        """The b x b block as a tensor of the data file, written once and shared by every layer using it."""
+        digest = hashlib.sha1(block.tobytes()).hexdigest()[:8]
+        name = f"online_rotation{block.shape[0]}_{block.dtype.name}_{digest}"
+        if name not in self.tensors:
+            self._store(name, block, rewrite._ir_dtype(block.dtype), block.shape)
+        return name
+
+    def _rotate(self, names: list[str], tensor: str) -> None:
+        value = self.graph.initializers[tensor] if tensor in self.graph.initializers else self._adopt(tensor)
+        rewrite.insert_block_rotation(self.graph, [self.nodes[n] for n in names], value)
+
+    def online_rotations(self) -> list[dict]:
+        return [{k: v for k, v in a.items() if k != "op"} for a in self.state.actions if a["op"] == "online"]
 
     # -- results
 

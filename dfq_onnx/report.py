@@ -68,6 +68,7 @@ class Report:
     notes: list[str]
     verification: dict[str, Any] | None = None
     resumed_units: int = 0  # layers taken from an interrupted run's checkpoint (--resume)
+    online: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # inserted rotations: nodes, k, block, layer
 
     @classmethod
     def build(
@@ -123,6 +124,12 @@ class Report:
             "rtn_rel_error": sum(s.rtn_rel_error for s in self.sites) / max(len(self.sites), 1),
         }
 
+    def online_cost(self) -> dict[str, Any]:
+        """What the inserted rotations cost per token: K * b multiply-adds each, against the linears' K * N."""
+        macs = sum(r["k"] * r["block"] for r in self.online)
+        linear = sum(s.weights for s in self.sites) or 1
+        return {"rotations": len(self.online), "macs_per_token": macs, "fraction_of_linears": macs / linear}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input": self.input,
@@ -135,6 +142,7 @@ class Report:
             "sites": [dataclasses.asdict(s) | {"bits_per_weight": s.bits_per_weight} for s in self.sites],
             "verification": self.verification,
             "resumed_units": self.resumed_units,
+            "online": {**self.online_cost(), "inserted": self.online},
             "notes": self.notes,
         }
 

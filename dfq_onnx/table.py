@@ -116,6 +116,14 @@ def result_table(report: Report) -> str:
             "err: relative proxy error tr(D^T H D) / tr(W^T H W) with H the input statistics propagated from the "
             "weights; v and o: their V/O product. Mean over the role's matrices; rtn err: round-to-nearest, same measure."
         )
+    if report.online:
+        cost = report.online_cost()
+        kinds = sorted({f"{r['k']}-wide in blocks of {r['block']}" for r in report.online})
+        lines.append(
+            f"online rotations: {cost['rotations']} inserted ({'; '.join(kinds)}), "
+            f"+{cost['macs_per_token'] / 1e6:.2f}M multiply-adds per token = "
+            f"{100 * cost['fraction_of_linears']:.2f}% of the quantized linears'"
+        )
     v = report.verification
     if v:
         if "max_abs_error" in v:

@@ -12,8 +12,9 @@ import tiny_models as T
 from dfq_onnx.cli import main
 from dfq_onnx.verify import feeds, logits_of, session
 
-FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\n"
-ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard"}
+FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\n"
+# Online rotations: K = 352 (intermediate) takes blocks of 32, K = 128 (hidden) blocks of 64.
+ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard", "online-hadamard32", "online-hadamard64"}
 
 
 def logits(path: Path, ids: np.ndarray) -> np.ndarray:
@@ -30,6 +31,8 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
     report = json.loads((tmp_path / "t.report.json").read_text())
     used = {t for site in report["sites"] for t in site["transforms"]}
     assert ALL_TRANSFORMS <= used, used
+    # One inserted rotation per activation and layer: the down input, and the input gate and up share.
+    assert len(report["online"]) == 2 * T.LAYERS, report["online"]
     ids = np.random.default_rng(3).integers(0, T.VOCAB, size=(2, 20))
     ref, got = logits(model, ids), logits(out, ids)
     rel = np.abs(got - ref).max() / np.abs(ref).max()

@@ -9,6 +9,7 @@ import torch
 
 from dfq_onnx.config import QuantFormat
 from dfq_onnx.quant import grid, rounding, scales, stats, transforms
+from dfq_onnx.quant import layer as layer_mod
 from dfq_onnx.quant.layer import LayerOptions, SiteTransform, _Pair, _round_pair
 
 FMT4 = QuantFormat(4, 32, True)
@@ -171,3 +172,41 @@ def test_statistics_match_monte_carlo():
     sampled = 0.5 * gs * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gs + 0.044715 * gs**3))) * us
     assert torch.allclose(u.mean, sampled.mean(0), atol=0.02)
     assert torch.allclose(u.variances(), sampled.var(0), rtol=0.05, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [256, layer_mod.ONLINE_DENSE_LIMIT + 64])
+def test_online_rotation_is_exact_and_its_hessian_measures_the_same_error(k):
+    """x' = x blockdiag(T), W' = T^T W: same product; the rotated H gives the same weighted error
+    (exactly for the dense form; for the large-K form whenever the variances are constant per block)."""
+    t = transforms.hadamard(64)
+    w = planted(k, 48)
+    x = torch.randn(7, k)
+    dense = k <= layer_mod.ONLINE_DENSE_LIMIT
+    row = torch.rand(k) + 0.5 if dense else torch.full((k,), 0.7)  # (large K: a per-row scaling breaks "constant per block")
+    tf = SiteTransform(row=row, online=t)
+    x_rot = transforms.block_rotate((x * row).t(), t.t()).t()  # x diag(a) blockdiag(T)
+    assert torch.allclose(x_rot @ tf.forward(w), x @ w, atol=1e-4)
+    g = torch.Generator().manual_seed(5)
+    per_block = torch.rand(k // 64, generator=g).repeat_interleave(64) + 0.5
+    h = rounding.LowRank(per_block if not dense else torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g))
+    d_rot = torch.randn(k, 48, generator=g)
+    want = rounding.weighted_error(tf.backward(d_rot), None, h)
+    assert rounding.weighted_error(d_rot, None, tf.hessian(h)) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [FMT4, FMT3, QuantFormat(2, 32, False)])
+def test_online_rotation_lowers_the_error_of_outlier_input_channels(fmt):
+    """Weights with a few large input channels (rows): the rotation spreads them over their block."""
+    w = planted(512, 96, outlier_rows=8)
+    h = rounding.LowRank(torch.rand(512, generator=torch.Generator().manual_seed(4)) + 0.5, torch.zeros(512))
+    opts = LayerOptions()
+    plain = layer_mod._linear(w, h, fmt, torch.float32, opts, SiteTransform(), [])
+    rotated = layer_mod._linear(w, h, fmt, torch.float32, opts, SiteTransform(online=transforms.hadamard(64)), [])
+    assert rotated.error < 0.8 * plain.error, (rotated.error, plain.error)
+
+
+def test_online_block_size_divides_k():
+    assert transforms.online_block_size(2048, 64) == 64
+    assert transforms.online_block_size(640, 128) == 128
+    assert transforms.online_block_size(96, 64) == 32
+    assert transforms.online_block_size(100, 64) is None

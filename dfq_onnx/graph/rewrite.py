@@ -264,6 +264,40 @@ def gather_unpacked(
     return nodes[-1]
 
 
+def insert_block_rotation(graph: ir.Graph, consumers: list[ir.Node], block: ir.Value) -> list[ir.Node]:
+    """Feed the consumers of one activation x[..., K] with x blockdiag(T, T, ...) instead of x.
+
+    Shape(x) -> Reshape(x, [-1, b]) -> MatMul(T[b, b]) -> Reshape(shape): one rotation of any rank,
+    computed once and shared by every consumer (e.g. gate and up); other readers of x keep x.
+    """
+    x = consumers[0].inputs[0]
+    if any(c.inputs[0] is not x for c in consumers):
+        raise ValueError("an online rotation is shared only by consumers of the same activation")
+    b = block.shape[0]
+    first = next(node for node in graph if any(node is c for c in consumers))
+    base = f"{first.name}_online"
+    rows = _shared_constant(graph, f"online_rows_{b}", np.array([-1, b], dtype=np.int64))
+    shape = ir.Node("", "Shape", [x], num_outputs=1, name=f"{base}_shape")
+    flat = ir.Node("", "Reshape", [x, rows], num_outputs=1, name=f"{base}_flat")
+    turn = ir.Node("", "MatMul", [flat.outputs[0], block], num_outputs=1, name=f"{base}_rotate")
+    back = ir.Node("", "Reshape", [turn.outputs[0], shape.outputs[0]], num_outputs=1, name=f"{base}_out")
+    back.outputs[0].name = f"{base}_x"
+    if x.dtype is not None:  # TorchScript exports carry no types on intermediate values
+        back.outputs[0].dtype = x.dtype
+        back.outputs[0].shape = x.shape
+    nodes = [shape, flat, turn, back]
+    graph.insert_before(first, nodes)
+    for consumer in consumers:
+        consumer.replace_input_with(0, back.outputs[0])
+    return nodes
+
+
+def _shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return new_initializer(graph, name, ir.Tensor(array))
+
+
 def _attr(name: str, value) -> ir.Attr:
     if isinstance(value, str):
         return ir.AttrString(name, value)

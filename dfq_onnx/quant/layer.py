@@ -36,6 +36,9 @@ class LayerOptions:
     qk_transform: bool = True  # RoPE-commuting rotations of q/k pairs (when they apply)
     gptq: bool = True
     alternations: int = 2  # V/O alternating rounding steps
+    online: tuple[str, ...] = ("down",)  # inputs that may get an online block Hadamard: "down", "gate_up"
+    online_block: int = 64  # its largest block (a power of two dividing K)
+    online_min_gain: float = 0.05  # kept only where it lowers its sites' proxy by at least this fraction
     force_transforms: bool = False  # take a non-identity transform wherever one applies (exactness checks)
     keep_float: bool = False  # return the transformed float weights (float output); otherwise drop them early
 
@@ -88,6 +91,7 @@ class LayerResult:
     attn_gain: torch.Tensor | None = None  # new multiplicative gains to fold, when changed
     mlp_gain: torch.Tensor | None = None
     residual: stats.Moments | None = None  # the residual stream after this layer
+    online: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> block T (x' = x T)
 
 
 def optimise_layer(
@@ -136,18 +140,23 @@ def _round(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, dtype, opts: Laye
 
 @dataclasses.dataclass
 class SiteTransform:
-    """A function-preserving change of one linear's weight: W' = L W C.
+    """A function-preserving change of one linear's weight: W' = T^T L W C.
 
     `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L;
-    `col` is a vector c (C = diag(c)) or a matrix C (folded into what reads the output).
+    `col` is a vector c (C = diag(c)) or a matrix C (folded into what reads the output);
+    `online` is an orthogonal b x b block: x' = x blockdiag(T) is computed at inference (an
+    inserted op), so the weight takes T^T on its rows.
     """
 
     row: torch.Tensor | None = None
     col: torch.Tensor | None = None
+    online: torch.Tensor | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.row is not None:
             w = w / self.row.unsqueeze(1) if self.row.dim() == 1 else self.row @ w
+        if self.online is not None:
+            w = transforms.block_rotate(w, self.online.t())
         if self.col is not None:
             w = w * self.col.unsqueeze(0) if self.col.dim() == 1 else w @ self.col
         return w
@@ -155,19 +164,42 @@ class SiteTransform:
     def backward(self, w: torch.Tensor) -> torch.Tensor:
         if self.col is not None:
             w = w / self.col.unsqueeze(0) if self.col.dim() == 1 else w @ _inverse(self.col)
+        if self.online is not None:
+            w = transforms.block_rotate(w, self.online)
         if self.row is not None:
             w = w * self.row.unsqueeze(1) if self.row.dim() == 1 else _inverse(self.row) @ w
         return w
 
     def hessian(self, h):
         """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
-        if self.row is None:
-            return h
-        if self.row.dim() == 1:
-            return h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
-        dense = h.dense() if isinstance(h, rounding.LowRank) else h
-        inv = _inverse(self.row)
-        return inv.t() @ dense @ inv
+        if self.row is not None:
+            if self.row.dim() == 1:
+                h = h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
+            else:
+                dense = h.dense() if isinstance(h, rounding.LowRank) else h
+                inv = _inverse(self.row)
+                h = inv.t() @ dense @ inv
+        if self.online is not None:
+            h = _rotated_hessian(h, self.online)
+        return h
+
+
+ONLINE_DENSE_LIMIT = 4096  # above this K, GPTQ under a rotated H uses its diagonal + mean direction
+
+
+def _rotated_hessian(h, t: torch.Tensor):
+    """T^T H T for T = blockdiag(t). For H = diag(d) + u u^T the diagonal part becomes b x b blocks:
+    exact (dense) up to ONLINE_DENSE_LIMIT rows, beyond that their diagonal (the rank-1 part stays exact)."""
+    if not isinstance(h, rounding.LowRank):
+        return transforms.block_rotate(transforms.block_rotate(h, t.t()).t(), t.t()).t()
+    k, b = h.diag.shape[0], t.shape[0]
+    vec = transforms.block_rotate(h.vec.unsqueeze(1), t.t())[:, 0]
+    d = h.diag.reshape(k // b, b, 1)
+    if k <= ONLINE_DENSE_LIMIT:
+        blocks = t.t().unsqueeze(0) @ (d * t.unsqueeze(0))  # [k/b, b, b]
+        return torch.block_diag(*blocks) + torch.outer(vec, vec)
+    diag = ((t * t).t().unsqueeze(0) @ d).reshape(k)
+    return rounding.LowRank(diag, vec)
 
 
 def _inverse(m: torch.Tensor) -> torch.Tensor:
@@ -204,6 +236,20 @@ def _diagonal(weights, h: torch.Tensor, fmt, opts, foldable: bool, label: str):
     if choice.is_identity:
         return None, []
     return choice.a, [label]
+
+
+def _try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, opts: LayerOptions, result: LayerResult) -> None:
+    """Replace the sites `make` rounds by their rotated versions when the rotation pays (in place)."""
+    b = transforms.online_block_size(k, opts.online_block)
+    if b is None:
+        return
+    t = transforms.hadamard(b, device)
+    rotated = make(t, f"online-hadamard{b}")
+    before = sum(outcomes[name].error for name in rotated)
+    after = sum(o.error for o in rotated.values())
+    if opts.force_transforms or after < (1.0 - opts.online_min_gain) * before:
+        outcomes.update(rotated)
+        result.online.update({name: t for name in rotated})
 
 
 # ----------------------------------------------------------------------------- attention
@@ -489,6 +535,20 @@ def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Mo
     a, tags = _diagonal([w_gate, w_up], h, fmt, opts, layer.mlp_gain_foldable, "norm-diag")
     d, down_tags = _diagonal([w_down], hd, fmt, opts, True, "up-down-diag")
     outcomes = run(a, d, tags, down_tags)
+
+    # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
+    def rotated_down(t, tag):
+        return {layer.down: _linear(w_down, hd, fmt, dt[layer.down], opts, SiteTransform(row=d, online=t), down_tags + [tag])}
+
+    def rotated_gate_up(t, tag):
+        return {
+            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a, online=t), tags + [tag]),
+            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d, online=t), tags + down_tags + [tag]),
+        }
+
+    for where, make, k in (("gate_up", rotated_gate_up, w_gate.shape[0]), ("down", rotated_down, w_down.shape[0])):
+        if where in opts.online:
+            _try_online(outcomes, make, k, device, opts, result)
     if a is not None:
         result.mlp_gain = layer.mlp_gain.to(torch.float32) * a
     result.sites.update(outcomes)

@@ -102,6 +102,21 @@ def hadamard(n: int, device=None) -> torch.Tensor | None:
     return (h / (n**0.5)).to(torch.float32)
 
 
+def block_rotate(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """blockdiag(block, block, ...) @ W for W[K, N]: rows taken b at a time (K a multiple of b)."""
+    k, n = w.shape
+    b = block.shape[0]
+    return (block @ w.reshape(k // b, b, n)).reshape(k, n)
+
+
+def online_block_size(k: int, largest: int) -> int | None:
+    """The largest power of two <= `largest` that divides K and has a Hadamard matrix (>= 8), or None."""
+    b = 1 << (max(largest, 1).bit_length() - 1)
+    while b >= 8 and k % b:
+        b //= 2
+    return b if b >= 8 else None
+
+
 def value_output_candidates(head_dim: int, device=None) -> list[tuple[str, torch.Tensor | None]]:
     """Invertible T per KV head to try on the V/O pair: V' = V T, O' = T^-1 O (identity first)."""
     out: list[tuple[str, torch.Tensor | None]] = [("identity", None)]
