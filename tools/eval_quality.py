@@ -46,8 +46,8 @@ class EvalError(RuntimeError):
 # --------------------------------------------------------------------------- sessions
 
 
-def make_session(path: str | os.PathLike, threads: int | None = None):
-    """CPU session with accuracy level 0 for any fused/explicit MatMulNBits."""
+def make_session(path: str | os.PathLike, threads: int | None = None, provider: str = "CPUExecutionProvider"):
+    """Session (CPU unless told) with accuracy level 0 for any fused/explicit MatMulNBits."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -56,7 +56,8 @@ def make_session(path: str | os.PathLike, threads: int | None = None):
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 _NP_TYPES = {
@@ -102,12 +103,12 @@ def _head_size_hint(model_path: Path) -> int | None:
 class OrtLM:
     """One ONNX causal LM: builds feeds by input name and returns float32 logits."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, provider: str = "CPUExecutionProvider"):
         self.path = Path(path)
         if not self.path.is_file():
             raise EvalError(f"model not found: {self.path}")
         t0 = time.perf_counter()
-        self.session = make_session(self.path, threads)
+        self.session = make_session(self.path, threads, provider)
         self.load_seconds = time.perf_counter() - t0
         self.inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
@@ -122,14 +123,14 @@ class OrtLM:
         self._present = {o.name: o.shape for o in self.session.get_outputs()}
         self._head_size = None
 
-    def _past_dim(self, name: str, axis: int, dim, batch: int) -> int:
+    def _past_dim(self, name: str, axis: int, dim, batch: int, past: int = 0) -> int:
         if isinstance(dim, int):
             return dim
         label = (dim or "").lower()
         if "batch" in label or (not label and axis == 0):
             return batch
         if "past" in label or "seq" in label or (not label and axis == 2):
-            return 0  # no cache: the whole window is the prompt
+            return past  # 0 for evaluation: the whole window is the prompt
         # A symbolic head-size dim ("kv_cache_dim" in genai exports): prefer a static
         # dim of the matching present.* output, then files beside the model.
         present = name.replace("past_key_values", "present")
@@ -142,7 +143,8 @@ class OrtLM:
             raise EvalError(f"{self.path}: cannot resolve dim {dim!r} of input {name}")
         return self._head_size
 
-    def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def feeds(self, ids: np.ndarray, past: int = 0) -> dict[str, np.ndarray]:
+        """Feeds for ids after `past` cached positions (zeros: enough for timing a decode step)."""
         batch, length = ids.shape
         feeds = {}
         for inp in self.inputs:
@@ -150,11 +152,11 @@ class OrtLM:
             if inp.name == "input_ids":
                 feeds[inp.name] = ids.astype(dtype)
             elif inp.name == "attention_mask":
-                feeds[inp.name] = np.ones((batch, length), dtype)  # past length is 0
+                feeds[inp.name] = np.ones((batch, past + length), dtype)
             elif inp.name == "position_ids":
-                feeds[inp.name] = np.broadcast_to(np.arange(length, dtype=dtype), (batch, length)).copy()
+                feeds[inp.name] = np.broadcast_to(np.arange(past, past + length, dtype=dtype), (batch, length)).copy()
             else:  # past_key_values.*
-                shape = [self._past_dim(inp.name, a, d, batch) for a, d in enumerate(inp.shape)]
+                shape = [self._past_dim(inp.name, a, d, batch, past) for a, d in enumerate(inp.shape)]
                 feeds[inp.name] = np.zeros(shape, dtype)
         return feeds
 
