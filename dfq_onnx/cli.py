@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm_head and embedding (kept consistent when tied): keep float, or quantize [keep]",
     )
     o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded: cafeq (the data-free method) or rtn (round-to-nearest) [cafeq]")
+    o.add_argument(
+        "--online",
+        default=None,
+        help="inputs that may get an online block Hadamard rotation (an inserted op, kept only where it "
+        "lowers the proxy by 5%%): down, gate_up, both comma-separated, or none [down,gate_up]",
+    )
     o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method [0]")
@@ -142,6 +148,7 @@ def _optimize(args) -> int:
         output_format=args.output_format,
         lm_head=args.lm_head,
         method=args.method,
+        online=args.online,
         accuracy_level=args.accuracy_level,
     )
     output = args.output or default_output_path(args.model, recipe)

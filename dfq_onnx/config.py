@@ -86,8 +86,8 @@ class MethodConfig:
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
-    online: tuple[str, ...] = ("down",)  # inputs that may get an online block Hadamard (an inserted op)
-    online_block: int = 64  # its largest block size
+    online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op)
+    online_block: int = 32  # its largest block size
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
 
@@ -129,8 +129,12 @@ class Recipe:
             top["output_format"] = _enum(OutputFormat, top["output_format"], "--format")
         if "lm_head" in top:
             top["lm_head"] = _enum(LmHeadPolicy, top["lm_head"], "--lm-head")
+        method = self.method
         if "method" in top:
-            top["method"] = dataclasses.replace(self.method, name=_enum(Method, top["method"], "--method"))
+            method = dataclasses.replace(method, name=_enum(Method, top["method"], "--method"))
+        if "online" in top:
+            method = dataclasses.replace(method, online=parse_online(top.pop("online")))
+        top["method"] = method
         return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **q), **top)
 
 

@@ -91,6 +91,7 @@ def test_already_quantized(tiny, tmp_path, capsys):
         (["--block-size", "8"], "--block-size 8"),
         (["--accuracy-level", "7"], "accuracy level 7"),
         (["--recipe", "no-such-recipe"], "recipe 'no-such-recipe' not found"),
+        (["--online", "up"], "unknown online site(s) ['up']"),
     ],
 )
 def test_unsupported_settings(tiny, tmp_path, capsys, flags, needle):

@@ -12,7 +12,7 @@ import tiny_models as T
 from dfq_onnx.cli import main
 from dfq_onnx.verify import feeds, logits_of, session
 
-FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\n"
+FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\nonline_block = 64\n"
 # Online rotations: K = 352 (intermediate) takes blocks of 32, K = 128 (hidden) blocks of 64.
 ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard", "online-hadamard32", "online-hadamard64"}
 
@@ -52,3 +52,15 @@ def test_method_lowers_proxy_against_rtn_on_every_role(tiny, tmp_path):
     report = json.loads((tmp_path / "q.report.json").read_text())
     for role in report["roles"]:
         assert role["rel_error"] < role["rtn_rel_error"], role
+
+
+def test_online_none_inserts_no_rotation(tiny, tmp_path):
+    out = tmp_path / "q.onnx"
+    flags = ["--bits", "4", "--online", "none", "--quiet", "--verify", "none"]
+    assert main(["optimize", str(tiny("dynamo")), "-o", str(out), *flags]) == 0
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["online"]["rotations"] == 0
+    assert not any(t.startswith("online") for site in report["sites"] for t in site["transforms"])
+    import onnx
+
+    assert not any(n.name.endswith("_online_rotate") for n in onnx.load(out, load_external_data=False).graph.node)

@@ -103,3 +103,29 @@ def test_genai_export_matches_dynamo(built, text):
     cand = result["candidates"][0]
     assert cand["kl"] < 1e-5  # genai rounds the embedding scale to 25.3: tiny but nonzero
     assert cand["top1"] > 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["dynamo", "genai"])
+def test_transforms_preserve_real_logits(built, tmp_path, style):
+    """Every transform that applies to Gemma 3 (forced, online rotations included) at --bits 16."""
+    import json
+
+    from dfq_onnx.cli import main
+
+    model = built / style / "model.onnx"
+    if not model.is_file():
+        pytest.skip(f"the {style} export did not build")
+    recipe = tmp_path / "force.toml"
+    recipe.write_text("[method]\nforce_transforms = true\nonline = ['down', 'gate_up']\n")
+    out = tmp_path / "t.onnx"
+    assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--verify", "none", "--quiet"]) == 0
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    used = {t for site in report["sites"] for t in site["transforms"]}
+    # Gemma 3 has q/k norms: no Q/K rotation; everything else applies.
+    assert {"norm-diag", "up-down-diag", "vo-hadamard", "online-hadamard32"} <= used, used
+    assert "qk-rope-rotation" not in used
+    ids = np.random.default_rng(0).integers(0, 262144, size=(1, 64))
+    ref = eval_quality.OrtLM(model).logits(ids)
+    got = eval_quality.OrtLM(out).logits(ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4

@@ -36,8 +36,8 @@ class LayerOptions:
     qk_transform: bool = True  # RoPE-commuting rotations of q/k pairs (when they apply)
     gptq: bool = True
     alternations: int = 2  # V/O alternating rounding steps
-    online: tuple[str, ...] = ("down",)  # inputs that may get an online block Hadamard: "down", "gate_up"
-    online_block: int = 64  # its largest block (a power of two dividing K)
+    online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard: "down", "gate_up"
+    online_block: int = 32  # its largest block (a power of two dividing K)
     online_min_gain: float = 0.05  # kept only where it lowers its sites' proxy by at least this fraction
     force_transforms: bool = False  # take a non-identity transform wherever one applies (exactness checks)
     keep_float: bool = False  # return the transformed float weights (float output); otherwise drop them early
