@@ -34,6 +34,12 @@ def has_cache(lm: eval_quality.OrtLM) -> bool:
     return any(i.name.startswith("past_key_values") for i in lm.inputs)
 
 
+def vocab_size(lm: eval_quality.OrtLM) -> int:
+    """Token ids to draw from: the logits' width where the graph states it, else a small safe range."""
+    out = next(o for o in lm.session.get_outputs() if o.name == lm.logits_name)
+    return out.shape[-1] if isinstance(out.shape[-1], int) else 256
+
+
 def time_runs(models: list[eval_quality.OrtLM], feeds: list[dict], runs: int, warmup: int) -> list[list[float]]:
     """Seconds per run for each model, runs interleaved across models."""
     for lm, f in zip(models, feeds):
@@ -82,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {lm.path} did not get {PROVIDERS[args.provider]}; install onnxruntime-gpu for --provider cuda", file=sys.stderr)
             return 2
     rng = np.random.default_rng(0)
+    vocab = min(vocab_size(lm) for lm in models)
     results: dict[str, list[list[float]]] = {}
     if args.prompt:
-        ids = rng.integers(0, 1000, size=(1, args.prompt))
+        ids = rng.integers(0, vocab, size=(1, args.prompt))
         results[f"prompt {args.prompt}"] = time_runs(models, [lm.feeds(ids) for lm in models], args.runs, args.warmup)
     if all(has_cache(lm) for lm in models):
-        ids = rng.integers(0, 1000, size=(1, 1))
+        ids = rng.integers(0, vocab, size=(1, 1))
         feeds = [lm.feeds(ids, past=args.decode_past) for lm in models]
         results[f"decode @{args.decode_past}"] = time_runs(models, feeds, args.runs, args.warmup)
     meta = {
