@@ -103,7 +103,7 @@ def export_graph(config, dtype: str):
     mask = torch.ones_like(ids)
     dims = {0: "batch", 1: "sequence"}
     program = torch.onnx.export(
-        LogitsOnly(model),
+        LogitsOnly(model).eval(),  # inference graph: no training-mode ops
         (ids, mask),
         dynamo=True,
         input_names=["input_ids", "attention_mask"],
