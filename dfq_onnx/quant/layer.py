@@ -524,29 +524,25 @@ def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Mo
     hd = _hessian(u)
     dt = layer.scale_dtypes
 
-    def run(a, d, tags, down_tags):
-        # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
-        return {
-            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a), tags),
-            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d), tags + down_tags),
-            layer.down: _linear(w_down, hd, fmt, dt[layer.down], opts, SiteTransform(row=d), down_tags),
-        }
-
     a, tags = _diagonal([w_gate, w_up], h, fmt, opts, layer.mlp_gain_foldable, "norm-diag")
     d, down_tags = _diagonal([w_down], hd, fmt, opts, True, "up-down-diag")
-    outcomes = run(a, d, tags, down_tags)
 
-    # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
-    def rotated_down(t, tag):
-        return {layer.down: _linear(w_down, hd, fmt, dt[layer.down], opts, SiteTransform(row=d, online=t), down_tags + [tag])}
-
-    def rotated_gate_up(t, tag):
+    # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
+    # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
+    def gate_up(t=None, tag=None):
+        extra = [tag] if tag else []
         return {
-            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a, online=t), tags + [tag]),
-            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d, online=t), tags + down_tags + [tag]),
+            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a, online=t), tags + extra),
+            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
         }
 
-    for where, make, k in (("gate_up", rotated_gate_up, w_gate.shape[0]), ("down", rotated_down, w_down.shape[0])):
+    def down(t=None, tag=None):
+        extra = [tag] if tag else []
+        return {layer.down: _linear(w_down, hd, fmt, dt[layer.down], opts, SiteTransform(row=d, online=t), down_tags + extra)}
+
+    outcomes = {**gate_up(), **down()}
+    # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
+    for where, make, k in (("gate_up", gate_up, w_gate.shape[0]), ("down", down, w_down.shape[0])):
         if where in opts.online:
             _try_online(outcomes, make, k, device, opts, result)
     if a is not None:
