@@ -139,7 +139,8 @@ def test_alternating_pair_rounding_never_raises_the_product_error():
 def test_rope_rotation_preserves_scores():
     d, heads = 16, 2
     angles = torch.rand(heads, d // 2) * 6
-    rot = transforms.rope_rotation(angles, d)
+    blocks = transforms.rope_rotation(angles, d)
+    rot = blocks.dense(heads * d)
     q, k = torch.randn(5, heads * d), torch.randn(7, heads * d)
 
     def rope(x, theta):
@@ -152,6 +153,7 @@ def test_rope_rotation_preserves_scores():
     got = torch.einsum("ahd,bhd->hab", rope(q @ rot, tq), rope(k @ rot, tk))
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(rot @ rot.t(), torch.eye(heads * d), atol=1e-6)
+    assert torch.allclose(blocks.right_of(q), q @ rot, atol=1e-6)  # the block product is the dense one
 
 
 def test_statistics_match_monte_carlo():
@@ -210,3 +212,47 @@ def test_online_block_size_divides_k():
     assert transforms.online_block_size(640, 128) == 128
     assert transforms.online_block_size(96, 64) == 32
     assert transforms.online_block_size(100, 64) is None
+
+
+def _dense_second(pair, a, b):
+    """E[z_a^T z_b] written out densely, head by head (the definition the structured form follows)."""
+    a64, b64 = a.double(), b.double()
+    cov = a64.t() @ pair.x.dense_cov() @ b64
+    blocks, ma, mb = [], [], []
+    for h in range(pair.heads):
+        g = slice((h // pair.group) * pair.d, (h // pair.group + 1) * pair.d)
+        blocks.append(stats.ATTENTION_CONCENTRATION * cov[g, g])
+        ma.append((pair.x.mean @ a64)[g])
+        mb.append((pair.x.mean @ b64)[g])
+    return torch.block_diag(*blocks) + torch.outer(torch.cat(ma), torch.cat(mb))
+
+
+def test_pair_moments_match_their_dense_definition():
+    pair, heads, kv, d = _pair_setup(seed=3)
+    g = torch.Generator().manual_seed(1)
+    v_hat = pair.w_v + 0.01 * torch.randn(pair.w_v.shape, generator=g)
+    o_hat = pair.w_o + 0.01 * torch.randn(pair.w_o.shape, generator=g)
+    h_true, h_hat, cross = (_dense_second(pair, *ab) for ab in ((pair.w_v, pair.w_v), (v_hat, v_hat), (v_hat, pair.w_v)))
+    wo, oh = pair.w_o.double(), o_hat.double()
+    ref = float((wo * (h_true @ wo)).sum() - 2 * (oh * (cross @ wo)).sum() + (oh * (h_hat @ oh)).sum())
+    assert pair.error(v_hat, o_hat) == pytest.approx(ref, rel=1e-9)
+    assert pair.energy == pytest.approx(float((wo * (h_true @ wo)).sum()), rel=1e-12)
+    structured, _ = pair.moments_of(v_hat)
+    assert torch.allclose(structured.dense(), h_hat, rtol=1e-12, atol=1e-12)
+    ridge = 1e-3 * float(h_hat.diagonal().mean())
+    rhs = cross @ wo
+    dense = torch.linalg.solve(h_hat + ridge * torch.eye(h_hat.shape[0], dtype=torch.float64), rhs)
+    assert torch.allclose(structured.solve(rhs, ridge), dense, rtol=1e-8, atol=1e-10 * float(dense.abs().max()))
+
+
+def test_block_diagonal_products_equal_the_dense_matrix():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=g)
+    for blocks in (torch.randn(1, 8, 8, generator=g), torch.randn(5, 8, 8, generator=g), torch.randn(6, 8, 8, generator=g)):
+        m = transforms.BlockDiagonal(blocks)
+        if blocks.shape[0] != 5:  # 6 blocks (or one shared) of 8 cover K = 48
+            assert torch.allclose(m.times(w), m.dense(48) @ w, atol=1e-5)
+            assert torch.allclose(m.inverse().times(m.times(w)), w, atol=1e-3)
+        if blocks.shape[0] != 6:  # 5 blocks (or one shared) of 8 cover N = 40
+            assert torch.allclose(m.right_of(w), w @ m.dense(40), atol=1e-5)
+            assert torch.allclose(m.t().dense(40), m.dense(40).t())

@@ -39,10 +39,11 @@ class Quantized:
         return torch.full(self.scales.shape, mid, dtype=torch.uint8, device=self.scales.device)
 
     def dequantize(self) -> torch.Tensor:
-        """W_hat[K, N] in float32, exactly as the kernels compute (q - z) * s."""
-        z = self.zero_point_values().to(torch.float32).unsqueeze(-1)
-        blocks = (self.codes.to(torch.float32) - z) * self.scales.unsqueeze(-1)
-        return from_blocks(blocks, self.k)
+        """W_hat[K, N] in float32 (contiguous), exactly as the kernels compute (q - z) * s."""
+        z = self.zero_point_values().t().to(torch.float32).unsqueeze(1)  # [k_blocks, 1, N]
+        codes = self.codes.permute(1, 2, 0).contiguous()  # [k_blocks, block_size, N]: W's own layout
+        rows = (codes.to(torch.float32) - z) * self.scales.t().unsqueeze(1)
+        return rows.reshape(-1, self.n)[: self.k]
 
 
 def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -54,6 +55,16 @@ def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     if pad:
         wt = torch.nn.functional.pad(wt, (0, pad))
     return wt.reshape(n, k_blocks, block_size)
+
+
+def to_row_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """W[K, N] -> [k_blocks, block_size, N] (a view when K is whole blocks): W's own layout, so
+    per-block reductions run along a middle axis, vectorised over N, with no transposed copy."""
+    k, n = w.shape
+    pad = -k % block_size
+    if pad:
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+    return w.reshape(-1, block_size, n)
 
 
 def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,7 +103,7 @@ def grid_max(bits: int) -> int:
 
 
 def rtn_params(
-    blocks: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32
+    blocks: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32, dim: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min/max scales (and zero points) per block, as MLAS computes them.
 
@@ -100,15 +111,16 @@ def rtn_params(
     (scale = -v / 2^(b-1)), so all 2^b levels are used (q4_0 style).
     Asymmetric: the range [min(x, 0), max(x, 0)] spans all levels; zero point rounded.
     Scales are rounded to the model's dtype before use, like MLAS' ScaleT.
+    `dim` is the axis along a block ([N, k_blocks, block_size]: -1; [k_blocks, block_size, N]: 1).
     """
     bits = fmt.bits
-    mx = blocks.amax(dim=-1)
-    mn = blocks.amin(dim=-1)
+    mx = blocks.amax(dim=dim)
+    mn = blocks.amin(dim=dim)
     # An all-zero block keeps MLAS' signed zero: its scan leaves min = max = the first element.
     all_zero = (mx == 0) & (mn == 0)
     if fmt.symmetric:
         signed_max = torch.where(mx.abs() > mn.abs(), mx, mn)
-        signed_max = torch.where(all_zero, blocks[..., 0], signed_max)
+        signed_max = torch.where(all_zero, blocks.select(dim, 0), signed_max)
         scale = -signed_max / float(1 << (bits - 1))
         return _as_scale_dtype(scale, scale_dtype), None
     mn = torch.clamp(mn, max=0.0)
@@ -125,7 +137,7 @@ def _as_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize_blocks(
-    blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, fmt: QuantFormat
+    blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, fmt: QuantFormat, dim: int = -1
 ) -> torch.Tensor:
     """Container codes for given scales: clamp(roundf(x * (1/s) + z), 0, 2^b - 1) in float32."""
     bits = fmt.bits
@@ -134,7 +146,7 @@ def quantize_blocks(
         z = torch.full_like(scales, float(1 << (bits - 1)))
     else:
         z = zero_points.to(torch.float32)
-    x = blocks * inv.unsqueeze(-1) + z.unsqueeze(-1)
+    x = blocks * inv.unsqueeze(dim) + z.unsqueeze(dim)
     q = round_clamped(x, grid_max(bits)).to(torch.uint8)
     if zero_points is None and fmt.container_bits != bits:
         # Re-centre a symmetric 3-bit grid on the 4-bit container's implicit zero point.
@@ -145,10 +157,16 @@ def quantize_blocks(
 def rtn(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> Quantized:
     """Round-to-nearest of W[K, N] with min/max scales: ORT DEFAULT's result."""
     w = w.to(torch.float32)
-    blocks = to_blocks(w, fmt.block_size)
-    scales, zps = rtn_params(blocks, fmt, scale_dtype)
-    codes = quantize_blocks(blocks, scales, zps, fmt)
-    return Quantized(codes=codes, scales=scales, zero_points=zps, k=w.shape[0], fmt=fmt)
+    rows = to_row_blocks(w, fmt.block_size)  # computed in W's layout, stored in MatMulNBits'
+    scales, zps = rtn_params(rows, fmt, scale_dtype, dim=1)
+    codes = quantize_blocks(rows, scales, zps, fmt, dim=1)
+    return Quantized(
+        codes=codes.permute(2, 0, 1).contiguous(),
+        scales=scales.t().contiguous(),
+        zero_points=None if zps is None else zps.t().contiguous(),
+        k=w.shape[0],
+        fmt=fmt,
+    )
 
 
 def fake_quant(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:

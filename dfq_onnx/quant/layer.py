@@ -18,6 +18,7 @@ keeps round-to-nearest; a transform that does not lower its group's error is dro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -142,46 +143,66 @@ def _round(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat, dtype, opts: Laye
 class SiteTransform:
     """A function-preserving change of one linear's weight: W' = T^T L W C.
 
-    `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L;
-    `col` is a vector c (C = diag(c)) or a matrix C (folded into what reads the output);
-    `online` is an orthogonal b x b block: x' = x blockdiag(T) is computed at inference (an
-    inserted op), so the weight takes T^T on its rows.
+    `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L (dense
+    or a transforms.BlockDiagonal); `col` is a vector c (C = diag(c)) or a matrix C (folded into
+    what reads the output); `online` is an orthogonal b x b block: x' = x blockdiag(T) is
+    computed at inference (an inserted op), so the weight takes T^T on its rows.
     """
 
-    row: torch.Tensor | None = None
-    col: torch.Tensor | None = None
+    row: torch.Tensor | transforms.BlockDiagonal | None = None
+    col: torch.Tensor | transforms.BlockDiagonal | None = None
     online: torch.Tensor | None = None
+
+    @functools.cached_property
+    def _row_inverse(self):
+        return _inverse(self.row)
+
+    @functools.cached_property
+    def _col_inverse(self):
+        return _inverse(self.col)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.row is not None:
-            w = w / self.row.unsqueeze(1) if self.row.dim() == 1 else self.row @ w
+            w = w / self.row.unsqueeze(1) if _is_vector(self.row) else _left(self.row, w)
         if self.online is not None:
             w = transforms.block_rotate(w, self.online.t())
         if self.col is not None:
-            w = w * self.col.unsqueeze(0) if self.col.dim() == 1 else w @ self.col
+            w = w * self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self.col)
         return w
 
     def backward(self, w: torch.Tensor) -> torch.Tensor:
         if self.col is not None:
-            w = w / self.col.unsqueeze(0) if self.col.dim() == 1 else w @ _inverse(self.col)
+            w = w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
         if self.online is not None:
             w = transforms.block_rotate(w, self.online)
         if self.row is not None:
-            w = w * self.row.unsqueeze(1) if self.row.dim() == 1 else _inverse(self.row) @ w
+            w = w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
         return w
 
     def hessian(self, h):
         """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
         if self.row is not None:
-            if self.row.dim() == 1:
+            if _is_vector(self.row):
                 h = h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
             else:
                 dense = h.dense() if isinstance(h, rounding.LowRank) else h
-                inv = _inverse(self.row)
-                h = inv.t() @ dense @ inv
+                inv = self._row_inverse
+                h = _right(_left(inv.t(), dense), inv)
         if self.online is not None:
             h = _rotated_hessian(h, self.online)
         return h
+
+
+def _is_vector(m) -> bool:
+    return torch.is_tensor(m) and m.dim() == 1
+
+
+def _left(m, w: torch.Tensor) -> torch.Tensor:
+    return m.times(w) if isinstance(m, transforms.BlockDiagonal) else m @ w
+
+
+def _right(w: torch.Tensor, m) -> torch.Tensor:
+    return m.right_of(w) if isinstance(m, transforms.BlockDiagonal) else w @ m
 
 
 ONLINE_DENSE_LIMIT = 4096  # above this K, GPTQ under a rotated H uses its diagonal + mean direction
@@ -202,7 +223,9 @@ def _rotated_hessian(h, t: torch.Tensor):
     return rounding.LowRank(diag, vec)
 
 
-def _inverse(m: torch.Tensor) -> torch.Tensor:
+def _inverse(m):
+    if isinstance(m, transforms.BlockDiagonal):
+        return m.inverse()
     return torch.linalg.inv(m.to(torch.float64)).to(m.dtype)
 
 
@@ -335,8 +358,8 @@ def _rope_rotations(w_q, w_k, h, a, layer, fmt, opts):
     scores = []
     for angle in QK_ANGLES:
         phi = torch.full((kv, r // 2), angle, device=w_q.device)
-        eq = _column_errors(wq @ transforms.rope_rotation(per_query(phi), d, r), weight, fmt).view(heads, d)
-        ek = _column_errors(wk @ transforms.rope_rotation(phi, d, r), weight, fmt).view(kv, d)
+        eq = _column_errors(transforms.rope_rotation(per_query(phi), d, r).right_of(wq), weight, fmt).view(heads, d)
+        ek = _column_errors(transforms.rope_rotation(phi, d, r).right_of(wk), weight, fmt).view(kv, d)
         pair_q = (eq[:, : r // 2] + eq[:, r // 2 : r]).view(kv, group, r // 2).sum(1)
         scores.append(pair_q + ek[:, : r // 2] + ek[:, r // 2 : r])
     choice = torch.stack(scores).argmin(0)  # [kv, r/2]
@@ -403,14 +426,15 @@ def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, Si
     v_rtn = grid.rtn(w_v, fmt, v_dtype).dequantize()
     o_rtn = grid.rtn(w_o, fmt, o_dtype).dequantize()
     rtn_pair = pair.error(v_rtn, o_rtn)
-    ref_pair = pair.error(torch.zeros_like(w_v), torch.zeros_like(w_o))
+    ref_pair = pair.energy
 
     # T per KV head is chosen by the pair error of plain rounding; the full pair rounding runs once.
     candidates = transforms.value_output_candidates(d, w_v.device) if opts.vo_transform else [("identity", None)]
     chosen = None
     for label, t in candidates:
-        tf_v = SiteTransform(row=a, col=None if t is None else torch.block_diag(*[t] * (w_v.shape[1] // d)))
-        tf_o = SiteTransform(row=None if t is None else torch.block_diag(*[_inverse(t)] * heads))
+        # One d x d block per head: V' = V blockdiag(T), O' = blockdiag(T^-1) O.
+        tf_v = SiteTransform(row=a, col=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)))
+        tf_o = SiteTransform(row=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)).inverse())
         cheap = pair.error(
             tf_v.backward(grid.fake_quant(tf_v.forward(w_v), fmt, v_dtype)),
             tf_o.backward(grid.fake_quant(tf_o.forward(w_o), fmt, o_dtype)),
@@ -454,14 +478,49 @@ def _round_pair(pair: "_Pair", tf_v, tf_o, h, fmt, opts, v_dtype, o_dtype):
 
 
 def _round_o(pair: "_Pair", v_hat, tf_o: SiteTransform, fmt, opts, dtype) -> grid.Quantized:
+    h_hat, cross = pair.moments_of(v_hat)
     if not opts.vo_pairs:
-        return _round(tf_o.forward(pair.w_o), tf_o.hessian(pair.second(v_hat, v_hat).float()), fmt, dtype, opts)
+        return _round(tf_o.forward(pair.w_o), tf_o.hessian(h_hat.dense().float()), fmt, dtype, opts)
     # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
-    h_hat = pair.second(v_hat, v_hat)
-    cross = pair.second(v_hat, pair.w_v)
-    eye = torch.eye(h_hat.shape[0], device=h_hat.device, dtype=h_hat.dtype)
-    target = torch.linalg.solve(h_hat + 1e-6 * h_hat.diagonal().mean() * eye, cross @ pair.w_o.double()).float()
-    return _round(tf_o.forward(target), tf_o.hessian(h_hat.float()), fmt, dtype, opts)
+    target = h_hat.solve(cross.times(pair.w_o.double()), 1e-6 * float(h_hat.diagonal().mean())).float()
+    return _round(tf_o.forward(target), tf_o.hessian(h_hat.dense().float()), fmt, dtype, opts)
+
+
+@dataclasses.dataclass
+class _HeadMoments:
+    """E[z_a^T z_b] over the concatenated query heads: one d x d block per KV group (its query
+    heads share it) plus the outer product of the means. Products never form the dense matrix."""
+
+    blocks: torch.Tensor  # [kv, d, d] float64
+    mean_a: torch.Tensor  # [heads * d]
+    mean_b: torch.Tensor  # [heads * d]
+    group: int  # query heads per KV head
+
+    def times(self, w: torch.Tensor) -> torch.Tensor:
+        """H @ W for W[heads * d, N] (float64)."""
+        kv, d, _ = self.blocks.shape
+        n = w.shape[1]
+        out = (self.blocks.unsqueeze(1) @ w.reshape(kv, self.group, d, n)).reshape(-1, n)
+        return out + torch.outer(self.mean_a, self.mean_b @ w)
+
+    def quad(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """tr(A^T H B)."""
+        return float((a * self.times(b)).sum())
+
+    def diagonal(self) -> torch.Tensor:
+        return self.blocks.diagonal(dim1=1, dim2=2).repeat_interleave(self.group, 0).reshape(-1) + self.mean_a * self.mean_b
+
+    def dense(self) -> torch.Tensor:
+        return torch.block_diag(*self.blocks.repeat_interleave(self.group, 0)) + torch.outer(self.mean_a, self.mean_b)
+
+    def solve(self, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+        """(H + ridge I)^-1 RHS: per-block solves, the mean term by Sherman-Morrison."""
+        kv, d, _ = self.blocks.shape
+        n = rhs.shape[1]
+        p = (self.blocks + ridge * torch.eye(d, dtype=self.blocks.dtype, device=self.blocks.device)).unsqueeze(1)
+        p_rhs = torch.linalg.solve(p, rhs.reshape(kv, self.group, d, n)).reshape(-1, n)
+        p_u = torch.linalg.solve(p, self.mean_a.reshape(kv, self.group, d, 1)).reshape(-1)
+        return p_rhs - torch.outer(p_u, (self.mean_b @ p_rhs) / (1.0 + self.mean_b @ p_u))
 
 
 class _Pair:
@@ -471,25 +530,35 @@ class _Pair:
         self.x, self.w_v, self.w_o, self.heads, self.d = x, w_v, w_o, heads, d
         self.kv = w_v.shape[1] // d
         self.group = heads // self.kv
+        self._cov = x.dense_cov()
+        self._cov_v = self._cov @ w_v.to(torch.float64)  # C V: every cross term reuses it
+        self._w_o = w_o.to(torch.float64)
         self.h_true = self.second(w_v, w_v)
+        self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
+        self._last: tuple | None = None  # (V^, its E[z^^T z^], E[z^^T z]) for the V^ seen last
 
     def value_hessian(self) -> torch.Tensor:
         """E over the mix of x^T x: what weighs V's rounding error inside the pair."""
         c = stats.ATTENTION_CONCENTRATION
-        return (c * self.x.dense_cov() + torch.outer(self.x.mean, self.x.mean)).float()
+        return (c * self._cov + torch.outer(self.x.mean, self.x.mean)).float()
 
-    def second(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def second(self, a: torch.Tensor, b: torch.Tensor) -> _HeadMoments:
         """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        cov = a64.t() @ self.x.dense_cov() @ b64
-        blocks, ma, mb = [], [], []
-        mean_a, mean_b = self.x.mean @ a64, self.x.mean @ b64
-        for h in range(self.heads):
-            g = slice((h // self.group) * self.d, (h // self.group + 1) * self.d)
-            blocks.append(stats.ATTENTION_CONCENTRATION * cov[g, g])
-            ma.append(mean_a[g])
-            mb.append(mean_b[g])
-        return torch.block_diag(*blocks) + torch.outer(torch.cat(ma), torch.cat(mb))
+        a64 = a.to(torch.float64)
+        cov_b = self._cov_v if b is self.w_v else self._cov @ b.to(torch.float64)
+        k, kv, d = a64.shape[0], self.kv, self.d
+        blocks = a64.reshape(k, kv, d).permute(1, 2, 0) @ cov_b.reshape(k, kv, d).permute(1, 0, 2)  # [kv, d, d]
+        per_head = lambda m: m.reshape(kv, d).repeat_interleave(self.group, 0).reshape(-1)  # noqa: E731
+        mean = self.x.mean
+        return _HeadMoments(
+            stats.ATTENTION_CONCENTRATION * blocks, per_head(mean @ a64), per_head(mean @ b.to(torch.float64)), self.group
+        )
+
+    def moments_of(self, v_hat: torch.Tensor) -> tuple[_HeadMoments, _HeadMoments]:
+        """(E[z^^T z^], E[z^^T z]) for a rounded V^; kept for the next call with the same V^."""
+        if self._last is None or self._last[0] is not v_hat:
+            self._last = (v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v))
+        return self._last[1], self._last[2]
 
     def value_target(self, o_hat: torch.Tensor) -> torch.Tensor:
         """argmin over V of the pair error for fixed O^: per KV group, V_g (sum_h W_o,h O^_h^T) (sum_h O^_h O^_h^T)^-1."""
@@ -505,11 +574,11 @@ class _Pair:
         return torch.cat(cols, dim=1).float()
 
     def error(self, v_hat, o_hat) -> float:
-        """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(W_o^T C O^) + tr(O^T H^ O^)."""
-        h_hat, cross = self.second(v_hat, v_hat), self.second(v_hat, self.w_v)
-        wo, oh = self.w_o.to(torch.float64), o_hat.to(torch.float64)
-        total = (wo * (self.h_true @ wo)).sum() - 2 * (oh * (cross @ wo)).sum() + (oh * (h_hat @ oh)).sum()
-        return max(float(total), 0.0)
+        """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
+        h_hat, cross = self.moments_of(v_hat)
+        oh = o_hat.to(torch.float64)
+        total = self.energy - 2 * float((oh * cross.times(self._w_o)).sum()) + h_hat.quad(oh, oh)
+        return max(total, 0.0)
 
 
 # ----------------------------------------------------------------------------- MLP

@@ -36,26 +36,35 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
-COLUMNS_PER_STEP = 1024  # columns are independent: bounding them bounds the temporaries of a wide matrix
+ROW_ELEMENTS = 1 << 22  # weights rounded at once (bounds the temporaries of a wide matrix)
 
 
 def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
-    """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`)."""
-    return sum(
-        _rounding_error(w[:, c : c + COLUMNS_PER_STEP], fmt, weight, search) for c in range(0, w.shape[1], COLUMNS_PER_STEP)
-    )
-
-
-def _rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool) -> float:
-    blocks = grid.to_blocks(w, fmt.block_size)
-    wb = None if weight is None else grid.to_blocks(weight.view(-1, 1), fmt.block_size)  # [1, kb, bs]
+    """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`): min/max scales,
+    or searched ones with `search`."""
     if search:
+        blocks = grid.to_blocks(w, fmt.block_size)
+        wb = None if weight is None else grid.to_blocks(weight.view(-1, 1), fmt.block_size)  # [1, kb, bs]
         s, z = scales.search(blocks, fmt, wb)
-    else:
-        s, z = grid.rtn_params(blocks, fmt)
-    codes = grid.quantize_blocks(blocks, s, z, fmt)
-    zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
-    return float(scales.block_error(blocks, codes, s, zero, wb).sum())
+        codes = grid.quantize_blocks(blocks, s, z, fmt)
+        zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
+        return float(scales.block_error(blocks, codes, s, zero, wb).sum())
+    k, n = w.shape
+    bs = fmt.block_size
+    rows = grid.to_row_blocks(w, bs)  # [kb, bs, N]
+    row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), bs)  # [kb, bs, 1]
+    step = max(1, ROW_ELEMENTS // (bs * n))
+    qmax = grid.grid_max(fmt.bits)
+    total = 0.0
+    for b in range(0, rows.shape[0], step):
+        x = rows[b : b + step]
+        s, z = grid.rtn_params(x, fmt, dim=1)
+        zero = float(1 << (fmt.bits - 1)) if z is None else z.to(torch.float32).unsqueeze(1)
+        inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0).unsqueeze(1)
+        q = grid.round_clamped(x * inv + zero, qmax)  # the codes quantize_blocks makes, in float
+        err = (x - (q - zero) * s.unsqueeze(1)) ** 2
+        total += float((err if row_weight is None else err * row_weight[b : b + step]).sum())
+    return total
 
 
 def search_diagonal(
@@ -109,6 +118,47 @@ def block_rotate(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return (block @ w.reshape(k // b, b, n)).reshape(k, n)
 
 
+@dataclasses.dataclass
+class BlockDiagonal:
+    """blockdiag(B_0, B_1, ...) of equal b x b blocks, applied without forming the K x K matrix.
+
+    `blocks` is [n, b, b], or [1, b, b] for one block repeated along the whole diagonal (a V/O
+    transform shared by every head, an online Hadamard). Products cost K*N*b instead of K^2*N.
+    """
+
+    blocks: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.blocks.shape[-1]
+
+    def _count(self, k: int) -> int:
+        return k // self.size if self.blocks.shape[0] == 1 else self.blocks.shape[0]
+
+    def times(self, w: torch.Tensor) -> torch.Tensor:
+        """blockdiag @ W for W[K, N]."""
+        k, n = w.shape
+        b = self.size
+        return (self.blocks.to(w.dtype) @ w.reshape(self._count(k), b, n)).reshape(k, n)
+
+    def right_of(self, w: torch.Tensor) -> torch.Tensor:
+        """W @ blockdiag for W[K, N]."""
+        k, n = w.shape
+        b = self.size
+        cols = w.reshape(k, self._count(n), b).transpose(0, 1)  # [blocks, K, b]
+        return (cols @ self.blocks.to(w.dtype)).transpose(0, 1).reshape(k, n)
+
+    def inverse(self) -> "BlockDiagonal":
+        return BlockDiagonal(torch.linalg.inv(self.blocks.to(torch.float64)).to(self.blocks.dtype))
+
+    def t(self) -> "BlockDiagonal":
+        return BlockDiagonal(self.blocks.transpose(1, 2))
+
+    def dense(self, k: int) -> torch.Tensor:
+        blocks = self.blocks.expand(self._count(k), -1, -1)
+        return torch.block_diag(*blocks)
+
+
 def online_block_size(k: int, largest: int) -> int | None:
     """The largest power of two <= `largest` that divides K and has a Hadamard matrix (>= 8), or None."""
     b = 1 << (max(largest, 1).bit_length() - 1)
@@ -138,25 +188,22 @@ def apply_value_output(w_v: torch.Tensor, w_o: torch.Tensor, t: torch.Tensor, nu
     return v, o
 
 
-def rope_rotation(angles: torch.Tensor, head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
+def rope_rotation(angles: torch.Tensor, head_dim: int, rotary_dim: int | None = None) -> BlockDiagonal:
     """Column rotation R for a q or k projection: W' = W R multiplies every RoPE pair (i, i + r/2)
     of head h by the unit complex number e^{i angles[h, i]}.
 
     A unit complex factor commutes with RoPE's own rotation, and multiplying q's pair and k's
     pair by the same c = e^{i phi} keeps every score: Re(c q conj(c k)) = Re(q conj(k)).
-    `angles` is [heads of this matrix, r/2]; returns [heads * d, heads * d].
+    `angles` is [heads of this matrix, r/2]; returns one d x d block per head.
     """
     heads, half = angles.shape
     r = rotary_dim or head_dim
-    n = heads * head_dim
-    rot = torch.eye(n, dtype=torch.float32, device=angles.device)
-    idx = torch.arange(half, device=angles.device)
-    for h in range(heads):
-        x = h * head_dim + idx
-        y = x + r // 2
-        c, s = torch.cos(angles[h]), torch.sin(angles[h])
-        rot[x, x] = c
-        rot[y, x] = -s
-        rot[x, y] = s
-        rot[y, y] = c
-    return rot
+    rot = torch.eye(head_dim, dtype=torch.float32, device=angles.device).repeat(heads, 1, 1)
+    x = torch.arange(half, device=angles.device)
+    y = x + r // 2
+    c, s = torch.cos(angles).to(torch.float32), torch.sin(angles).to(torch.float32)
+    rot[:, x, x] = c
+    rot[:, y, x] = -s
+    rot[:, x, y] = s
+    rot[:, y, y] = c
+    return BlockDiagonal(rot)
