@@ -117,3 +117,59 @@ def test_interrupt_keeps_progress_and_says_how_to_resume(synthetic, tmp_path):
         text=True,
     )
     assert done.returncode == 0 and out.exists() and not work.exists()
+
+
+GENAI_LAYERS = 5  # layers 3 and 4 are copies (one of each attention kind) and layer 4 feeds the final norm
+
+
+def _structure(model) -> tuple:
+    nodes = sorted(
+        repr((n.name, n.op_type, [v.name if v else None for v in n.inputs], [v.name for v in n.outputs], {k: repr(a.value) for k, a in n.attributes.items()}))
+        for n in model.graph
+    )
+    inits = sorted((name, tuple(v.const_value.shape), v.const_value.dtype) for name, v in model.graph.initializers.items())
+    return nodes, inits, [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+
+
+def _logits(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = make_synthetic.SHAPES["gemma2-tiny"]
+    ids = np.array([[2, 7, 99, 500, 31, 8]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((1, shape.kv_heads, 0, shape.head_dim), dtype=np.float16)
+    return session.run(["logits"], feeds)[0]
+
+
+def test_genai_synthetic_is_the_builders_own_graph(tmp_path):
+    """The genai-style synthetic (3 built layers grown to 5) is node for node the builder's 5-layer graph, and
+    with the same weights it computes the same logits."""
+    import onnx_ir as ir
+    import synthetic_genai
+
+    synthetic = tmp_path / "synthetic" / "model.onnx"
+    args = ["--shape", "gemma2-tiny", "--layers", str(GENAI_LAYERS), "--style", "genai", "-o", str(synthetic)]
+    assert make_synthetic.main(args) == 0
+    config = make_synthetic.gemma2_config(make_synthetic.SHAPES["gemma2-tiny"], GENAI_LAYERS)
+    direct = synthetic_genai.run_builder(config, "fp16", tmp_path / "direct", GENAI_LAYERS)
+    ours, theirs = ir.load(synthetic), ir.load(direct)
+    assert _structure(ours) == _structure(theirs)
+    config_ours = json.loads((synthetic.parent / "genai_config.json").read_text())
+    config_theirs = json.loads((direct.parent / "genai_config.json").read_text())
+    assert config_ours == config_theirs
+
+    for name, value in theirs.graph.initializers.items():  # the builder's graph, given the synthetic weights
+        value.const_value = ir.Tensor(ours.graph.initializers[name].const_value.numpy(), name=name)
+    filled = tmp_path / "filled" / "model.onnx"
+    filled.parent.mkdir()
+    ir.save(theirs, filled, external_data="model.onnx.data")
+    expected, got = _logits(filled), _logits(synthetic)
+    assert np.isfinite(got).all() and got.std() > 0
+    np.testing.assert_array_equal(got, expected)
+
+    from dfq_onnx.pipeline import inspect
+
+    sites = inspect(synthetic)
+    assert len(sites.layers()) == GENAI_LAYERS
+    assert sorted(lin.role.value for lin in sites.linears.values() if lin.layer == GENAI_LAYERS - 1) == ["down", "gate", "o", "qkv", "up"]

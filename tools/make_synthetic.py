@@ -2,10 +2,13 @@
 
     python tools/make_synthetic.py --shape gemma2-2b -o models/synthetic/gemma2-2b/model.onnx
     python tools/make_synthetic.py --shape gemma2-9b -o models/synthetic/gemma2-9b/model.onnx
+    python tools/make_synthetic.py --shape gemma2-2b --style genai -o models/synthetic/gemma2-2b-genai/model.onnx
 
 The graph is a real torch.onnx (dynamo) export of transformers' Gemma2ForCausalLM at the
 requested shape, traced with stand-in parameters that take no memory (one zero broadcast to
-the full shape). The weights are then generated and streamed straight into the external data
+the full shape); or, with --style genai, the onnxruntime-genai builder's graph (fp16, CUDA
+flavour: GroupQueryAttention, KV cache), built at the real widths on three layers and grown to
+full depth (synthetic_genai.py). The weights are then generated and streamed straight into the external data
 file, a few rows at a time: the model is never held in RAM, so a 9B model is made on a
 machine with less memory than its weights.
 
@@ -157,11 +160,13 @@ def role_of(value) -> tuple[str, int | None] | None:
         return None
     ops = {use.node.op_type for use in value.uses()}
     if len(dims) == 2:
+        if "MatMul" in ops or "Gemm" in ops:
+            return "matrix", 0  # stored [K, N] (a builder's tied lm_head also feeds the embedding's Transpose)
         if "Gather" in ops:
             return "embedding", 1  # rows are tokens; outliers live in hidden channels
-        if ops == {"MatMul"} or ops == {"Gemm"}:
-            return "matrix", 0  # stored [K, N]
-        return "matrix", 1  # stored [N, K] behind a Transpose
+        if ops == {"Transpose"}:
+            return "matrix", 1  # stored [N, K] behind a Transpose
+        return None  # rotary caches and other tables keep their values
     if len(dims) == 1 and dims[0] >= 16:
         return "gain", None
     return None
@@ -177,6 +182,9 @@ def write_model(model, target: Path, dtype: str, seed: int, log=print) -> int:
     offset = 0
     started = shown = time.perf_counter()
     jobs = [(name, value, role_of(value)) for name, value in model.graph.initializers.items()]
+    for _, value, role in jobs:  # kept tables (rotary caches) stored inline: nothing may point into another file
+        if role is None and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
     jobs = [(n, v, r) for n, v, r in jobs if r is not None]
     total = sum(v.const_value.nbytes for _, v, _ in jobs)
     with open(target.parent / location, "wb") as data:
@@ -216,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gemma2-2b", help="model size [gemma2-2b]")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (same widths)")
     parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="weight type [fp16]")
+    parser.add_argument(
+        "--style", choices=["dynamo", "genai"], default="dynamo",
+        help="export graph: torch.onnx dynamo, or the onnxruntime-genai builder's (GroupQueryAttention, KV cache) [dynamo]",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights [0]")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output .onnx path (its .data beside it)")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
@@ -229,15 +241,26 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     config = gemma2_config(shape, args.layers)
     started = time.perf_counter()
-    print(f"exporting the graph of {args.shape} ({config.num_hidden_layers} layers, dynamo) ...", file=sys.stderr)
-    model = export_graph(config, args.dtype)
+    print(f"exporting the graph of {args.shape} ({config.num_hidden_layers} layers, {args.style}) ...", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        extra = []
+        if args.style == "genai":
+            import onnx_ir as ir
+            import synthetic_genai
+
+            template = synthetic_genai.build_template(config, args.dtype, tmp / "template")
+            model = ir.load(template)
+            synthetic_genai.replicate_layers(model, config.num_hidden_layers)
+            synthetic_genai.write_genai_config(template.parent, tmp, config.num_hidden_layers)
+            extra = ["genai_config.json"]
+        else:
+            model = export_graph(config, args.dtype)
         size = write_model(model, tmp / out.name, args.dtype, args.seed, log=lambda *a, **k: print(*a, **k, file=sys.stderr))
-        for name in (f"{out.name}.data", out.name):  # data first, model last
+        for name in (*extra, f"{out.name}.data", out.name):  # data first, model last
             os.replace(tmp / name, out.parent / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
