@@ -99,9 +99,9 @@ def gptq(
             centre = zero if zero is not None else torch.full_like(scale_out[:, b], float(zero_code))
             deq = (q.to(torch.float32) - centre) * scale_out[:, b]
             err = (block_w[:, col] - deq) / hinv[i, i]
-            block_w[:, col:] -= err.unsqueeze(1) * hinv[i, i:i2].unsqueeze(0)
+            block_w[:, col:].addr_(err, hinv[i, i:i2], alpha=-1.0)  # in place: no [N, rows] temporary
             errors[:, col] = err
-        wt[:, i2:] -= errors @ hinv[i1:i2, i2:]
+        wt[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1.0)  # in place: no [N, K] temporary per chunk
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 
 

@@ -46,7 +46,7 @@ def _round_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s.to(dtype).to(torch.float32)
 
 
-CANDIDATE_ELEMENTS = 1 << 22  # values evaluated at once across candidates (bounds the search's memory)
+CANDIDATE_ELEMENTS = 1 << 19  # values evaluated at once across candidates: temporaries stay below the mmap threshold (memory.py)
 
 
 def candidate_errors(blocks, scales, zero, qmax: int, weight) -> torch.Tensor:

@@ -36,7 +36,7 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
-ROW_ELEMENTS = 1 << 22  # weights rounded at once (bounds the temporaries of a wide matrix)
+ROW_ELEMENTS = 1 << 19  # weights rounded at once: temporaries stay below the mmap threshold (memory.py)
 
 
 def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
