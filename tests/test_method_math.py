@@ -109,7 +109,7 @@ def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80):
 def test_value_output_transform_is_exact_and_can_lower_the_pair_error():
     pair, heads, kv, d = _pair_setup()
     t = transforms.hadamard(d)
-    v2, o2 = transforms.apply_value_output(pair.w_v, pair.w_o, t, heads)
+    v2, o2 = transforms.apply_value_output(pair.w_v, pair.w_o, t)
     group = heads // kv
     for h in range(heads):  # the product V_g O_h of every query head is unchanged
         g = h // group

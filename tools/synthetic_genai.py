@@ -28,8 +28,8 @@ _NODE_LAYER = re.compile(r"^/model/layers\.(\d+)/")
 
 
 def build_template(config, dtype: str, work: Path) -> Path:
-    """The builder's graph of a TEMPLATE_LAYERS-deep copy of `config`; returns its model.onnx."""
-    return run_builder(config, dtype, work, TEMPLATE_LAYERS)
+    """The builder's graph of a TEMPLATE_LAYERS-deep copy of `config` (all of it when shallower); returns its model.onnx."""
+    return run_builder(config, dtype, work, min(config.num_hidden_layers, TEMPLATE_LAYERS))
 
 
 def run_builder(config, dtype: str, work: Path, layers: int) -> Path:
@@ -55,10 +55,9 @@ def run_builder(config, dtype: str, work: Path, layers: int) -> Path:
     model.save_pretrained(hf)
     del model
     out = work / "onnx"
-    precision = {"fp16": "fp16", "bf16": "bf16"}[dtype]
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
-        "-i", str(hf), "-o", str(out), "-p", precision, "-e", "cuda",
+        "-i", str(hf), "-o", str(out), "-p", dtype, "-e", "cuda",
         "-c", str(work / "cache"), "--extra_options", "windowed_kv_cache=false",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -87,14 +86,14 @@ def replicate_layers(model, layers: int) -> None:
 
     graph = model.graph
     built = TEMPLATE_LAYERS
-    if layers < built:
-        raise ValueError(f"at least {built} layers")
+    if layers <= built:
+        return  # build_template made the whole model
     by_layer: dict[int, list] = {}
     for node in graph:
         idx = _layer_of(node)
         if idx is not None and idx < built:
             by_layer.setdefault(idx, []).append(node)
-    tail = [n for n in graph if (_layer_of(n) is None or _layer_of(n) >= built) and _after_layers(n, by_layer)]
+    tail = [n for n in graph if _after_layers(n)]
     values = {v.name: v for v in graph.inputs}
     values.update(graph.initializers)
     for node in graph:
@@ -131,7 +130,7 @@ def replicate_layers(model, layers: int) -> None:
     _extend_cache_io(graph, built, layers, values)
 
 
-def _after_layers(node, by_layer) -> bool:
+def _after_layers(node) -> bool:
     """Nodes that run after the decoder layers (final norm, lm_head, softcap)."""
     name = node.name or ""
     return name.startswith("/lm_head") or "final_norm" in name

@@ -49,18 +49,19 @@ def _round_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 CANDIDATE_ELEMENTS = 1 << 19  # values evaluated at once across candidates: temporaries stay below the mmap threshold (memory.py)
 
 
-def candidate_errors(blocks, scales, zero, qmax: int, weight) -> torch.Tensor:
-    """Weighted error of rounding `blocks` [N, kb, bs] with candidate parameters [R, N, kb] -> [R, N, kb].
+def candidate_errors(blocks, scales, zero, qmax: int, weight, dim: int = -1) -> torch.Tensor:
+    """Weighted error of rounding `blocks` [N, kb, bs] with candidate parameters [R, N, kb] -> [R, N, kb]
+    (or of [kb, bs, N] row blocks with parameters [kb, N] when `dim` = 1, the axis along a block).
 
     The codes stay in float (the same values quantize_blocks produces), so no integer round trip.
     """
     inv = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0)
-    zero = zero.unsqueeze(-1) if torch.is_tensor(zero) else zero
-    q = round_clamped(blocks * inv.unsqueeze(-1) + zero, qmax)
-    err = (blocks - (q - zero) * scales.unsqueeze(-1)) ** 2
+    zero = zero.unsqueeze(dim) if torch.is_tensor(zero) else zero
+    q = round_clamped(blocks * inv.unsqueeze(dim) + zero, qmax)
+    err = (blocks - (q - zero) * scales.unsqueeze(dim)) ** 2
     if weight is not None:
         err = err * weight
-    return err.sum(-1)
+    return err.sum(dim)
 
 
 def _best_of(blocks, candidates, qmax: int, weight):

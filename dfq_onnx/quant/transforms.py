@@ -49,21 +49,17 @@ def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | Non
         codes = grid.quantize_blocks(blocks, s, z, fmt)
         zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
         return float(scales.block_error(blocks, codes, s, zero, wb).sum())
-    k, n = w.shape
     bs = fmt.block_size
-    rows = grid.to_row_blocks(w, bs)  # [kb, bs, N]
+    rows = grid.to_row_blocks(w, bs)  # [kb, bs, N]: W's own layout, no transposed copy
     row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), bs)  # [kb, bs, 1]
-    step = max(1, ROW_ELEMENTS // (bs * n))
-    qmax = grid.grid_max(fmt.bits)
+    step = max(1, ROW_ELEMENTS // (bs * w.shape[1]))
     total = 0.0
     for b in range(0, rows.shape[0], step):
         x = rows[b : b + step]
         s, z = grid.rtn_params(x, fmt, dim=1)
-        zero = float(1 << (fmt.bits - 1)) if z is None else z.to(torch.float32).unsqueeze(1)
-        inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0).unsqueeze(1)
-        q = grid.round_clamped(x * inv + zero, qmax)  # the codes quantize_blocks makes, in float
-        err = (x - (q - zero) * s.unsqueeze(1)) ** 2
-        total += float((err if row_weight is None else err * row_weight[b : b + step]).sum())
+        zero = float(1 << (fmt.bits - 1)) if z is None else z.to(torch.float32)
+        part_weight = None if row_weight is None else row_weight[b : b + step]
+        total += float(scales.candidate_errors(x, s, zero, grid.grid_max(fmt.bits), part_weight, dim=1).sum())
     return total
 
 
@@ -113,9 +109,7 @@ def hadamard(n: int, device=None) -> torch.Tensor | None:
 
 def block_rotate(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """blockdiag(block, block, ...) @ W for W[K, N]: rows taken b at a time (K a multiple of b)."""
-    k, n = w.shape
-    b = block.shape[0]
-    return (block @ w.reshape(k // b, b, n)).reshape(k, n)
+    return BlockDiagonal(block.unsqueeze(0)).times(w)
 
 
 @dataclasses.dataclass
@@ -176,16 +170,10 @@ def value_output_candidates(head_dim: int, device=None) -> list[tuple[str, torch
     return out
 
 
-def apply_value_output(w_v: torch.Tensor, w_o: torch.Tensor, t: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """V'[:, g] = V[:, g] T and O'[rows of h] = T^-1 O[rows of h] for every query head h of group g."""
-    d = t.shape[0]
-    kv = w_v.shape[1] // d
-    group = num_heads // kv
-    t_inv = torch.linalg.inv(t.to(torch.float64)).to(w_o.dtype)
-    v = torch.cat([w_v[:, g * d : (g + 1) * d] @ t for g in range(kv)], dim=1)
-    o = torch.cat([t_inv @ w_o[h * d : (h + 1) * d] for h in range(num_heads)], dim=0)
-    del group
-    return v, o
+def apply_value_output(w_v: torch.Tensor, w_o: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """V'[:, g] = V[:, g] T and O'[rows of h] = T^-1 O[rows of h] for every KV group g and query head h."""
+    blocks = BlockDiagonal(t.unsqueeze(0))
+    return blocks.right_of(w_v), blocks.inverse().times(w_o)
 
 
 def rope_rotation(angles: torch.Tensor, head_dim: int, rotary_dim: int | None = None) -> BlockDiagonal:
