@@ -276,14 +276,15 @@ class _Rewriter:
 
     # -- reading
 
-    def weight(self, lin: Linear, contiguous: bool = True) -> torch.Tensor:
-        """W[K, N] in float32. A weight stored [N, K] is, without `contiguous`, a view: the very
-        layout of the blocks round-to-nearest works on, so no transpose is copied twice."""
+    def weight(self, lin: Linear, as_stored: bool = False) -> torch.Tensor:
+        """W[K, N], float32 and contiguous; with `as_stored`, W as it is stored: its own float dtype,
+        and a weight stored [N, K] as a transposed view (round-to-nearest reads it piece by piece)."""
         arr = load.read_array(self.graph.initializers[lin.weight.initializer].const_value)
+        if as_stored:
+            w = _stored_tensor(arr)
+            return w.t() if lin.weight.transposed else w
         w = torch.from_numpy(arr.astype(np.float32, copy=False))
-        if not lin.weight.transposed:
-            return w
-        return w.t().contiguous() if contiguous else w.t()
+        return w.t().contiguous() if lin.weight.transposed else w
 
     def activation_dtype(self, lin: Linear) -> np.dtype:
         node = self.nodes[lin.node]
@@ -298,8 +299,8 @@ class _Rewriter:
 
     def run_unit(self, unit: methods.Unit, fmt: QuantFormat, options: RunOptions) -> list[SiteResult]:
         t0 = time.perf_counter()
-        layout_free = self.recipe.method.name == Method.RTN  # RTN reads blocks in whichever layout is stored
-        weights = {lin.node: self.weight(lin, contiguous=not layout_free) for lin in unit.linears}
+        as_stored = self.recipe.method.name == Method.RTN  # RTN reads blocks in any layout and dtype
+        weights = {lin.node: self.weight(lin, as_stored=as_stored) for lin in unit.linears}
         dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
         data = methods.UnitInput(
             weights={name: w.to(options.device) for name, w in weights.items()},
@@ -556,6 +557,13 @@ class _Rewriter:
             values = values - 1.0
         arr = values.astype(load.numpy_dtype(old.dtype)).reshape(tuple(old.shape.numpy()))
         self._replace_with(name, arr, old.dtype)
+
+
+def _stored_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a stored array; bfloat16, which numpy lacks, through its bits."""
+    if arr.dtype == load.numpy_dtype(ir.DataType.BFLOAT16):
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

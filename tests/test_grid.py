@@ -8,7 +8,7 @@ import torch
 
 from dfq_onnx.config import QuantFormat
 from dfq_onnx.graph.pack import matmulnbits_b, matmulnbits_zero_points, pack_along_last, unpack_along_last
-from dfq_onnx.quant import grid
+from dfq_onnx.quant import grid, proxy
 
 ort_kernels = pytest.importorskip("onnxruntime.capi._pybind_state")
 KERNELS = {2: "quantize_matmul_2bits", 4: "quantize_matmul_4bits", 8: "quantize_matmul_8bits"}
@@ -71,6 +71,26 @@ def test_rtn_fp16_scales_equal_ort(symmetric):
     assert np.array_equal(q.scales.numpy().astype(np.float16), scales)
     if not symmetric:
         assert np.array_equal(matmulnbits_zero_points(q.zero_points.numpy(), 4), zp)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("stored_transposed", [False, True])
+def test_rtn_in_pieces_equals_ort(monkeypatch, symmetric, stored_transposed):
+    """Pieces of a few blocks, read from fp16 storage in either layout, give ORT's bytes."""
+    monkeypatch.setattr(grid, "CHUNK_ELEMENTS", 100)
+    rng = np.random.default_rng(11 + symmetric)
+    w = planted(rng, 132, 13, np.float16)
+    packed, scales, zp = ort_quantize(w, 4, 32, symmetric)
+    stored = torch.from_numpy(np.ascontiguousarray(w.T) if stored_transposed else w)
+    q = grid.rtn(stored.t() if stored_transposed else stored, QuantFormat(4, 32, symmetric), torch.float16)
+    assert np.array_equal(matmulnbits_bytes(q, 4), packed)
+    assert np.array_equal(q.scales.numpy().astype(np.float16), scales)
+    if not symmetric:
+        assert np.array_equal(matmulnbits_zero_points(q.zero_points.numpy(), 4), zp)
+    ref, err = proxy.quantized_errors(stored.t() if stored_transposed else stored, q)
+    w64 = torch.from_numpy(w.astype(np.float64))
+    assert ref == pytest.approx(float((w64**2).sum()), rel=1e-5)
+    assert err == pytest.approx(float(((w64 - q.dequantize().double()) ** 2).sum()), rel=1e-4)
 
 
 def test_round_half_away_matches_c_roundf():

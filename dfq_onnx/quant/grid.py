@@ -154,19 +154,50 @@ def quantize_blocks(
     return q
 
 
+# Elements of a float32 temporary in the chunked CPU loops (2 MiB): served from the heap's kept top,
+# where whole-matrix temporaries would each be a fresh mapping whose pages the kernel zeroes.
+CHUNK_ELEMENTS = 1 << 19
+
+
+def row_block_chunks(w: torch.Tensor, block_size: int):
+    """(k-block slice, column slice, float32 [k_blocks', block_size, N'] piece of W) covering W[K, N].
+
+    Pieces follow the stored layout: whole columns when W is a transposed view of [N, K] storage,
+    whole rows of blocks otherwise. On a GPU the whole matrix is one piece.
+    """
+    rows = to_row_blocks(w, block_size)
+    k_blocks, _, n = rows.shape
+    if w.device.type != "cpu":
+        yield slice(0, k_blocks), slice(0, n), rows.to(torch.float32)
+        return
+    column_major = w.dim() == 2 and w.stride(0) == 1 and n > 1
+    kb_step = k_blocks if column_major else max(1, min(k_blocks, CHUNK_ELEMENTS // (block_size * n)))
+    n_step = max(1, min(n, CHUNK_ELEMENTS // (kb_step * block_size)))
+    for kb0 in range(0, k_blocks, kb_step):
+        kbs = slice(kb0, min(kb0 + kb_step, k_blocks))
+        for n0 in range(0, n, n_step):
+            ns = slice(n0, min(n0 + n_step, n))
+            yield kbs, ns, rows[kbs, :, ns].to(torch.float32)
+
+
 def rtn(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> Quantized:
-    """Round-to-nearest of W[K, N] with min/max scales: ORT DEFAULT's result."""
-    w = w.to(torch.float32)
-    rows = to_row_blocks(w, fmt.block_size)  # computed in W's layout, stored in MatMulNBits'
-    scales, zps = rtn_params(rows, fmt, scale_dtype, dim=1)
-    codes = quantize_blocks(rows, scales, zps, fmt, dim=1)
-    return Quantized(
-        codes=codes.permute(2, 0, 1).contiguous(),
-        scales=scales.t().contiguous(),
-        zero_points=None if zps is None else zps.t().contiguous(),
-        k=w.shape[0],
-        fmt=fmt,
-    )
+    """Round-to-nearest of W[K, N] (any float dtype) with min/max scales: ORT DEFAULT's result.
+
+    Computed piece by piece in W's stored layout (every step is per block, so pieces give the
+    same bits as the whole), written into MatMulNBits' [N, k_blocks, block_size].
+    """
+    k, n = w.shape
+    k_blocks = -(-k // fmt.block_size)
+    codes = torch.empty((n, k_blocks, fmt.block_size), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((n, k_blocks), dtype=torch.float32, device=w.device)
+    zero_points = None if fmt.symmetric else torch.empty((n, k_blocks), dtype=torch.uint8, device=w.device)
+    for kbs, ns, piece in row_block_chunks(w, fmt.block_size):
+        s, z = rtn_params(piece, fmt, scale_dtype, dim=1)
+        codes[ns, kbs] = quantize_blocks(piece, s, z, fmt, dim=1).permute(2, 0, 1)
+        scales[ns, kbs] = s.t()
+        if zero_points is not None:
+            zero_points[ns, kbs] = z.t()
+    return Quantized(codes=codes, scales=scales, zero_points=zero_points, k=k, fmt=fmt)
 
 
 def fake_quant(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:

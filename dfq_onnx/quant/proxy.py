@@ -28,13 +28,19 @@ def product_sq_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_ha
 
 
 def quantized_errors(w: torch.Tensor, q: grid.Quantized) -> tuple[float, float]:
-    """(||W||^2, ||W - W_hat||^2) in the blocks' own layout, with BLAS dot products (float32, blocked
-    accumulation: ample for a relative error in a report).
+    """(||W||^2, ||W - W_hat||^2) for W[K, N] of any float dtype, piece by piece in W's stored layout,
+    with BLAS dot products (float32 within a piece: ample for a relative error in a report).
 
     Padding rows dequantize to exactly zero (their codes sit on the zero point), so they add nothing.
     """
-    blocks = grid.to_blocks(w.to(device=q.codes.device, dtype=torch.float32), q.fmt.block_size).reshape(-1)
-    z = q.zero_point_values().to(torch.float32).unsqueeze(-1)
-    d = torch.addcmul(blocks.view(q.codes.shape), q.codes.to(torch.float32) - z, q.scales.unsqueeze(-1), value=-1.0)
-    d = d.reshape(-1)
-    return float(torch.dot(blocks, blocks)), float(torch.dot(d, d))  # BLAS dots: one pass, no temporaries
+    w = w.to(q.codes.device)
+    z_all = q.zero_point_values()
+    ref = err = 0.0
+    for kbs, ns, piece in grid.row_block_chunks(w, q.fmt.block_size):
+        codes = q.codes[ns, kbs].permute(1, 2, 0).to(torch.float32)  # [k_blocks', block, N']
+        z = z_all[ns, kbs].t().to(torch.float32).unsqueeze(1)
+        d = torch.addcmul(piece, codes - z, q.scales[ns, kbs].t().unsqueeze(1), value=-1.0).reshape(-1)
+        piece = piece.reshape(-1)
+        ref += float(torch.dot(piece, piece))
+        err += float(torch.dot(d, d))
+    return ref, err
