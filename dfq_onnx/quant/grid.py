@@ -170,7 +170,7 @@ def row_block_chunks(w: torch.Tensor, block_size: int):
     if w.device.type != "cpu":
         yield slice(0, k_blocks), slice(0, n), rows.to(torch.float32)
         return
-    column_major = w.dim() == 2 and w.stride(0) == 1 and n > 1
+    column_major = w.stride(0) == 1 and n > 1
     kb_step = k_blocks if column_major else max(1, min(k_blocks, CHUNK_ELEMENTS // (block_size * n)))
     n_step = max(1, min(n, CHUNK_ELEMENTS // (kb_step * block_size)))
     for kb0 in range(0, k_blocks, kb_step):
