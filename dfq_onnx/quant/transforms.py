@@ -36,9 +36,6 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
-ROW_ELEMENTS = 1 << 19  # weights rounded at once: temporaries stay below the mmap threshold (memory.py)
-
-
 def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
     """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`): min/max scales,
     or searched ones with `search`."""
@@ -49,16 +46,12 @@ def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | Non
         codes = grid.quantize_blocks(blocks, s, z, fmt)
         zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
         return float(scales.block_error(blocks, codes, s, zero, wb).sum())
-    bs = fmt.block_size
-    rows = grid.to_row_blocks(w, bs)  # [kb, bs, N]: W's own layout, no transposed copy
-    row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), bs)  # [kb, bs, 1]
-    step = max(1, ROW_ELEMENTS // (bs * w.shape[1]))
+    row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), fmt.block_size)  # [kb, bs, 1]
     total = 0.0
-    for b in range(0, rows.shape[0], step):
-        x = rows[b : b + step]
+    for kbs, _, x in grid.row_block_chunks(w, fmt.block_size):  # W's own layout, in pieces
         s, z = grid.rtn_params(x, fmt, dim=1)
         zero = float(1 << (fmt.bits - 1)) if z is None else z.to(torch.float32)
-        part_weight = None if row_weight is None else row_weight[b : b + step]
+        part_weight = None if row_weight is None else row_weight[kbs]
         total += float(scales.candidate_errors(x, s, zero, grid.grid_max(fmt.bits), part_weight, dim=1).sum())
     return total
 
