@@ -45,6 +45,7 @@ class UnitResult:
     transforms: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # linear -> transforms used
     errors: dict[str, SiteErrors] = dataclasses.field(default_factory=dict)  # linear -> proxy errors
     residual: stats.Moments | None = None  # residual-stream statistics after the unit
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> its bias, moved with its columns
     float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # transformed W (float)
     online: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> block T of x' = x T
 
@@ -54,6 +55,7 @@ class UnitInput:
     weights: dict[str, torch.Tensor]  # linear -> W[K, N] (float32, on the method's device)
     scale_dtypes: dict[str, torch.dtype]
     gains: dict[str, torch.Tensor]  # norm gain initializer -> multiplicative gain values
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> output bias [N]
     residual: stats.Moments | None = None  # residual-stream statistics before the unit
     keep_float: bool = False  # return the transformed float weights too (float output)
 
@@ -82,7 +84,7 @@ def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: Meth
 
 @register(Method.CAFEQ)
 def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
-    layer = LayerWeights(weights=data.weights, scale_dtypes=data.scale_dtypes)
+    layer = LayerWeights(weights=data.weights, scale_dtypes=data.scale_dtypes, biases=data.biases)
     att, mlp = unit.attention, unit.mlp
     if att is not None:
         for role in ("q", "k", "v", "qkv", "o"):
@@ -97,6 +99,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
             layer.qkv = None  # a packed projection we cannot split is quantized on its own
     if mlp is not None:
         layer.gate, layer.up, layer.down = mlp.gate, mlp.up, mlp.down
+        layer.gate_columns, layer.up_columns = mlp.gate_columns, mlp.up_columns
         layer.activation = stats.activation_kind(mlp.activation)
         layer.mlp_gain, layer.mlp_gain_foldable = _gain(mlp.input_norm, data, unit)
         layer.mlp_post_gain, _ = _gain(mlp.output_norm, data, unit)
@@ -116,7 +119,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         keep_float=data.keep_float,
     )
     result = optimise_layer(layer, fmt, opts, data.residual)
-    out = UnitResult(quantized={}, residual=result.residual, online=result.online)
+    out = UnitResult(quantized={}, residual=result.residual, online=result.online, biases=result.biases)
     for name, site in result.sites.items():
         out.quantized[name] = site.quantized
         out.transforms[name] = site.transforms

@@ -19,8 +19,10 @@ import onnx_ir as ir
 import torch
 
 from . import checkpoint, memory, methods
+from .mirror import Mirror
 from .config import Method, OutputFormat, Prior, QuantFormat, Recipe
 from .errors import DfqError, Interrupted
+from .verify import VerificationFailed
 from .graph import load, opset, rewrite, save
 from .graph.sites import Embedding, Linear, ModelSites, Role, find_sites
 from .quant import grid, proxy, stats
@@ -69,8 +71,10 @@ def optimize(
     writer = save.ExternalDataWriter(work, location, start_offset=state.data_offset)
     units = plan_units(sites, model.graph)
     resumed = state.units_done
+    mirrors: dict[str, Mirror] = {}
     try:
-        rewriter = _Rewriter(model, sites, recipe, writer, state)
+        mirrors = _mirrors(input_path, work, recipe, verify_mode, resumed, notes)
+        rewriter = _Rewriter(model, sites, recipe, writer, state, mirrors)
         head = _head_linears(sites, recipe)
         total = sum(len(u.linears) for u in units) + len(head)  # progress counts linears (sites)
         results = rewriter.replay(units[: state.units_done])
@@ -96,16 +100,23 @@ def optimize(
         save.externalize_remaining(model, writer, keep_names=rewriter.written)
         writer.close()
         save.save_model(model, work / output_path.name)
+        checks = {name: m.finish() for name, m in mirrors.items()}
         optimise_seconds = time.perf_counter() - started
-        verification = _verify(input_path, work / output_path.name, sites, verify_mode)
+        verification = _verify(input_path, work / output_path.name, sites, verify_mode, recipe, checks)
+        for path in checks.values():  # verification only: never published
+            path.unlink()
+            path.with_name(path.name + ".data").unlink()
         save.publish(work, output_path, location)
     except KeyboardInterrupt:
-        writer.close()
+        _close(writer, mirrors)
         if not state.units_done:  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
         raise Interrupted(_interrupted_message(work, output_path, state.units_done, len(units))) from None
+    except VerificationFailed:
+        _close(writer, mirrors)  # the work directory stays, for inspection
+        raise
     except BaseException:
-        writer.close()
+        _close(writer, mirrors)
         shutil.rmtree(work, ignore_errors=True)
         raise
 
@@ -116,9 +127,9 @@ def optimize(
         sites=sites,
         results=results,
         seconds=optimise_seconds,
-        notes=notes + sites.notes + rewriter.notes,
+        notes=notes + sites.notes + rewriter.notes + [f"{name} fell back to identity statistics: {why}" for name, why in sites.unmatched.items()],
     )
-    report.verification = verification
+    report.verification = verification or {"verified": False, "why": f"--verify {verify_mode}"}
     report.online = rewriter.online_rotations()
     report.resumed_units = resumed
     report.write_json(report_path_for(output_path))
@@ -141,6 +152,23 @@ def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[s
         notes.append("--resume: no unfinished run was found; started afresh")
     work.mkdir()
     return checkpoint.State(fingerprint=key), notes
+
+
+def _mirrors(input_path: Path, work: Path, recipe: Recipe, verify_mode: str, resumed: int, notes: list[str]) -> dict[str, Mirror]:
+    """The float copies that verification compares against (only when logits are compared)."""
+    if verify_mode != "compare" or recipe.float_output:
+        return {}  # a float output is itself compared with the input
+    if resumed:
+        notes.append("a resumed run is verified by running it and comparing its logits, not by the exactness and fidelity checks")
+        return {}
+    names = ["dequantized"] if recipe.method.name == Method.RTN else ["exact", "dequantized"]  # RTN transforms nothing
+    return {name: Mirror(input_path, work, f".verify-{name}") for name in names}
+
+
+def _close(writer: save.ExternalDataWriter, mirrors: dict[str, Mirror]) -> None:
+    writer.close()
+    for mirror in mirrors.values():
+        mirror.close()
 
 
 def _interrupted_message(work: Path, output: Path, done: int, total: int) -> str:
@@ -169,13 +197,25 @@ def _verify_mode(requested: str, model: ir.Model, notes: list[str]) -> str:
     return "none"
 
 
-def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str) -> dict | None:
-    """Run the written model in ONNX Runtime before it is published: a model ORT rejects is never left behind."""
+def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str, recipe: Recipe, checks: dict[str, Path]) -> dict | None:
+    """Run the written model in ONNX Runtime before it is published: a model ORT rejects, or one that
+    does not compute what the method decided, is never left behind."""
     if mode == "none":
         return None
     from . import verify  # ONNX Runtime is needed only here
 
-    return verify.check_output(input_path, candidate, sites, compare=mode == "compare")
+    fp16 = any(lin.weight.dtype == "FLOAT16" for lin in sites.linears.values())
+    return verify.check_output(
+        input_path,
+        candidate,
+        sites,
+        compare=mode == "compare",
+        exact=checks.get("exact"),
+        dequantized=checks.get("dequantized"),
+        float_output=recipe.float_output and mode == "compare",
+        dtype="float16" if fp16 else "float32",
+        scratch=candidate.parent,
+    )
 
 
 def report_path_for(output_path: Path) -> Path:
@@ -230,9 +270,16 @@ class _Rewriter:
     """Reads weights, runs the method, writes tensors and rewires one unit at a time."""
 
     def __init__(
-        self, model: ir.Model, sites: ModelSites, recipe: Recipe, writer: save.ExternalDataWriter, state: checkpoint.State
+        self,
+        model: ir.Model,
+        sites: ModelSites,
+        recipe: Recipe,
+        writer: save.ExternalDataWriter,
+        state: checkpoint.State,
+        mirrors: dict[str, Mirror] | None = None,
     ):
         self.model = model
+        self.mirrors = mirrors or {}  # float copies for verification: "exact" and "dequantized"
         self.graph = model.graph
         self.sites = sites
         self.recipe = recipe
@@ -306,8 +353,9 @@ class _Rewriter:
             weights={name: w.to(options.device) for name, w in weights.items()},
             scale_dtypes={name: _torch_dtype(dt) for name, dt in dtypes.items()},
             gains={name: g.to(options.device) for name, g in self.gains(unit).items()},
+            biases={lin.node: b.to(options.device) for lin in unit.linears if (b := self.bias(lin)) is not None},
             residual=self.residual,
-            keep_float=self.recipe.float_output,
+            keep_float=self.recipe.float_output or "exact" in self.mirrors,
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         self.residual = result.residual
@@ -325,9 +373,31 @@ class _Rewriter:
                 self._emit_float(lin, result.float_weights.get(lin.node, weights[lin.node]))
             else:
                 self._emit_linear(lin, q, dtypes[lin.node])
+                self._mirror_weights(lin, result.float_weights.get(lin.node), q)
         for name, gain in result.changed.items():
             self._replace_gain(name, gain)
+        for name, bias in result.biases.items():
+            self._replace_bias(self.sites.linears[name], bias)
         return out
+
+    def bias(self, lin: Linear) -> torch.Tensor | None:
+        """The linear's output bias when it is an initializer we may rewrite (read by that Add alone)."""
+        if lin.bias is None or lin.bias not in self.graph.initializers or len(self.graph.initializers[lin.bias].uses()) != 1:
+            return None
+        arr = load.read_array(self.graph.initializers[lin.bias].const_value).astype(np.float32).reshape(-1)
+        return torch.from_numpy(arr)
+
+    def _replace_bias(self, lin: Linear, bias: torch.Tensor) -> None:
+        old = self.graph.initializers[lin.bias].const_value
+        arr = bias.detach().cpu().numpy().astype(load.numpy_dtype(old.dtype)).reshape(tuple(old.shape.numpy()))
+        self._replace_with(lin.bias, arr, old.dtype)
+
+    def _mirror_weights(self, lin: Linear, float_weight: torch.Tensor | None, q: grid.Quantized) -> None:
+        """The verification copies get the float weight that was rounded, and what the written bytes mean."""
+        if "exact" in self.mirrors and float_weight is not None:
+            self.mirrors["exact"].set_weight(lin, float_weight.detach().cpu().numpy())
+        if "dequantized" in self.mirrors:
+            self.mirrors["dequantized"].set_weight(lin, q.dequantize().cpu().numpy())
 
     def initial_statistics(self, options: RunOptions):
         """Residual-stream statistics at the first layer, from the embedding table (for the propagated prior)."""
@@ -364,6 +434,7 @@ class _Rewriter:
             q = grid.rtn(w.to(options.device), fmt, _torch_dtype(dtype))
             out.append(self._site_result(lin, w, q, fmt, time.perf_counter() - t0, []))
             written = self._emit_linear(lin, q, dtype)
+            self._mirror_weights(lin, None, q)
             emb = self.sites.embedding
             if emb is not None:
                 self._emit_embedding(emb, lin, q, written, fmt, dtype, options)
@@ -384,6 +455,8 @@ class _Rewriter:
                 {"op": "online", "nodes": names, "tensor": tensor, "k": lin.k, "block": block.shape[0], "layer": lin.layer}
             )
             self._rotate(names, tensor)
+            for mirror in self.mirrors.values():
+                mirror.rotate(names, block)
 
     def _rotation_tensor(self, block: np.ndarray) -> str:
         """The b x b block as a tensor of the data file, written once and shared by every layer using it."""
@@ -447,6 +520,8 @@ class _Rewriter:
         self.written.add(initializer)
 
     def _replace_with(self, initializer: str, array: np.ndarray, dtype: ir.DataType) -> None:
+        for mirror in self.mirrors.values():
+            mirror.replace(initializer, array)
         self._store(initializer, array, dtype, array.shape)
         self.state.actions.append({"op": "replace", "initializer": initializer, "tensor": initializer})
         self._adopt_replacement(initializer, initializer)
@@ -490,6 +565,9 @@ class _Rewriter:
             self.notes.append(
                 f"embedding kept in float: hidden size {lin.k} is not a multiple of the block size {fmt.block_size}"
             )
+            if emb.tied and "dequantized" in self.mirrors:  # its copy shares the lm_head's now-dequantized table
+                self.mirrors.pop("dequantized").close()
+                self.notes.append("fidelity not checked: the tied embedding stays float while its lm_head is quantized")
             return
         if emb.tied:
             q = q_head
@@ -498,6 +576,9 @@ class _Rewriter:
             e = torch.from_numpy(arr.astype(np.float32, copy=False))
             w = e if emb.transposed else e.t().contiguous()
             q = grid.rtn(w.to(options.device), fmt, _torch_dtype(dtype))
+            if "dequantized" in self.mirrors:
+                table = q.dequantize().cpu().numpy()  # [hidden, vocab]
+                self.mirrors["dequantized"].replace(emb.initializer, table if emb.transposed else table.T)
         packed = self._packed(q, dtype, lin)
         gather = self.nodes.pop(emb.node)
         base = f"{emb.initializer}_embedding"

@@ -176,6 +176,7 @@ def structure_summary(sites: ModelSites) -> dict[str, Any]:
             for lin in sites.linears.values()
         ],
         "pairs": [dataclasses.asdict(p) for p in sites.pairs()],
+        "unmatched": sites.unmatched,
         "notes": sites.notes,
     }
 

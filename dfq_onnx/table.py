@@ -36,8 +36,8 @@ def structure_table(sites: ModelSites, path: Path) -> str:
                 lin = sites.linears[name]
                 shapes.append(f"{role} {lin.k}x{lin.n}")
         if mlp:
-            for role in ("gate", "up", "down"):
-                lin = sites.linears[getattr(mlp, role)]
+            for role in ("gate_up", "down") if mlp.fused else ("gate", "up", "down"):
+                lin = sites.linears[getattr(mlp, "gate" if role == "gate_up" else role)]
                 shapes.append(f"{role} {lin.k}x{lin.n}")
         heads = f"{att.num_heads}/{att.num_kv_heads}x{att.head_dim}" if att.head_dim else "?"
         norms = "+".join(
@@ -63,9 +63,10 @@ def structure_table(sites: ModelSites, path: Path) -> str:
     qk_ok = sum(1 for p in pairs if p.kind == "qk" and p.detail["applies"])
     out.append("")
     out.append(f"pairs: V/O {kinds['vo']}, up/down {kinds['up_down']}, Q/K {kinds['qk']} ({qk_ok} RoPE-commuting)")
-    other = [lin for lin in sites.linears.values() if lin.role.value == "other"]
-    if other:
-        out.append(f"unmatched linears (quantized without transforms): {len(other)}")
+    if sites.unmatched:
+        out.append(f"unmatched linears (quantized without pairing or transforms, identity statistics): {len(sites.unmatched)}")
+        for name, why in sites.unmatched.items():
+            out.append(f"  {name}: {why}")
     for note in sites.notes:
         out.append(f"note: {note}")
     return "\n".join(out)

@@ -1,11 +1,19 @@
-"""After writing: ONNX Runtime (CPU) loads the output and runs it on random token ids.
+"""Before publishing: ONNX Runtime (CPU) runs the written model on random token ids and gates it.
 
-With `compare`, the input model runs on the same ids and the logits are compared. Random ids
-are not data: they only show that the model executes and how far its outputs moved.
+All checks feed the same ids (random ids are not data: they only show what a model computes):
+- the output runs and its logits are finite;
+- with `compare`, the input runs too and the report says how far the logits moved;
+- exactness: the exact mirror (every float transform applied, nothing rounded) gives the input's
+  logits, so no transform changed the function;
+- fidelity: the written model gives the logits of the dequantized mirror (float MatMuls with the
+  method's dequantized weights), so the packed bytes and the rewired graph are what was computed.
+A failed check raises VerificationFailed naming the first layer and sublayer whose output broke.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,17 @@ from .errors import DfqError
 from .graph.sites import ModelSites
 
 SEQ_LEN = 16
+
+# Limits on max|a - b| / max|b| over the logits (measured on the tiny test models of every family and
+# export style, see tests/test_verify_gate.py: exact mirrors <= 2e-6 in fp32, fidelity <= 1e-5 in fp32;
+# fp16 storage rounds every transformed weight once more, ~5e-4 relative, which reaches the logits
+# as ~1e-2 on random-weight models). Real defects move logits by whole units (relative > 0.1).
+EXACT_LIMIT = {"float32": 1e-3, "float16": 5e-2}
+FIDELITY_LIMIT = {"float32": 1e-3, "float16": 2e-2}
+
+
+class VerificationFailed(DfqError):
+    """The written model does not compute what it should; it is not published."""
 
 
 def ort():
@@ -28,7 +47,7 @@ def ort():
     return onnxruntime
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None, label: str | None = None):
     rt = ort()
     opts = rt.SessionOptions()
     # Fused QDQ -> MatMulNBits defaults to int8 activations on CPU; keep float for a fair check.
@@ -39,12 +58,20 @@ def session(path: Path, threads: int | None = None):
     try:
         return rt.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise DfqError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0][:300]}") from None
+        raise DfqError(f"ONNX Runtime cannot load {label or path.name}: {_first_line(exc)}") from None
 
 
-def feeds(sess, ids: np.ndarray, head_dim: int | None) -> dict[str, np.ndarray]:
-    """Inputs for a causal LM export: ids, an all-ones mask, positions, empty past caches."""
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def feeds(sess, ids: np.ndarray, head_dim: int | None, windows: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for a causal LM export as its runtime gives them: ids, an all-ones mask, positions,
+    and empty past caches, except sliding-window caches of fixed capacity (`windows`), which get
+    their full capacity of zeros as onnxruntime-genai allocates them."""
     out: dict[str, np.ndarray] = {}
+    windows = windows or {}
     batch, seq = ids.shape
     for spec in sess.get_inputs():
         name = spec.name
@@ -54,6 +81,8 @@ def feeds(sess, ids: np.ndarray, head_dim: int | None) -> dict[str, np.ndarray]:
             out[name] = np.ones((batch, seq), dtype=np.int64 if "int64" in spec.type else np.int32)
         elif name == "position_ids":
             out[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif name == "cache_position":
+            out[name] = np.arange(seq, dtype=np.int64)
         elif name.startswith("past_key_values") or name.startswith("past_"):
             dtype = np.float16 if "float16" in spec.type else np.float32
             shape = []
@@ -63,7 +92,7 @@ def feeds(sess, ids: np.ndarray, head_dim: int | None) -> dict[str, np.ndarray]:
                 elif i == 0:
                     shape.append(batch)
                 elif "past" in str(dim) or i == 2:
-                    shape.append(0)
+                    shape.append(windows.get(name, 0))
                 else:
                     shape.append(head_dim or 1)
             out[name] = np.zeros(shape, dtype=dtype)
@@ -72,37 +101,151 @@ def feeds(sess, ids: np.ndarray, head_dim: int | None) -> dict[str, np.ndarray]:
     return out
 
 
-def logits_of(sess, feed: dict[str, np.ndarray]) -> np.ndarray:
+def logits_of(sess, feed: dict[str, np.ndarray], label: str = "the model") -> np.ndarray:
     names = [o.name for o in sess.get_outputs()]
+    if not names:
+        raise DfqError(f"{label} has no graph outputs; export it with its logits as an output")
     index = names.index("logits") if "logits" in names else 0
-    return sess.run([names[index]], feed)[0].astype(np.float32)
+    try:
+        return sess.run([names[index]], feed)[0].astype(np.float32)
+    except Exception as exc:
+        raise DfqError(f"ONNX Runtime cannot run {label}: {_first_line(exc)}") from None
 
 
-def check_output(input_path: Path, output_path: Path, sites: ModelSites, compare: bool = True) -> dict[str, Any]:
-    head_dim = next((a.head_dim for a in sites.attentions if a.head_dim), None)
-    vocab = sites.vocab or 2
-    ids = np.random.default_rng(1234).integers(0, vocab, size=(1, SEQ_LEN))
+def model_logits(path: Path, ids: np.ndarray, sites: ModelSites, label: str | None = None) -> np.ndarray:
+    sess = session(path, label=label)
+    return logits_of(sess, feeds(sess, ids, _head_dim(sites), sites.kv_windows), label or path.name)
+
+
+def _head_dim(sites: ModelSites) -> int | None:
+    return next((a.head_dim for a in sites.attentions if a.head_dim), None)
+
+
+def relative(a: np.ndarray, ref: np.ndarray) -> float:
+    scale = float(np.abs(ref).max()) or 1.0
+    return float(np.abs(a - ref).max()) / scale
+
+
+def check_output(
+    input_path: Path,
+    output_path: Path,
+    sites: ModelSites,
+    compare: bool = True,
+    exact: Path | None = None,
+    dequantized: Path | None = None,
+    float_output: bool = False,
+    dtype: str = "float32",
+    scratch: Path | None = None,
+) -> dict[str, Any]:
+    ids = np.random.default_rng(1234).integers(0, sites.vocab or 2, size=(1, SEQ_LEN))
     t0 = time.perf_counter()
-    out_sess = session(output_path)
-    got = logits_of(out_sess, feeds(out_sess, ids, head_dim))
-    result: dict[str, Any] = {
-        "ran": True,
-        "tokens": int(ids.size),
-        "finite": bool(np.isfinite(got).all()),
-        "output_seconds": time.perf_counter() - t0,
-    }
-    del out_sess
-    if compare:
-        ref_sess = session(input_path)
-        ref = logits_of(ref_sess, feeds(ref_sess, ids, head_dim))
+    got = model_logits(output_path, ids, sites, "the written model")
+    result: dict[str, Any] = {"ran": True, "tokens": int(ids.size), "finite": bool(np.isfinite(got).all())}
+    if not result["finite"]:
+        raise VerificationFailed(
+            f"the written model produced non-finite logits; nothing was published (work files kept in {output_path.parent})"
+        )
+    checks = []
+    if compare or exact is not None or float_output:
+        ref = model_logits(input_path, ids, sites, "the input model")
         diff = np.abs(got - ref)
-        scale = float(np.abs(ref).max()) or 1.0
         result.update(
             max_abs_error=float(diff.max()),
             mean_abs_error=float(diff.mean()),
-            rel_max_error=float(diff.max()) / scale,
+            rel_max_error=relative(got, ref),
             top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()),
         )
-    if not result["finite"]:
-        raise DfqError(f"{output_path.name} produced non-finite logits; please report this model")
+        if float_output:  # the written model is itself the exact one
+            checks.append(("exactness", output_path, input_path, got, ref, EXACT_LIMIT[dtype]))
+        elif exact is not None:
+            checks.append(("exactness", exact, input_path, model_logits(exact, ids, sites, "the exact mirror"), ref, EXACT_LIMIT[dtype]))
+    if dequantized is not None:
+        expected = model_logits(dequantized, ids, sites, "the dequantized mirror")
+        checks.append(("fidelity", output_path, dequantized, got, expected, FIDELITY_LIMIT[dtype]))
+    for name, path, ref_path, a, b, limit in checks:
+        error = relative(a, b)
+        result[f"{name}_rel_error"] = error
+        result[f"{name}_limit"] = limit
+        if not error <= limit:
+            where = first_divergence(path, ref_path, sites, ids, limit, scratch or output_path.parent)
+            what = (
+                "the float transforms changed the model's function"
+                if name == "exactness"
+                else "the written weights are not the ones the method computed"
+            )
+            raise VerificationFailed(
+                f"{name} check failed: {what} (logits off by {error:.2e} relative, limit {limit:.0e}; "
+                f"first at {where}); nothing was published, work files kept in {output_path.parent}"
+            )
+    result["checks"] = [c[0] for c in checks]
+    result["seconds"] = time.perf_counter() - t0
     return result
+
+
+# ----------------------------------------------------------------------------- finding where it broke
+
+
+def first_divergence(path: Path, ref_path: Path, sites: ModelSites, ids: np.ndarray, limit: float, scratch: Path) -> str:
+    """The first sublayer (attention, MLP) whose output differs beyond `limit` between two models.
+
+    Transforms leave each sublayer's output (o's, down's) unchanged, so these values are comparable
+    across the input, the mirrors and the written model. Found by running both models once more with
+    those values as extra outputs.
+    """
+    probes = []
+    for att in sites.attentions:
+        if att.o:
+            probes.append((f"layer {att.layer} attention", att.o))
+        mlp = next((m for m in sites.mlps if m.layer == att.layer), None)
+        if mlp:
+            probes.append((f"layer {att.layer} MLP", mlp.down))
+    try:
+        a = _probe(path, [name for _, name in probes], ids, sites, scratch / ".probe-a")
+        b = _probe(ref_path, [name for _, name in probes], ids, sites, scratch / ".probe-b")
+    except Exception as exc:  # localisation is a courtesy: the failure itself is already established
+        return f"an unknown place ({_first_line(exc)})"
+    for label, name in probes:
+        if name in a and name in b and relative(a[name], b[name]) > limit:
+            return f"{label} ({name})"
+    return "the lm_head or embedding (every layer's output matches)"
+
+
+def _probe(path: Path, linears: list[str], ids: np.ndarray, sites: ModelSites, probe_dir: Path) -> dict[str, np.ndarray]:
+    """Run a copy of the model that also outputs each linear's result (found under its own or its
+    replacement's name), from a scratch folder holding hard links to (or copies of) the model's
+    data files: ONNX Runtime refuses data outside the model's folder, and the input's own folder is
+    never written."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    by_name = {node.name: node for node in model.graph.node}
+    wanted = {}
+    for lin in linears:
+        node = by_name.get(lin) or next(
+            (n for n in model.graph.node if n.name.startswith(f"{lin}_Q") and n.op_type in ("MatMulNBits", "MatMul")), None
+        )
+        if node is not None:
+            wanted[node.output[0]] = lin
+    for value, lin in wanted.items():
+        elem = onnx.TensorProto.FLOAT16 if sites.linears[lin].weight.dtype == "FLOAT16" else onnx.TensorProto.FLOAT
+        model.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
+    probe_dir.mkdir(exist_ok=True)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and not (probe_dir / entry.value).exists():
+                _link_or_copy(path.parent / entry.value, probe_dir / entry.value)
+    probe = probe_dir / path.name
+    onnx.save(model, str(probe))
+    sess = session(probe, label=f"a probe of {path.name}")
+    feed = feeds(sess, ids, _head_dim(sites), sites.kv_windows)
+    names = list(wanted)
+    values = sess.run(names, feed)
+    return {wanted[n]: v.astype(np.float32) for n, v in zip(names, values)}
+
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copyfile(src, dst)

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 from collections import defaultdict
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import DfqError
@@ -38,6 +39,7 @@ class Role(str, enum.Enum):
     O = "o"
     GATE = "gate"
     UP = "up"
+    GATE_UP = "gate_up"  # gate and up columns in one linear (Phi-3), split after the MatMul
     DOWN = "down"
     LM_HEAD = "lm_head"
     OTHER = "other"
@@ -62,7 +64,8 @@ class Linear:
     weight: WeightSource
     role: Role = Role.OTHER
     layer: int | None = None
-    bias: str | None = None  # Gemm's C input, kept as an Add after quantization
+    bias: str | None = None  # the [N] bias initializer: Gemm's C input, or the constant of an Add right after
+    bias_add: str | None = None  # that Add node, when the bias is a node of its own (MatMul -> Add)
 
 
 @dataclasses.dataclass
@@ -113,6 +116,13 @@ class Mlp:
     activation: str
     input_norm: NormGain | None = None
     output_norm: NormGain | None = None
+    # One fused linear (gate == up): the column ranges [start, end) of its gate and up halves.
+    gate_columns: tuple[int, int] | None = None
+    up_columns: tuple[int, int] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.gate == self.up
 
 
 @dataclasses.dataclass
@@ -147,6 +157,11 @@ class ModelSites:
     style: str
     notes: list[str]
     embedding_scale: float = 1.0  # the constant the embedding lookup is multiplied by
+    # Past-KV graph inputs of sliding-window layers whose cache has a fixed capacity (the onnxruntime-genai
+    # builder's default windowed cache): input name -> capacity the runtime allocates.
+    kv_windows: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Linears the matcher could not place in a layer's structure, and why (they get no pairing).
+    unmatched: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def by_role(self, role: Role) -> list[Linear]:
         return [lin for lin in self.linears.values() if lin.role == role]
@@ -197,7 +212,7 @@ class ModelSites:
 
 def find_sites(model: ir.Model) -> ModelSites:
     graph = model.graph
-    _ensure_node_names(graph)
+    name_nodes(graph)
     order = {id(node): i for i, node in enumerate(graph)}
     linears = {node.name: lin for node in graph if (lin := _as_linear(node)) is not None}
     if not linears:
@@ -216,6 +231,7 @@ def find_sites(model: ir.Model) -> ModelSites:
     if embedding is not None and lm_head is not None:
         embedding.tied = linears[lm_head].weight.initializer == embedding.initializer
     _assign_layers(linears, attentions, mlps, nodes, order)
+    _attach_biases(linears, nodes)
     for att in attentions:
         att.input_norm = _norm_gain(nodes, linears, [x for x in (att.q, att.k, att.v, att.qkv) if x])
         if att.o:
@@ -238,10 +254,13 @@ def find_sites(model: ir.Model) -> ModelSites:
         style=_guess_style(model, attentions),
         notes=notes,
         embedding_scale=_embedding_scale(nodes[embedding.node]) if embedding else 1.0,
+        kv_windows=_kv_windows(graph),
+        unmatched=_unmatched(linears, nodes, lm_head),
     )
 
 
-def _ensure_node_names(graph: ir.Graph) -> None:
+def name_nodes(graph: ir.Graph) -> None:
+    """Give every node a unique name (deterministic: loading the same file twice gives the same names)."""
     seen: set[str] = set()
     for i, node in enumerate(graph):
         name = node.name or f"{node.op_type}_{i}"
@@ -406,6 +425,8 @@ def _match_attention(
                 att.qk_norm = any(n.op_type in trace.NORM_OPS or n.op_type == "ReduceMean" for n in passed)
                 att.rope, att.rotary_dim = _rope_layout(core, passed)
         _head_geometry(att, core, linears, nodes, notes)
+        if att.head_dim and att.rotary_dim and att.rotary_dim > att.head_dim:
+            att.rotary_dim = None  # the smallest slice seen was a q|k|v column range, not a RoPE half
         att.o = _match_o(core, linears, nodes)
         if att.o:
             linears[att.o].role = Role.O
@@ -438,11 +459,11 @@ def _head_geometry(
         att.num_heads, att.num_kv_heads, att.head_dim = heads, kv, d
         return
     if att.qkv:
-        notes.append(f"layer attention {core.anchor.name}: packed qkv without a fused op; split unknown")
+        _packed_geometry(att, core, linears, nodes, notes)
         return
-    d = _reshape_head_dim(nodes[att.q]) if att.q else None
+    d = _reshape_head_dim(nodes[att.q].outputs[0]) if att.q else None
     if d is None and att.k:
-        d = _reshape_head_dim(nodes[att.k])
+        d = _reshape_head_dim(nodes[att.k].outputs[0])
     if d and att.q and linears[att.q].n % d == 0:
         att.head_dim = d
         att.num_heads = linears[att.q].n // d
@@ -452,11 +473,99 @@ def _head_geometry(
         notes.append(f"attention at {core.anchor.name}: head size not found; V/O and Q/K pairs disabled")
 
 
-def _reshape_head_dim(linear_node: ir.Node) -> int | None:
+def _packed_geometry(att: Attention, core: _Core, linears, nodes, notes: list[str]) -> None:
+    """q|k|v in one linear without a fused attention op (Phi-3 in torch exports): the column
+    ranges come from the Slice / Split that cut its output, each traced to the input it reaches."""
+    lin = linears[att.qkv]
+    ends = {(id(node), idx): role for role, (node, idx) in core.ends.items()}
+
+    def reaches(value: ir.Value) -> str | None:
+        stops, _ = trace.forward(value, lambda n, i: (id(n), i) in ends or n.op_type in ("MatMul", "Gemm", "Softmax"))
+        roles = {ends[(id(n), i)] for n, i in stops if (id(n), i) in ends}
+        return roles.pop() if len(roles) == 1 else None
+
+    pieces = {}
+    for value, (start, end) in column_pieces(_after_bias(nodes[att.qkv].outputs[0]), lin.n):
+        role = reaches(value)
+        if role in ("q", "k", "v"):
+            pieces[role] = (start, end)
+    if set(pieces) != {"q", "k", "v"} or [pieces[r] for r in ("q", "k", "v")] != sorted(pieces.values()):
+        notes.append(f"attention at {core.anchor.name}: packed qkv whose q|k|v columns were not found; V/O and Q/K pairs disabled")
+        return
+    (q0, q1), (k0, k1), (v0, v1) = (pieces[r] for r in ("q", "k", "v"))
+    if not (q0 == 0 and q1 == k0 and k1 == v0 and v1 == lin.n):
+        notes.append(f"attention at {core.anchor.name}: packed qkv columns {pieces} do not tile the output; pairs disabled")
+        return
+    att.qkv_split = (q1 - q0, k1 - k0, v1 - v0)
+    d = None
+    for value, (start, _) in column_pieces(_after_bias(nodes[att.qkv].outputs[0]), lin.n):
+        if start == 0:
+            d = _reshape_head_dim(value)
+    if d and all(width % d == 0 for width in att.qkv_split):
+        att.head_dim, att.num_heads, att.num_kv_heads = d, att.qkv_split[0] // d, att.qkv_split[1] // d
+    else:
+        notes.append(f"attention at {core.anchor.name}: head size of the packed qkv not found; V/O and Q/K pairs disabled")
+
+
+def _after_bias(value: ir.Value) -> ir.Value:
+    """The output of a linear, past the bias Add that directly follows it (if any)."""
+    users = list(trace.consumers(value))
+    if len(users) == 1 and users[0][0].op_type == "Add" and any(trace.is_constant(x) for x in users[0][0].inputs):
+        return users[0][0].outputs[0]
+    return value
+
+
+def _linear_through_bias(value: ir.Value) -> ir.Node | None:
+    """The node computing `value`, or the MatMul before the constant bias Add that computes it."""
+    node = value.producer()
+    if node is not None and node.op_type == "Add" and any(trace.is_constant(x) for x in node.inputs):
+        inner = next(x for x in node.inputs if not trace.is_constant(x)).producer()
+        if inner is not None and inner.op_type in ("MatMul", "Gemm"):
+            return inner
+    return node
+
+
+def column_pieces(value: ir.Value, n: int) -> list[tuple[ir.Value, tuple[int, int]]]:
+    """Values cut from the last axis of `value` [..., n] by Slice (constant starts/ends, step 1) or Split."""
+    out = []
+    for node, idx in trace.consumers(value):
+        if idx != 0:
+            continue
+        if node.op_type == "Slice":
+            start, end = (trace.scalar_int(x, {id(value): n}) for x in node.inputs[1:3])
+            axes = trace.const_array(node.inputs[3]) if len(node.inputs) > 3 else None
+            steps = trace.const_array(node.inputs[4]) if len(node.inputs) > 4 else None
+            if start is None or end is None or not _is_last_axis(axes, value):
+                continue
+            if steps is not None and int(steps.reshape(-1)[0]) != 1:
+                continue
+            start, end = (x + n if x < 0 else min(x, n) for x in (start, end))
+            out.append((node.outputs[0], (start, end)))
+        elif node.op_type == "Split" and _is_last_axis(np.array([attr(node, "axis", 0)]), value):
+            sizes = trace.const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            sizes = [int(x) for x in sizes.reshape(-1)] if sizes is not None else list(attr(node, "split", []) or [])
+            if not sizes:
+                parts = len(node.outputs)
+                sizes = [-(-n // parts)] * (parts - 1) + [n - (parts - 1) * -(-n // parts)]
+            start = 0
+            for output, size in zip(node.outputs, sizes):
+                out.append((output, (start, start + size)))
+                start += size
+    return out
+
+
+def _is_last_axis(axes: np.ndarray | None, value: ir.Value) -> bool:
+    if axes is None or axes.size != 1:
+        return False
+    axis = int(axes.reshape(-1)[0])
+    if value.shape is None:  # TorchScript leaves intermediate shapes out: activations are [batch, seq, features]
+        return axis in (-1, 2)
+    return axis in (-1, len(value.shape) - 1)
+
+
+def _reshape_head_dim(value: ir.Value) -> int | None:
     """The head size from the first Reshape after a projection ([..., heads, head_dim])."""
-    stops, _ = trace.forward(
-        linear_node.outputs[0], lambda n, i: n.op_type in ("Reshape", "MatMul", "Softmax", "Shape")
-    )
+    stops, _ = trace.forward(value, lambda n, i: n.op_type in ("Reshape", "MatMul", "Softmax", "Shape"))
     for node, idx in stops:
         if node.op_type == "Reshape" and idx == 0:
             dims = trace.partial_ints(node.inputs[1])
@@ -468,7 +577,10 @@ def _reshape_head_dim(linear_node: ir.Node) -> int | None:
 def _rope_layout(core: _Core, passed: list[ir.Node]) -> tuple[str, int | None]:
     if core.fused is not None and core.fused.op_type == "GroupQueryAttention":
         if attr(core.fused, "do_rotary", 0):
-            return ("interleaved" if attr(core.fused, "rotary_interleaved", 0) else "half"), None
+            # cos_cache is [positions, rotary_dim / 2]: less than half the head under partial rotary (Phi-4-mini).
+            cos = core.fused.inputs[7] if len(core.fused.inputs) > 7 else None
+            rotary = 2 * int(cos.shape[-1]) if cos is not None and cos.shape is not None and isinstance(cos.shape[-1], int) else None
+            return ("interleaved" if attr(core.fused, "rotary_interleaved", 0) else "half"), rotary
     for node in passed:
         if node.op_type == "RotaryEmbedding":
             return ("interleaved" if attr(node, "interleaved", 0) else "half"), None
@@ -489,6 +601,7 @@ def _rope_layout(core: _Core, passed: list[ir.Node]) -> tuple[str, int | None]:
                 s, e = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
                 if 0 <= s < e < 1 << 30:
                     half_sizes.append(e - s)
+    # rotate_half cuts [0, r/2) and [r/2, end); a q|k|v split or a partial rotary cut is wider.
     rotary = 2 * min(half_sizes) if half_sizes else None
     return "half", rotary
 
@@ -509,19 +622,31 @@ def _match_mlps(
         activated = [s for s in sides if s and s[1]]
         if len(direct) != 1 or len(activated) != 1:
             continue
-        up, gate = direct[0][0], activated[0][0]
+        (up, _, up_cols), (gate, acts, gate_cols) = direct[0], activated[0]
         if nodes[up].inputs[0] is not nodes[gate].inputs[0] or linears[up].role != Role.OTHER:
             continue
-        act = "+".join(sorted(activated[0][1]))
-        linears[gate].role, linears[up].role, lin.role = Role.GATE, Role.UP, Role.DOWN
-        mlps.append(Mlp(layer=-1, gate=gate, up=up, down=name, activation=act))
+        mlp = Mlp(layer=-1, gate=gate, up=up, down=name, activation="+".join(sorted(acts)))
+        if up == gate:  # one linear computes both halves (Phi-3's gate_up_proj)
+            halves = sorted(c for c in (gate_cols, up_cols) if c is not None)
+            if len(halves) != 2 or halves[0][0] != 0 or halves[0][1] != halves[1][0] or halves[1][1] != linears[up].n:
+                continue  # the halves must tile the output for the two parts to be quantized as one
+            mlp.gate_columns, mlp.up_columns = gate_cols, up_cols
+            linears[gate].role = Role.GATE_UP
+        else:
+            if gate_cols is not None or up_cols is not None:
+                continue  # a slice of a linear that is not the whole gate / up: not a plain gated MLP
+            linears[gate].role, linears[up].role = Role.GATE, Role.UP
+        lin.role = Role.DOWN
+        mlps.append(mlp)
     return mlps
 
 
-def _gate_side(value: ir.Value, linears: dict[str, Linear]) -> tuple[str, set[str]] | None:
-    """The one linear upstream of one side of the down projection's Mul, and the activations crossed."""
+def _gate_side(value: ir.Value, linears: dict[str, Linear]) -> tuple[str, set[str], tuple[int, int] | None] | None:
+    """The one linear upstream of one side of the down projection's Mul, the activations crossed,
+    and the column range of the linear this side reads when it crosses a Slice / Split."""
     found: set[str] = set()
     acts: set[str] = set()
+    cut: set[tuple[int, int]] = set()
     frontier = [value]
     for _ in range(16):
         nxt = []
@@ -536,15 +661,26 @@ def _gate_side(value: ir.Value, linears: dict[str, Linear]) -> tuple[str, set[st
                 return None
             if node.op_type in trace.ACTIVATIONS:
                 acts.add(node.op_type)
+            elif node.op_type in ("Slice", "Split"):
+                source = node.inputs[0]
+                producer = _linear_through_bias(source)
+                if producer is not None and producer.name in linears:
+                    pieces = dict((id(out), cols) for out, cols in column_pieces(source, linears[producer.name].n))
+                    if id(v) not in pieces:
+                        return None
+                    cut.add(pieces[id(v)])
+                    found.add(producer.name)
+                    continue
+                return None
             elif node.op_type not in ("Cast", "Identity", "Mul", "Add", "Div", "Pow", "Sub", "Neg"):
                 return None
             nxt.extend(x for x in node.inputs if x is not None and not trace.is_constant(x))
         frontier = nxt
         if not frontier:
             break
-    if len(found) != 1:
+    if len(found) != 1 or len(cut) > 1:
         return None
-    return found.pop(), acts
+    return found.pop(), acts, cut.pop() if cut else None
 
 
 def _match_embedding(graph: ir.Graph) -> Embedding | None:
@@ -607,6 +743,49 @@ def _assign_layers(
         mlp.layer = layer
         for m in (mlp.gate, mlp.up, mlp.down):
             linears[m].layer = layer
+
+
+def _attach_biases(linears: dict[str, Linear], nodes: dict[str, ir.Node]) -> None:
+    """A MatMul followed only by Add(constant [N]) has a bias: output-side transforms must move it too."""
+    for name, lin in linears.items():
+        if lin.op_type != "MatMul":
+            continue
+        users = list(trace.consumers(nodes[name].outputs[0]))
+        if len(users) != 1 or users[0][0].op_type != "Add":
+            continue
+        add = users[0][0]
+        other = add.inputs[1 - users[0][1]]
+        if other is not None and other.is_initializer() and other.const_value is not None:
+            shape = [int(d) for d in other.const_value.shape]
+            if shape and shape[-1] == lin.n and all(d == 1 for d in shape[:-1]):
+                lin.bias, lin.bias_add = other.name, add.name
+
+
+def _kv_windows(graph: ir.Graph) -> dict[str, int]:
+    """Past-KV inputs of GroupQueryAttention with a sliding-window cache: the runtime gives them
+    `local_window_size` slots whatever the prompt length, and the op rejects fewer."""
+    inputs = {id(v) for v in graph.inputs}
+    out = {}
+    for node in graph:
+        if node.op_type == "GroupQueryAttention" and attr(node, "sliding_window_cache", 0):
+            window = int(attr(node, "local_window_size", -1))
+            for value in list(node.inputs)[3:5]:
+                if value is not None and id(value) in inputs and window > 0:
+                    out[value.name] = window
+    return out
+
+
+def _unmatched(linears: dict[str, Linear], nodes: dict[str, ir.Node], lm_head: str | None) -> dict[str, str]:
+    """For each linear left outside every layer pattern: where its output went that the rules do not follow."""
+    out = {}
+    for name, lin in linears.items():
+        if lin.role != Role.OTHER or name == lm_head:
+            continue
+        stops, passed = trace.forward(nodes[name].outputs[0], lambda n, i: not trace.flows_through(n, i))
+        ends = sorted({f"{n.op_type} '{n.name}'" for n, _ in stops})
+        where = ", ".join(ends[:3]) if ends else "nothing (its output is unused or a graph output)"
+        out[name] = f"not part of an attention or gated MLP pattern; its output reaches {where}"
+    return out
 
 
 def _norm_gain(nodes: dict[str, ir.Node], linears: dict[str, Linear], members: list[str]) -> NormGain | None:

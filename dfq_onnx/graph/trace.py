@@ -198,3 +198,31 @@ def _static_len(value: ir.Value) -> int | None:
 def attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
+
+
+def scalar_int(value: ir.Value | None, last_dims: dict[int, int], depth: int = 12) -> int | None:
+    """Evaluate a one-element int expression of constants and Shape(x)[-1] for values x whose last
+    dimension is known (`last_dims`: id(value) -> size): how TorchScript writes `chunk` bounds."""
+    if value is None or depth == 0:
+        return None
+    arr = const_array(value)
+    if arr is not None:
+        return int(arr.reshape(-1)[0]) if arr.size == 1 else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+        shape = node.inputs[0].producer()
+        index = const_array(node.inputs[1])
+        if shape.op_type == "Shape" and index is not None and index.size == 1 and id(shape.inputs[0]) in last_dims:
+            if int(index.reshape(-1)[0]) == -1 or (shape.inputs[0].shape is None and int(index.reshape(-1)[0]) == 2):
+                return last_dims[id(shape.inputs[0])]
+        return None
+    if node.op_type in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Concat") and len([x for x in node.inputs if x is not None]) >= 1:
+        return scalar_int(node.inputs[0], last_dims, depth - 1) if node.op_type != "Concat" or len(node.inputs) == 1 else None
+    if node.op_type in ("Add", "Sub", "Mul", "Div"):
+        a, b = (scalar_int(x, last_dims, depth - 1) for x in node.inputs[:2])
+        if a is None or b is None or (node.op_type == "Div" and b == 0):
+            return None
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a // b if b else 0}[node.op_type]
+    return None

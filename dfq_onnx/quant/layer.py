@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -69,11 +70,14 @@ class LayerWeights:
     gate: str | None = None
     up: str | None = None
     down: str | None = None
+    gate_columns: tuple[int, int] | None = None  # gate == up: one fused linear, its halves' column ranges
+    up_columns: tuple[int, int] | None = None
     activation: str = "gelu_tanh"
     mlp_gain: torch.Tensor | None = None
     mlp_gain_foldable: bool = False
     mlp_post_gain: torch.Tensor | None = None
     mlp_post_norm: bool = False
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> its output bias [N]
 
 
 @dataclasses.dataclass
@@ -84,6 +88,7 @@ class SiteOutcome:
     reference: float  # proxy norm of the float weights (for relative errors)
     transforms: list[str]
     float_weight: torch.Tensor | None = None  # the transformed float weight (what was rounded)
+    columns: Callable[[torch.Tensor], torch.Tensor] | None = None  # b -> b C: what the output-side transform does to a bias
 
 
 @dataclasses.dataclass
@@ -93,6 +98,7 @@ class LayerResult:
     mlp_gain: torch.Tensor | None = None
     residual: stats.Moments | None = None  # the residual stream after this layer
     online: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> block T (x' = x T)
+    biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> bias moved with its columns
 
 
 def optimise_layer(
@@ -112,6 +118,10 @@ def optimise_layer(
             h = rounding.LowRank.identity(w.shape[0], w.device)
             result.sites[name] = _linear(w, h, fmt, layer.scale_dtypes[name], opts, None, [])
     result.residual = residual if propagate else None
+    for name, bias in layer.biases.items():
+        site = result.sites.get(name)
+        if site is not None and site.columns is not None:
+            result.biases[name] = site.columns(bias.to(torch.float32))
     return result
 
 
@@ -179,6 +189,12 @@ class SiteTransform:
             w = w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
         return w
 
+    def columns(self, b: torch.Tensor) -> torch.Tensor:
+        """b C for a bias b[N] added to the output: only the output-side part of the transform moves it."""
+        if self.col is None:
+            return b
+        return b * self.col if _is_vector(self.col) else _right(b.unsqueeze(0), self.col)[0]
+
     def hessian(self, h):
         """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
         if self.row is not None:
@@ -244,7 +260,8 @@ def _linear(w, h, fmt, dtype, opts, tf: SiteTransform | None, tags) -> SiteOutco
         q, err, tags = fallback, fallback_err, list(tags)
     else:
         tags = [*tags, *_method_tags(opts)]
-    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if opts.keep_float else None)
+    columns = tf.columns if tf.col is not None else None
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if opts.keep_float else None, columns=columns)
 
 
 def _method_tags(opts: LayerOptions) -> list[str]:
@@ -306,7 +323,7 @@ def _attention(layer: LayerWeights, fmt, opts, result: LayerResult, residual: st
     if layer.o and "o" in best.sites:
         result.sites[layer.o] = best.sites["o"]
     if layer.qkv:
-        result.sites[layer.qkv] = _merge({r: best.sites[r] for r in ("q", "k", "v")})
+        result.sites[layer.qkv] = _merge([best.sites[r] for r in ("q", "k", "v")])
     else:
         for role in ("q", "k", "v"):
             if role in best.sites:
@@ -314,9 +331,21 @@ def _attention(layer: LayerWeights, fmt, opts, result: LayerResult, residual: st
 
     if residual is None or not (layer.o and "v" in parts and layer.head_dim and layer.num_heads):
         return residual
-    z = stats.attention_output(stats.linear(x, parts["v"]), layer.num_heads, layer.head_dim)
-    y = stats.linear(z, layer.weights[layer.o])
+    # Attention weights sum to one, so a value bias reaches o's input unchanged: it shifts the mean.
+    z = stats.attention_output(_biased(stats.linear(x, parts["v"]), _v_bias(layer)), layer.num_heads, layer.head_dim)
+    y = _biased(stats.linear(z, layer.weights[layer.o]), layer.biases.get(layer.o))
     return residual + stats.sublayer_output(y, layer.attn_post_gain, layer.attn_post_norm)
+
+
+def _biased(x: stats.Moments, bias: torch.Tensor | None) -> stats.Moments:
+    return x if bias is None else stats.Moments(x.mean + bias.to(x.mean.dtype), x.cov)
+
+
+def _v_bias(layer: LayerWeights) -> torch.Tensor | None:
+    if layer.qkv:
+        bias = layer.biases.get(layer.qkv)
+        return None if bias is None else bias[sum(layer.qkv_split[:2]) :]
+    return layer.biases.get(layer.v)
 
 
 def _attention_with(layer, parts, x, h, a, tags, fmt, opts) -> _Attention:
@@ -380,9 +409,9 @@ def _column_errors(w: torch.Tensor, row_weight: torch.Tensor, fmt: QuantFormat) 
     return ((w - q.dequantize()) ** 2 * row_weight.unsqueeze(1)).sum(0)
 
 
-def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
-    """Packed q|k|v: concatenate the per-part results along N (scales are per column)."""
-    parts = [outcomes[r] for r in ("q", "k", "v")]
+def _merge(parts: list[SiteOutcome]) -> SiteOutcome:
+    """One linear computed as column parts (packed q|k|v, fused gate|up), in column order:
+    concatenate the per-part results along N (scales are per column)."""
     q0 = parts[0].quantized
     zps = None if q0.zero_points is None else torch.cat([p.quantized.zero_points for p in parts])
     merged = grid.Quantized(
@@ -393,7 +422,13 @@ def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
         fmt=q0.fmt,
     )
     tags = list(dict.fromkeys(t for p in parts for t in p.transforms))
-    # q, k and v are scored in different spaces (v through the V/O product): average relative errors.
+    widths = [p.quantized.codes.shape[0] for p in parts]
+
+    def columns(b: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(b, widths)
+        return torch.cat([p.columns(x) if p.columns else x for p, x in zip(parts, pieces)])
+
+    # Parts may be scored in different spaces (v through the V/O product): average relative errors.
     rel = lambda attr: sum(getattr(p, attr) / p.reference for p in parts if p.reference) / len(parts)  # noqa: E731
     return SiteOutcome(
         merged,
@@ -402,6 +437,7 @@ def _merge(outcomes: dict[str, SiteOutcome]) -> SiteOutcome:
         1.0,
         tags,
         float_weight=None if any(p.float_weight is None for p in parts) else torch.cat([p.float_weight for p in parts], dim=1),
+        columns=columns if any(p.columns for p in parts) else None,
     )
 
 
@@ -446,7 +482,11 @@ def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, Si
     pair_tags = ["vo-pair", *_method_tags(opts)] if opts.vo_pairs else _method_tags(opts)
     # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
     return {
-        "v": SiteOutcome(qv, err, rtn_pair, ref_pair, tags + extra + pair_tags, float_weight=tf_v.forward(w_v) if opts.keep_float else None),
+        "v": SiteOutcome(
+            qv, err, rtn_pair, ref_pair, tags + extra + pair_tags,
+            float_weight=tf_v.forward(w_v) if opts.keep_float else None,
+            columns=tf_v.columns if tf_v.col is not None else None,
+        ),
         "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o) if opts.keep_float else None),
     }
 
@@ -585,7 +625,15 @@ class _Pair:
 
 
 def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Moments | None):
-    w_gate, w_up, w_down = (layer.weights[x] for x in (layer.gate, layer.up, layer.down))
+    fused = layer.gate == layer.up  # one linear holds gate and up as column ranges
+    if fused:
+        w = layer.weights[layer.gate]
+        w_gate, w_up = (w[:, a:b] for a, b in (layer.gate_columns, layer.up_columns))
+        gate_key, up_key = f"{layer.gate}#gate", f"{layer.up}#up"
+    else:
+        w_gate, w_up = layer.weights[layer.gate], layer.weights[layer.up]
+        gate_key, up_key = layer.gate, layer.up
+    w_down = layer.weights[layer.down]
     device = w_gate.device
     x = _identity(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.mlp_gain)
     h = _hessian(x)
@@ -601,8 +649,8 @@ def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Mo
     def gate_up(t=None, tag=None):
         extra = [tag] if tag else []
         return {
-            layer.gate: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a, online=t), tags + extra),
-            layer.up: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
+            gate_key: _linear(w_gate, h, fmt, dt[layer.gate], opts, SiteTransform(row=a, online=t), tags + extra),
+            up_key: _linear(w_up, h, fmt, dt[layer.up], opts, SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
         }
 
     def down(t=None, tag=None):
@@ -616,9 +664,15 @@ def _mlp(layer: LayerWeights, fmt, opts, result: LayerResult, residual: stats.Mo
             _try_online(outcomes, make, k, device, opts, result)
     if a is not None:
         result.mlp_gain = layer.mlp_gain.to(torch.float32) * a
+    if fused:
+        halves = sorted([(layer.gate_columns, outcomes.pop(gate_key)), (layer.up_columns, outcomes.pop(up_key))], key=lambda p: p[0])
+        outcomes[layer.gate] = _merge([outcome for _, outcome in halves])
+        for key in (gate_key, up_key):
+            if key in result.online:
+                result.online[layer.gate] = result.online.pop(key)
     result.sites.update(outcomes)
 
     if residual is None:
         return residual
-    y = stats.linear(u, w_down)
+    y = _biased(stats.linear(u, w_down), layer.biases.get(layer.down))
     return residual + stats.sublayer_output(y, layer.mlp_post_gain, layer.mlp_post_norm)
