@@ -126,7 +126,14 @@ def result_table(report: Report) -> str:
             f"{100 * cost['fraction_of_linears']:.2f}% of the quantized linears'"
         )
     v = report.verification
-    if v:
+    if v and v.get("verified") is False:
+        lines.append(f"NOT verified ({v['why']}): the output was published without running it in ONNX Runtime")
+    elif v:
+        for check in v.get("checks", []):
+            lines.append(
+                f"{check} check passed: logits within {v[f'{check}_rel_error']:.1e} relative "
+                f"(limit {v[f'{check}_limit']:.0e}) of the {'input' if check == 'exactness' else 'dequantized weights'}"
+            )
         if "max_abs_error" in v:
             lines.append(
                 f"ONNX Runtime (CPU) ran the output on {v['tokens']} random token ids: logits differ from the "

@@ -25,12 +25,12 @@ from .graph.sites import ModelSites
 
 SEQ_LEN = 16
 
-# Limits on max|a - b| / max|b| over the logits (measured on the tiny test models of every family and
-# export style, see tests/test_verify_gate.py: exact mirrors <= 2e-6 in fp32, fidelity <= 1e-5 in fp32;
-# fp16 storage rounds every transformed weight once more, ~5e-4 relative, which reaches the logits
-# as ~1e-2 on random-weight models). Real defects move logits by whole units (relative > 0.1).
-EXACT_LIMIT = {"float32": 1e-3, "float16": 5e-2}
-FIDELITY_LIMIT = {"float32": 1e-3, "float16": 2e-2}
+# Limits on max|a - b| / max|b| over the logits. Measured on the tiny test models (tests/test_verify_gate.py,
+# tests/test_families.py): correct fp32 runs give <= 1e-6 for both checks; fp16 exports give ~1e-3 (every
+# weight the transforms touch is rounded to fp16 once more, and fp16 MatMuls accumulate differently).
+# The limits keep a 1000x (fp32) and 10x (fp16) margin; planted defects measured 0.15 to 1.2.
+EXACT_LIMIT = {"float32": 1e-3, "float16": 1e-2}
+FIDELITY_LIMIT = {"float32": 1e-3, "float16": 1e-2}
 
 
 class VerificationFailed(DfqError):
