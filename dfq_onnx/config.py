@@ -34,6 +34,19 @@ class LmHeadPolicy(str, enum.Enum):
         return {"keep": None, "int8": 8, "int4": 4}[self.value]
 
 
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_type(value: Any, kind: type, what: str) -> None:
+    """TOML and Python callers can pass any type: say which key wants which, before it is used."""
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise DfqError(f"{what} must be {_TYPE_NAMES[kind]}, not {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantFormat:
     """Group-wise quantization along K: one scale (and zero point if asymmetric) per block of rows."""
@@ -43,6 +56,8 @@ class QuantFormat:
     symmetric: bool = True
 
     def __post_init__(self) -> None:
+        for key, kind in (("bits", int), ("block_size", int), ("symmetric", bool)):
+            _check_type(getattr(self, key), kind, key)
         if self.bits not in SUPPORTED_BITS:
             raise DfqError(
                 f"unsupported --bits {self.bits}: choose one of {', '.join(map(str, SUPPORTED_BITS))}"
@@ -188,6 +203,15 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     _check_keys(quant, {"bits", "block_size", "symmetric"}, f"{source} [quant]")
     _check_keys(output, {"format", "lm_head", "accuracy_level"}, f"{source} [output]")
     _check_keys(method, {f.name for f in dataclasses.fields(MethodConfig)}, f"{source} [method]")
+    for section, types in (
+        ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
+        ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
+        ("method", {"name": str, "prior": str, "online_block": int, "online_min_gain": float}),
+        ("recipe", {"name": str, "description": str}),
+    ):
+        for key, kind in types.items():
+            if key in data.get(section, {}):
+                _check_type(data[section][key], kind, f"{source} [{section}] {key}")
     return Recipe(
         name=meta.get("name", Path(source).stem),
         description=meta.get("description", ""),
@@ -235,3 +259,4 @@ def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = set(section) - allowed
     if unknown:
         raise DfqError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+

@@ -48,6 +48,7 @@ class UnitResult:
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> its bias, moved with its columns
     float_weights: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # transformed W (float)
     online: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> block T of x' = x T
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the report should say about this unit
 
 
 @dataclasses.dataclass
@@ -118,7 +119,13 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         online_min_gain=config.online_min_gain,
         keep_float=data.keep_float,
     )
-    result = optimise_layer(layer, fmt, opts, data.residual)
+    try:
+        result = optimise_layer(layer, fmt, opts, data.residual)
+    except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
+        out = round_to_nearest(unit, data, fmt, config)
+        out.residual = data.residual
+        out.notes.append(f"{unit.label}: the method fell back to round-to-nearest ({str(exc).splitlines()[0][:120]})")
+        return out
     out = UnitResult(quantized={}, residual=result.residual, online=result.online, biases=result.biases)
     for name, site in result.sites.items():
         out.quantized[name] = site.quantized

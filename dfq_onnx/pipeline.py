@@ -38,6 +38,12 @@ class RunOptions:
     seed: int = 0
     resume: bool = False  # continue an interrupted run from its last finished layer
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise DfqError(f"seed {self.seed} is out of range: use an integer from 0 to {2**63 - 1}")
+        if self.verify not in ("auto", "compare", "run", "none"):
+            raise DfqError(f"unknown verify mode '{self.verify}': use auto, compare, run or none")
+
 
 def default_output_path(input_path: Path, recipe: Recipe) -> Path:
     suffix = "qdq" if recipe.output_format == OutputFormat.QDQ else "q"
@@ -61,8 +67,28 @@ def optimize(
     check_weight_types(model)
     save.check_output_path(output_path, input_path, load.external_data_files(model))
     sites = find_sites(model)
-    torch.manual_seed(options.seed)
+    if load.weight_bytes(model) <= VERIFY_AUTO_LIMIT:  # larger models are checked as each weight is read
+        load.check_finite(model, _float_tensors(sites))
+    with save.OutputLock(output_path):
+        try:
+            return _optimize(model, sites, input_path, output_path, recipe, options, progress, started)
+        except OSError as exc:  # the disk, not the model: one line, nothing published
+            raise save.write_error(exc, output_path) from None
 
+
+def _float_tensors(sites: ModelSites) -> list[str]:
+    """Every initializer the method reads: linear weights, norm gains, biases, the embedding."""
+    names = [lin.weight.initializer for lin in sites.linears.values()] + [b for lin in sites.linears.values() if (b := lin.bias)]
+    norms = [a.input_norm for a in sites.attentions] + [a.output_norm for a in sites.attentions]
+    norms += [m.input_norm for m in sites.mlps] + [m.output_norm for m in sites.mlps]
+    names += [g.initializer for g in norms if g is not None]
+    if sites.embedding:
+        names.append(sites.embedding.initializer)
+    return list(dict.fromkeys(names))
+
+
+def _optimize(model, sites, input_path, output_path, recipe, options, progress, started) -> Report:
+    torch.manual_seed(options.seed)
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.seed)
@@ -139,7 +165,7 @@ def optimize(
 def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[str]]:
     """A fresh work directory, or the unfinished run's state when resuming it is asked for and possible."""
     notes = []
-    if work.exists():
+    if work.is_dir():
         state, why_not = checkpoint.load(work, key)
         if resume and state is not None:
             return state, [f"resumed an unfinished run after {state.units_done} layer(s); they were not recomputed"]
@@ -150,7 +176,7 @@ def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[s
         shutil.rmtree(work, ignore_errors=True)
     elif resume:
         notes.append("--resume: no unfinished run was found; started afresh")
-    work.mkdir()
+    save.make_work_dir(work)
     return checkpoint.State(fingerprint=key), notes
 
 
@@ -187,7 +213,7 @@ def _verify_mode(requested: str, model: ir.Model, notes: list[str]) -> str:
     """"auto" compares small models; a large one is not loaded in ORT, whose memory would dwarf ours."""
     if requested != "auto":
         return requested
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    size = load.weight_bytes(model)
     if size <= VERIFY_AUTO_LIMIT:
         return "compare"
     notes.append(
@@ -327,6 +353,7 @@ class _Rewriter:
         """W[K, N], float32 and contiguous; with `as_stored`, W as it is stored: its own float dtype,
         and a weight stored [N, K] as a transposed view (round-to-nearest reads it piece by piece)."""
         arr = load.read_array(self.graph.initializers[lin.weight.initializer].const_value)
+        load.check_array_finite(arr, lin.weight.initializer)
         if as_stored:
             w = _stored_tensor(arr)
             return w.t() if lin.weight.transposed else w
@@ -359,6 +386,7 @@ class _Rewriter:
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         self.residual = result.residual
+        self.notes.extend(result.notes)
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
         self._insert_online(result.online, dtypes)  # before the linears are replaced: it rewires their input
         out = []

@@ -7,6 +7,8 @@ the process with the weight: resident memory follows the largest tensor in fligh
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -45,16 +47,43 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise DfqError(f"{path}: no such file; give the path of an .onnx model")
     if path.is_dir():
         raise DfqError(f"{path} is a directory; give the path of the .onnx file inside it")
-    try:
-        model = ir.load(path)
-    except Exception as exc:  # protobuf raises several unrelated types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DfqError(f"{path} is not a readable ONNX model ({first[:120]}); check the file") from None
+    with _captured_warnings("onnx_ir") as warned:
+        try:
+            model = ir.load(path)
+        except Exception as exc:  # protobuf raises several unrelated types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DfqError(f"{path} is not a readable ONNX model ({first[:120]}); check the file") from None
     if len(model.graph) == 0:
         raise DfqError(f"{path} is not a readable ONNX model (empty graph); check the file")
+    dangling = [r.args for r in warned if "cannot be found in any scope" in r.msg]
+    if dangling:
+        value, node = dangling[0][:2]
+        raise DfqError(f"{path.name} is not a valid graph: node '{node}' reads '{value}', which nothing produces; re-export the model")
+    if not model.graph.outputs:
+        raise DfqError(f"{path.name} has no graph outputs; export the model with its logits as an output")
     check_external_data(model, path)
     check_not_quantized(model, path)
     return model
+
+
+@contextlib.contextmanager
+def _captured_warnings(name: str):
+    """Keep a library's log records off the terminal (the CLI prints one line of its own) and hand them back."""
+    logger = logging.getLogger(name)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, propagate = Keep(level=logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def check_external_data(model: ir.Model, path: Path) -> None:
@@ -84,6 +113,26 @@ def check_not_quantized(model: ir.Model, path: Path) -> None:
                 f"{path.name} is already quantized (it contains {node.op_type}); "
                 "give the float (fp32/fp16) export instead"
             )
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def check_finite(model: ir.Model, names: list[str]) -> None:
+    """Refuse NaN or Inf in the given float initializers before any work (read one at a time)."""
+    for name in names:
+        value = model.graph.initializers.get(name)
+        if value is not None and value.const_value is not None and value.const_value.dtype in _NUMPY_DTYPES:
+            check_array_finite(read_array(value.const_value), name)
+
+
+def check_array_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f" or arr.dtype == _NUMPY_DTYPES[ir.DataType.BFLOAT16]:
+        flat = arr.reshape(-1)
+        for start in range(0, flat.size, 1 << 22):  # bounded temporaries on large weights
+            if not np.isfinite(flat[start : start + (1 << 22)].astype(np.float32)).all():
+                raise DfqError(f"weight '{name}' contains NaN or Inf values; fix or re-export the model")
 
 
 def external_data_files(model: ir.Model) -> set[Path]:

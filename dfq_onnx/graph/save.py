@@ -7,6 +7,8 @@ failed or interrupted run never leaves a half-written model where the user looks
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -34,15 +36,93 @@ def check_output_path(output: Path, input_path: Path, input_data_files: set[Path
     out = output.resolve()
     if out == input_path.resolve():
         raise DfqError(f"output {output} is the input model; choose another -o path")
+    if out in input_data_files:
+        raise DfqError(f"output {output} is the input's external data file; choose another -o path ending in .onnx")
     data = (output.parent / data_location_for(output)).resolve()
-    if data in input_data_files or out in input_data_files:
+    if data in input_data_files:
         raise DfqError(f"output {output} would overwrite the input's external data {data.name}; choose another -o path")
     if output.suffix != ".onnx":
         raise DfqError(f"output {output} should end in .onnx")
     if not output.parent.exists():
         raise DfqError(f"output directory {output.parent} does not exist; create it first")
+    if not output.parent.is_dir():
+        raise DfqError(f"output directory {output.parent} is a file, not a directory; choose another -o path")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise DfqError(f"output directory {output.parent} is not writable; choose another -o path")
     if output.exists() and output.is_dir():
         raise DfqError(f"output {output} is a directory; give a file path ending in .onnx")
+
+
+class OutputLock:
+    """An exclusive claim on one output path for the whole run: a second run on it stops at once.
+
+    A lock file `.<name>.lock` beside the output holds the owner's pid; the claim is an flock on it,
+    so it ends with the process however the process ends (a stale file after SIGKILL is re-claimed).
+    """
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.path = output.parent / f".{output.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = _guarded(lambda: os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), self.output.parent)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DfqError(
+                    f"another dfq-onnx run is writing {self.output} (pid {owner}); wait for it to finish or choose another -o path"
+                ) from None
+            # The file may have been removed by its previous owner between our open and our lock: retry on the new one.
+            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def make_work_dir(work: Path) -> None:
+    """A fresh work directory; a stale file of the same (our own) name is removed first."""
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        _guarded(work.unlink, work.parent)
+    _guarded(work.mkdir, work.parent)
+
+
+def _guarded(action, where: Path):
+    try:
+        return action()
+    except OSError as exc:
+        raise DfqError(f"cannot write in {where} ({exc.strerror}); choose another -o path") from None
+
+
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def write_error(exc: OSError, output: Path) -> DfqError:
+    """A failed write, said in one line (nothing was published: the model is moved into place last)."""
+    if exc.errno in NO_SPACE:
+        return DfqError(f"no space left while writing {output} ({exc.strerror}); nothing was published")
+    return DfqError(f"cannot write {output} ({exc.strerror}); nothing was published")
 
 
 class ExternalDataWriter:
@@ -153,10 +233,8 @@ def externalize_remaining(model: ir.Model, writer: ExternalDataWriter, keep_name
 
 
 def publish(work: Path, output: Path, location: str, extra: list[Path] = ()) -> None:
-    """Move the finished files into place: data first, model last; then remove the work directory."""
-    old_model = output
-    if old_model.exists():
-        old_model.unlink()
+    """Move the finished files into place: data first, model last (each an atomic rename, so a
+    model file and a data file are there at every instant); then remove the work directory."""
     os.replace(work / location, output.parent / location)
     for path in extra:
         os.replace(path, output.parent / path.name)

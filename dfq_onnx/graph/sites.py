@@ -283,6 +283,8 @@ def _as_linear(node: ir.Node) -> Linear | None:
     if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in FLOAT_TYPES:
         return None
     rows, cols = (int(d) for d in tensor.shape)
+    if rows == 0 or cols == 0:
+        return None  # an empty weight computes nothing to quantize
     bias = None
     if node.op_type == "Gemm":
         if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0:

@@ -522,7 +522,9 @@ def _round_o(pair: "_Pair", v_hat, tf_o: SiteTransform, fmt, opts, dtype) -> gri
     if not opts.vo_pairs:
         return _round(tf_o.forward(pair.w_o), tf_o.hessian(h_hat.dense().float()), fmt, dtype, opts)
     # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
-    target = h_hat.solve(cross.times(pair.w_o.double()), 1e-6 * float(h_hat.diagonal().mean())).float()
+    # The ridge keeps the solve defined for degenerate weights (an all-zero or rank-deficient V^).
+    ridge = max(1e-6 * float(h_hat.diagonal().mean()), 1e-30)
+    target = h_hat.solve(cross.times(pair.w_o.double()), ridge).float()
     return _round(tf_o.forward(target), tf_o.hessian(h_hat.dense().float()), fmt, dtype, opts)
 
 
@@ -609,7 +611,7 @@ class _Pair:
             wo = torch.cat([self.w_o[h * d : (h + 1) * d] for h in heads], dim=1).double()
             oh = torch.cat([o_hat[h * d : (h + 1) * d] for h in heads], dim=1).double()
             m = oh @ oh.t()
-            m = m + 1e-8 * m.diagonal().mean() * torch.eye(d, device=m.device, dtype=m.dtype)
+            m = m + max(1e-8 * float(m.diagonal().mean()), 1e-30) * torch.eye(d, device=m.device, dtype=m.dtype)
             cols.append(self.w_v[:, g * d : (g + 1) * d].double() @ torch.linalg.solve(m, oh @ wo.t()).t())
         return torch.cat(cols, dim=1).float()
 
