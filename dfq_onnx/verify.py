@@ -139,7 +139,11 @@ def check_output(
 ) -> dict[str, Any]:
     ids = np.random.default_rng(1234).integers(0, sites.vocab or 2, size=(1, SEQ_LEN))
     t0 = time.perf_counter()
-    got = model_logits(output_path, ids, sites, "the written model")
+    try:
+        got = model_logits(output_path, ids, sites, "the written model")
+    except DfqError:
+        model_logits(input_path, ids, sites, f"the input model {input_path.name}")  # blame the input when it is the broken one
+        raise
     result: dict[str, Any] = {"ran": True, "tokens": int(ids.size), "finite": bool(np.isfinite(got).all())}
     if not result["finite"]:
         raise VerificationFailed(
