@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfq-onnx",
         description=(
-            "Data-free low-bit weight quantization of exported LLMs (Gemma, Llama, Qwen) for ONNX Runtime. "
-            "Reads only the weights: no calibration text, tokens or activations."
+            "Data-free low-bit weight quantization of exported decoder LLMs (Gemma 2/3, Llama, Mistral, Qwen 2/3, "
+            "Phi-3/Phi-4-mini; exports of the onnxruntime-genai builder, torch.onnx dynamo and TorchScript, Optimum) "
+            "for ONNX Runtime. Reads only the weights: no calibration text, tokens or activations."
         ),
     )
     parser.add_argument("--version", action="version", version=f"dfq-onnx {__version__}")
@@ -89,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         choices=["auto", "compare", "run", "none"],
         default="auto",
-        help="before publishing: compare logits with the input on random ids, only run the output, or skip; "
-        "auto compares models up to 2 GiB of weights and skips larger ones (ORT would hold them in RAM) [auto]",
+        help="before publishing: compare (check in ONNX Runtime on random ids that the transforms keep the input's "
+        "logits and that the written model computes the method's dequantized weights; a failure publishes nothing), "
+        "run (only run the output), or none; auto compares models up to 2 GiB of weights and skips larger ones "
+        "(ORT would hold them in RAM) [auto]",
     )
     o.add_argument(
         "--resume",
