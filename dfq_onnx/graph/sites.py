@@ -429,11 +429,65 @@ def _match_attention(
         _head_geometry(att, core, linears, nodes, notes)
         if att.head_dim and att.rotary_dim and att.rotary_dim > att.head_dim:
             att.rotary_dim = None  # the smallest slice seen was a q|k|v column range, not a RoPE half
+        if att.head_dim and att.rope == "half" and core.fused is None:
+            q_passed = next((passed for role, [(_, passed)] in found.items() if role in ("q", "qkv")), [])
+            width = _rotate_half_width(q_passed, att.head_dim)
+            if width == UNRESOLVED:
+                att.rope, att.rotary_dim = "unknown", None
+                notes.append(f"attention at {core.anchor.name}: the rotary width is computed at run time; Q/K rotations skipped")
+            else:
+                att.rotary_dim = width or att.rotary_dim
         att.o = _match_o(core, linears, nodes)
         if att.o:
             linears[att.o].role = Role.O
         attentions.append(att)
     return attentions
+
+
+def _rotate_half_width(passed: list[ir.Node], head_dim: int) -> int | None:
+    """The width r of the tensor that rotate_half cuts into [0, r/2) and [r/2, r) (r < head_dim under
+    partial rotary), following each value's last dimension from the per-head Reshape on: TorchScript
+    writes those bounds as Shape(x)[-1] // 2, which only the known widths evaluate."""
+    last: dict[int, tuple[int, int | None]] = {}  # id(value) -> (last dimension, rank)
+    widths = set()
+    unresolved = set()
+    for _ in range(4):  # the walk is breadth-first: a few passes settle every width
+        for node in passed:
+            x = node.inputs[0] if node.inputs else None
+            width = None
+            if node.op_type == "Reshape":
+                dims = trace.partial_ints(node.inputs[1])
+                width = (dims[-1], len(dims)) if dims and dims[-1] == head_dim else None
+            elif node.op_type == "Transpose":
+                perm = attr(node, "perm", None)
+                width = last.get(id(x)) if perm is not None and perm[-1] == len(perm) - 1 else None
+            elif node.op_type == "Slice" and x is not None and id(x) in last:
+                axes = trace.const_array(node.inputs[3]) if len(node.inputs) > 3 else None
+                n, rank = last[id(x)]
+                if axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) in (-1, (rank or 4) - 1):
+                    start, end = (trace.scalar_int(v, last) for v in node.inputs[1:3])
+                    if start is None or end is None:
+                        unresolved.add(id(node))  # e.g. Phi-3's q[..., :cos.shape[-1]] in TorchScript
+                    else:
+                        unresolved.discard(id(node))
+                        start, end = (v + n if v < 0 else min(v, n) for v in (start, end))
+                        width = (end - start, rank)
+                        if n % 2 == 0 and (start, end) in ((0, n // 2), (n // 2, n)):
+                            widths.add(n)
+            elif node.op_type in ("Mul", "Add", "Sub", "Neg", "Cast", "Div"):
+                width = next((last[id(v)] for v in node.inputs if v is not None and id(v) in last), None)
+            elif node.op_type == "Concat" and attr(node, "axis", 0) in (-1, 3):
+                parts = [last.get(id(v)) for v in node.inputs]
+                width = (sum(p[0] for p in parts), parts[0][1]) if all(p is not None for p in parts) else None
+            if width is not None and node.outputs:
+                last[id(node.outputs[0])] = width
+    # Only cuts of a per-head tensor are counted (a q|k|v split precedes the per-head Reshape).
+    if unresolved:
+        return UNRESOLVED
+    return min(widths) if widths else None
+
+
+UNRESOLVED = -1  # a cut of a per-head tensor whose bounds the graph computes from shapes we cannot follow
 
 
 def _match_o(core: _Core, linears: dict[str, Linear], nodes: dict[str, ir.Node]) -> str | None:
@@ -534,7 +588,7 @@ def column_pieces(value: ir.Value, n: int) -> list[tuple[ir.Value, tuple[int, in
         if idx != 0:
             continue
         if node.op_type == "Slice":
-            start, end = (trace.scalar_int(x, {id(value): n}) for x in node.inputs[1:3])
+            start, end = (trace.scalar_int(x, {id(value): (n, 3)}) for x in node.inputs[1:3])  # [batch, seq, n]
             axes = trace.const_array(node.inputs[3]) if len(node.inputs) > 3 else None
             steps = trace.const_array(node.inputs[4]) if len(node.inputs) > 4 else None
             if start is None or end is None or not _is_last_axis(axes, value):

@@ -200,9 +200,10 @@ def attr(node: ir.Node, name: str, default=None):
     return default if a is None else a.value
 
 
-def scalar_int(value: ir.Value | None, last_dims: dict[int, int], depth: int = 12) -> int | None:
+def scalar_int(value: ir.Value | None, last_dims: dict[int, tuple[int, int | None]], depth: int = 12) -> int | None:
     """Evaluate a one-element int expression of constants and Shape(x)[-1] for values x whose last
-    dimension is known (`last_dims`: id(value) -> size): how TorchScript writes `chunk` bounds."""
+    dimension is known (`last_dims`: id(value) -> (size, rank or None)): how TorchScript writes `chunk`
+    and `rotate_half` bounds."""
     if value is None or depth == 0:
         return None
     arr = const_array(value)
@@ -215,8 +216,12 @@ def scalar_int(value: ir.Value | None, last_dims: dict[int, int], depth: int = 1
         shape = node.inputs[0].producer()
         index = const_array(node.inputs[1])
         if shape.op_type == "Shape" and index is not None and index.size == 1 and id(shape.inputs[0]) in last_dims:
-            if int(index.reshape(-1)[0]) == -1 or (shape.inputs[0].shape is None and int(index.reshape(-1)[0]) == 2):
-                return last_dims[id(shape.inputs[0])]
+            size, rank = last_dims[id(shape.inputs[0])]
+            if shape.inputs[0].shape is not None:
+                rank = len(shape.inputs[0].shape)
+            i = int(index.reshape(-1)[0])
+            if i == -1 or (rank is not None and i == rank - 1):
+                return size
         return None
     if node.op_type in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Concat") and len([x for x in node.inputs if x is not None]) >= 1:
         return scalar_int(node.inputs[0], last_dims, depth - 1) if node.op_type != "Concat" or len(node.inputs) == 1 else None
