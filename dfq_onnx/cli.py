@@ -16,8 +16,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error (`--help` shows the full usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"dfq-onnx: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dfq-onnx",
         description=(
             "Data-free low-bit weight quantization of exported decoder LLMs (Gemma 2/3, Llama, Mistral, Qwen 2/3, "

@@ -92,6 +92,8 @@ def check_external_data(model: ir.Model, path: Path) -> None:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         data_path = Path(tensor.path)
+        if data_path.is_dir():
+            raise DfqError(f"external data '{tensor.location}' of {path.name} is a directory, not a file; put the model's data file there")
         if not data_path.is_file():
             raise DfqError(
                 f"external data file '{tensor.location}' of {path.name} is missing "
