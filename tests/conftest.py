@@ -13,7 +13,7 @@ import tiny_models  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny-gemma2")
+    return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,20 @@ def tiny(tiny_root):
 
     def get(style: str) -> Path:
         return tiny_models.export(style, tiny_root)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tiny_root):
+    """tiny_family(family, style) -> path of that family's tiny model in that export style (built once
+    per session). Where the exporter cannot build the family, the test is skipped with its error."""
+
+    def get(family: str, style: str) -> Path:
+        try:
+            return tiny_models.build(family, style, tiny_root)
+        except tiny_models.ExportUnsupported as exc:
+            pytest.skip(f"{family} / {style}: {exc}")
 
     return get
 

@@ -1,7 +1,7 @@
-"""The evaluation tools on the real Gemma 3 270M and Jane Austen (slow: `pytest -m slow`).
+"""The evaluation tools on the real Gemma 3 270M and SmolLM2-135M and Jane Austen (slow: `pytest -m slow`).
 
-The model fixture runs tools/build_gemma3_270m.py, which reuses finished outputs
-under models/gemma3-270m (seconds) or builds them offline (about five minutes).
+The model fixtures run tools/build_gemma3_270m.py and tools/build_smollm2_135m.py, which reuse
+finished outputs under models/ (seconds) or build them offline (about five minutes each).
 """
 from __future__ import annotations
 
@@ -20,16 +20,29 @@ MODEL_DIR = REPO / "models" / "gemma3-270m"
 sys.path.insert(0, str(TOOLS))
 
 import eval_quality  # noqa: E402
+import realmodel  # noqa: E402
 from build_gemma3_270m import flatten_rope_config  # noqa: E402
+
+
+def build_real(name: str) -> Path:
+    """Run a real model's build tool (reusing finished outputs); its folder under models/."""
+    spec = realmodel.spec(name)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, str(REPO / realmodel.script(name)), "--out", str(spec.out)],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (spec.out / "dynamo" / "model.onnx").is_file()
+    return spec.out
+
 
 @pytest.fixture(scope="module")
 def built() -> Path:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run([sys.executable, str(TOOLS / "build_gemma3_270m.py"), "--out", str(MODEL_DIR)],
-                         capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert (MODEL_DIR / "dynamo" / "model.onnx").is_file()
-    return MODEL_DIR
+    return build_real("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def built_smollm2() -> Path:
+    return build_real("smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +142,28 @@ def test_transforms_preserve_real_logits(built, tmp_path, style):
     ref = eval_quality.OrtLM(model).logits(ids)
     got = eval_quality.OrtLM(out).logits(ids)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["dynamo", "genai"])
+def test_smollm2_answers_and_inspects(built_smollm2, capsys, style):
+    """SmolLM2 (a Llama) in both export styles: greedy ORT answer, and every role and pair found."""
+    import json
+
+    from dfq_onnx.cli import main
+
+    model = built_smollm2 / style / "model.onnx"
+    if not (built_smollm2 / style / "build_info.json").is_file():
+        pytest.skip(f"the {style} export did not build")
+    assert realmodel.greedy_answer(model, built_smollm2 / "hf", "The capital of France is").strip().startswith("Paris")
+    assert main(["inspect", str(model), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["layers"] == 30 and found["vocab"] == 49152 and found["embedding"]["tied"]
+    for layer in range(30):
+        roles = {lin["role"] for lin in found["linears"] if lin["layer"] == layer}
+        attn = next(a for a in found["attention"] if a["layer"] == layer)
+        # the genai builder packs q, k and v into one linear by default; its split names the three
+        qkv = {"q", "k", "v"} <= roles or ("qkv" in roles and len(attn["qkv_split"]) == 3)
+        assert qkv and {"o", "gate", "up", "down"} <= roles, (layer, roles)
+        assert (attn["num_heads"], attn["num_kv_heads"], attn["head_dim"]) == (9, 3, 64)
+        assert {p["kind"] for p in found["pairs"] if p["layer"] == layer} == {"vo", "up_down", "qk"}

@@ -7,6 +7,7 @@ time and peak memory are its own; then every model is evaluated through ONNX Run
 windows of real text (tools/eval_quality.py): perplexity, KL to the fp32 model, top-1 agreement.
 
     python tools/compare_peers.py --windows 16            # regenerates the table in BENCHMARKS.md
+    python tools/compare_peers.py --model smollm2         # the same on SmolLM2-135M, its own section
 
 Peers (onnxruntime.quantization.matmul_nbits_quantizer): DEFAULT (round-to-nearest, symmetric and
 asymmetric), HQQ (asymmetric, float zero points) and k_quant (asymmetric, 4-bit only). None of them
@@ -33,10 +34,8 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 
 import eval_quality  # noqa: E402
+import realmodel  # noqa: E402
 
-DEFAULT_MODEL = REPO / "models" / "gemma3-270m" / "dynamo" / "model.onnx"
-BEGIN, END = "<!-- compare_peers:begin -->", "<!-- compare_peers:end -->"
-PROXY_BEGIN, PROXY_END = "<!-- proxy_table:begin -->", "<!-- proxy_table:end -->"
 ROLES = ["q", "k", "v", "o", "gate", "up", "down", "qkv"]
 
 
@@ -52,6 +51,19 @@ class Setting:
 
 
 SETTINGS = [Setting(4, 32, True), Setting(4, 128, False), Setting(3, 32, False), Setting(2, 32, False)]
+
+# What a model's table needs said about its settings, printed inside the table's block.
+NOTES = {
+    "smollm2": "Its linears were published as Q4_1 (4-bit asymmetric, block 32, min and scale per block): "
+    "int4 g32 asym would only find that grid again, nearly free for every quantizer and not informative, "
+    "so it is left out; the settings below all move off that grid.",
+}
+
+
+def markers(kind: str, model: str) -> tuple[str, str]:
+    """BENCHMARKS.md markers of one table; the default model's keep their original names."""
+    tag = kind if model == realmodel.DEFAULT_MODEL else f"{kind}:{model}"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +154,10 @@ def lm_head_node(model: Path) -> str:
     return find_sites(load_model(model)).lm_head or ""
 
 
-def evaluate_setting(reference: Path, rows: list[dict], windows: int, text: str) -> dict:
+def evaluate_setting(reference: Path, rows: list[dict], windows: int, text: str, tokenizer: Path) -> dict:
     ok = [r for r in rows if not r["error"]]
-    result = eval_quality.evaluate(str(reference), [r["path"] for r in ok], windows, text=text, progress=False)
+    result = eval_quality.evaluate(str(reference), [r["path"] for r in ok], windows, text=text,
+                                   tokenizer_dir=tokenizer, progress=False)
     by_path = {c["path"]: c for c in result["candidates"]}
     for r in ok:
         r.update({k: by_path[r["path"]][k] for k in ("ppl", "kl", "top1")})
@@ -160,12 +173,14 @@ def bits_per_weight(job: Job) -> str:
 
 
 def render(rows: list[dict], reference: dict, meta: dict) -> str:
+    begin, end = markers("compare_peers", meta["name"])
     lines = [
-        BEGIN,
+        begin,
         f"Model: {meta['model']} (fp32 ONNX, lm_head and embedding kept in float by every quantizer). "
         f"Text: Pride and Prejudice, {meta['windows']} windows of BOS + 511 tokens ({meta['tokens']} predictions per model), "
         "ONNX Runtime CPU, MatMulNBits accuracy level 0.",
         f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`",
+        *([meta["note"]] if meta["note"] else []),
         "",
         "| setting | quantizer | bits/weight | PPL | KL to fp32 | top-1 | quantize s | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|",
@@ -181,19 +196,12 @@ def render(rows: list[dict], reference: dict, meta: dict) -> str:
             f"| {job.setting.label} | {job.name} | {bits_per_weight(job)} | {r['ppl']:.3f} | {r['kl']:.4f} | "
             f"{r['top1']:.4f} | {r['seconds']:.1f} | {rss} |"
         )
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
 def render_proxy(rows: list[dict], meta: dict) -> str:
     """Per role: the method's proxy error against round-to-nearest's, from the method's own reports."""
-    lines = [
-        PROXY_BEGIN,
-        "Relative proxy error tr(D^T H D) / tr(W^T H W), H the input statistics propagated from the weights "
-        "(v and o: their V/O product), mean over the 18 layers; round-to-nearest / method. "
-        f"Machine: {meta['machine']}. Date: {meta['date']}. From the method's reports of `{meta['command']}`.",
-        "",
-    ]
     reports = []
     for r in rows:
         job = r["job"]
@@ -201,6 +209,15 @@ def render_proxy(rows: list[dict], meta: dict) -> str:
             path = Path(r["path"]).with_name(Path(r["path"]).stem + ".report.json")
             if path.exists():
                 reports.append((job.setting, json.loads(path.read_text()), r["seconds"]))
+    layers = max((len({x["layer"] for x in rep["sites"] if x["layer"] is not None}) for _, rep, _ in reports), default=0)
+    begin, end = markers("proxy_table", meta["name"])
+    lines = [
+        begin,
+        "Relative proxy error tr(D^T H D) / tr(W^T H W), H the input statistics propagated from the weights "
+        f"(v and o: their V/O product), mean over the {layers} layers; round-to-nearest / method. "
+        f"Machine: {meta['machine']}. Date: {meta['date']}. From the method's reports of `{meta['command']}`.",
+        "",
+    ]
     roles = [role for role in ROLES if any(role in {x["role"] for x in rep["roles"]} for _, rep, _ in reports)]
     lines.append("| setting | " + " | ".join(roles) + " | total | method s |")
     lines.append("|---" * (len(roles) + 3) + "|")
@@ -210,7 +227,7 @@ def render_proxy(rows: list[dict], meta: dict) -> str:
         t = rep["totals"]
         cells.append(f"{100 * t['rtn_rel_error']:.3f}% / **{100 * t['rel_error']:.3f}%**")
         lines.append(f"| {setting.label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-    lines.append(PROXY_END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -227,7 +244,9 @@ def write_section(path: Path, begin: str, end: str, title: str, table: str) -> N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="fp32 ONNX model (default: the built Gemma 3 270M dynamo export)")
+    parser.add_argument("--model", default=realmodel.DEFAULT_MODEL, choices=list(realmodel.MODELS),
+                        help=f"real model: its fp32 export, tokenizer and BENCHMARKS.md section (default: {realmodel.DEFAULT_MODEL})")
+    parser.add_argument("--onnx", default=None, help="fp32 ONNX model to quantize instead of the model's dynamo export")
     parser.add_argument("--windows", type=int, default=16, help="text windows of BOS + 511 tokens (default: 16)")
     parser.add_argument("--settings", default=None, help="subset, e.g. '4:32:sym,3:32:sym' (default: the four of the table)")
     parser.add_argument("--work", default=None, help="directory for the quantized models (default: a temporary one)")
@@ -235,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = Path(args.model)
+    spec = realmodel.spec(args.model)
+    reference, tokenizer = eval_quality.model_paths(args.model)
+    model = Path(args.onnx) if args.onnx else reference
     if not model.is_file():
-        print(f"error: {model} not found; build it with python tools/build_gemma3_270m.py", file=sys.stderr)
+        print(f"error: {model} not found; build it with python {realmodel.script(args.model)}", file=sys.stderr)
         return 2
     settings = SETTINGS
     if args.settings:
@@ -253,24 +274,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{setting.label}] quantizing with {job.name} ...", file=sys.stderr, flush=True)
             batch.append(quantize(job, model, work, lm_head))
         print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
-        reference = evaluate_setting(model, batch, args.windows, text)
+        reference = evaluate_setting(model, batch, args.windows, text, tokenizer)
         rows += batch
         for r in batch:  # keep the disk small: a setting's models are not needed once evaluated
             for p in Path(r["path"]).parent.glob(Path(r["path"]).name + "*"):
                 p.unlink()
+    options = [f"--model {args.model}"] if args.model != realmodel.DEFAULT_MODEL else []
+    options += [f"--windows {args.windows}"] if args.windows != 16 else []
     meta = {
+        "name": args.model,
+        "note": NOTES.get(args.model, ""),
         "model": model.relative_to(REPO) if model.is_relative_to(REPO) else model,
         "windows": args.windows,
         "tokens": args.windows * (eval_quality.WINDOW - 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {_memory()}",
         "date": datetime.date.today().isoformat(),
-        "command": "python tools/compare_peers.py" + (f" --windows {args.windows}" if args.windows != 16 else ""),
+        "command": " ".join(["python tools/compare_peers.py", *options]),
     }
     table = render(rows, reference, meta)
     proxy = render_proxy(rows, meta)
     print(table + "\n\n" + proxy)
-    write_section(Path(args.benchmarks), BEGIN, END, "Quality against ONNX Runtime's quantizer (Gemma 3 270M)", table)
-    write_section(Path(args.benchmarks), PROXY_BEGIN, PROXY_END, "Proxy error per role: round-to-nearest vs the method (Gemma 3 270M)", proxy)
+    write_section(Path(args.benchmarks), *markers("compare_peers", args.model),
+                  f"Quality against ONNX Runtime's quantizer ({spec.title})", table)
+    write_section(Path(args.benchmarks), *markers("proxy_table", args.model),
+                  f"Proxy error per role: round-to-nearest vs the method ({spec.title})", proxy)
     if args.json:
         Path(args.json).write_text(json.dumps([{**r, "job": r["job"].name, "setting": r["job"].setting.label} for r in rows] + [{"reference": reference}], indent=2, default=str))
     return 0

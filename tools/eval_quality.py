@@ -30,10 +30,16 @@ if str(TOOLS) not in sys.path:  # tools/ is not a package: let siblings import e
     sys.path.insert(0, str(TOOLS))
 
 import janeausten  # noqa: E402  (sibling module: the text)
+import realmodel  # noqa: E402  (sibling module: the real models and their folders)
 
-DEFAULT_MODEL_DIR = REPO / "models" / "gemma3-270m"
-DEFAULT_TOKENIZER = DEFAULT_MODEL_DIR / "hf"
-DEFAULT_REFERENCE = DEFAULT_MODEL_DIR / "dynamo" / "model.onnx"
+
+def model_paths(name: str) -> tuple[Path, Path]:
+    """(fp32 dynamo reference, tokenizer folder) of a real model built by its tools/build_*.py."""
+    out = realmodel.spec(name).out
+    return out / "dynamo" / "model.onnx", out / "hf"
+
+
+DEFAULT_REFERENCE, DEFAULT_TOKENIZER = model_paths(realmodel.DEFAULT_MODEL)
 DEFAULT_DATA_DIR = REPO / "data"
 WINDOW = 512  # BOS + 511 text tokens; also Gemma 3's sliding window
 ROW_CHUNK = 32  # rows of logits per metric step: 32 x 262144 x 4 B = 32 MB temporaries
@@ -188,7 +194,7 @@ def make_windows(text: str, windows: int, tokenizer_dir: str | os.PathLike = DEF
     if windows < 1:
         raise EvalError("--windows must be at least 1")
     if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
-        raise EvalError(f"no tokenizer in {tokenizer_dir} (run tools/build_gemma3_270m.py)")
+        raise EvalError(f"no tokenizer in {tokenizer_dir} (build the model with its tools/build_*.py)")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tok.bos_token_id is None:
         raise EvalError(f"tokenizer in {tokenizer_dir} has no BOS token")
@@ -335,12 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("candidates", nargs="*",
                         help="candidate ONNX models to compare with the reference (any export style)")
-    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
-                        help=f"reference ONNX model (default: {DEFAULT_REFERENCE.relative_to(REPO)})")
+    parser.add_argument("--model", default=realmodel.DEFAULT_MODEL, choices=list(realmodel.MODELS),
+                        help="real model whose fp32 export and tokenizer are the defaults of --reference "
+                        f"and --tokenizer (default: {realmodel.DEFAULT_MODEL})")
+    parser.add_argument("--reference", default=None,
+                        help="reference ONNX model (default: the model's dynamo export, "
+                        f"e.g. {DEFAULT_REFERENCE.relative_to(REPO)})")
     parser.add_argument("--windows", type=int, default=16,
                         help="number of leading non-overlapping windows of BOS + 511 tokens (default: 16)")
-    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
-                        help=f"directory with the model's tokenizer (default: {DEFAULT_TOKENIZER.relative_to(REPO)})")
+    parser.add_argument("--tokenizer", default=None,
+                        help="directory with the model's tokenizer (default: the model's hf/, "
+                        f"e.g. {DEFAULT_TOKENIZER.relative_to(REPO)})")
     parser.add_argument("--text-file", default=None,
                         help="evaluate on this UTF-8 text file instead of a Jane Austen novel")
     parser.add_argument("--novel", default="prideprejudice", choices=janeausten.NOVELS,
@@ -354,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    reference, tokenizer = model_paths(args.model)
+    args.reference = args.reference or str(reference)
+    args.tokenizer = args.tokenizer or str(tokenizer)
     if args.windows < 1:
         parser.error("--windows must be at least 1")
     for path in [args.reference, *args.candidates]:
