@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dfq-onnx",
         description=(
             "Data-free low-bit weight quantization of exported decoder LLMs (Gemma 2/3, Llama, Mistral, Qwen 2/3, "
-            "Phi-3/Phi-4-mini; exports of the onnxruntime-genai builder, torch.onnx dynamo and TorchScript, Optimum) "
+            "Phi-3/Phi-4-mini; exports of the onnxruntime-genai builder, torch.onnx dynamo and TorchScript) "
             "for ONNX Runtime. Reads only the weights: no calibration text, tokens or activations."
         ),
     )

@@ -425,6 +425,8 @@ def _match_attention(
             linears[name].role = Role(role)
             if role in ("q", "qkv"):
                 att.qk_norm = any(n.op_type in trace.NORM_OPS or n.op_type == "ReduceMean" for n in passed)
+                # The builder's fp16/CUDA exports hand q/k norm gains to GroupQueryAttention itself (inputs 14, 15).
+                att.qk_norm |= core.fused is not None and any(x is not None for x in list(core.fused.inputs)[12:])
                 att.rope, att.rotary_dim = _rope_layout(core, passed)
         _head_geometry(att, core, linears, nodes, notes)
         if att.head_dim and att.rotary_dim and att.rotary_dim > att.head_dim:
