@@ -163,12 +163,14 @@ def _optimize(args) -> int:
     )
     output = args.output or default_output_path(args.model, recipe)
     options = RunOptions(device=_device(args.device), verify=args.verify, seed=args.seed, resume=args.resume)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops like Ctrl-C: progress is kept
+    # `kill` stops like Ctrl-C: progress is kept. Restored after, for callers that run main() in-process.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     progress, close = _progress_bar(args.quiet)
     try:
         report = optimize(args.model, output, recipe, options, progress=progress)
     finally:
         close()
+        signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         from .table import result_table
 

@@ -95,7 +95,7 @@ def test_up_down_diagonal_is_exact_and_lowers_down_error():
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80):
+def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80, bias=None):
     g = torch.Generator().manual_seed(seed)
     w_v = torch.randn(k, kv * d, generator=g) * 0.05
     w_o = torch.randn(heads * d, n, generator=g) * 0.05
@@ -103,7 +103,44 @@ def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80):
     mean = torch.randn(k, generator=g, dtype=torch.float64)
     a = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
     x = stats.Moments(mean, a.t() @ a + 0.1 * torch.eye(k, dtype=torch.float64))
-    return _Pair(x, w_v, w_o, heads, d), heads, kv, d
+    return _Pair(x, w_v, w_o, heads, d, bias), heads, kv, d
+
+
+def _value_bias(kv=2, d=32, seed=5, std=1.0):
+    # Qwen 2's value biases are of the size of x V itself: they dominate the mean of o's input.
+    return torch.randn(kv * d, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def test_value_bias_enters_the_pair_error_through_the_mean():
+    """With V exact, z W_o - z O^ = z D: E||z D||^2 = tr(D^T Cov(z) D) + ||E[z] D||^2, E[z] = mean(x) V + b per head."""
+    bias = _value_bias()
+    pair, heads, kv, d = _pair_setup(seed=2, bias=bias)
+    delta = 0.01 * torch.randn(pair.w_o.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    group = heads // kv
+    cov_v = pair.w_v.double().t() @ pair.x.dense_cov() @ pair.w_v.double()
+    mean_v = pair.x.mean @ pair.w_v.double() + bias.double()
+    want = 0.0
+    for h in range(heads):
+        g = slice((h // group) * d, (h // group + 1) * d)
+        dh = delta[h * d : (h + 1) * d]
+        want += float(stats.ATTENTION_CONCENTRATION * (dh * (cov_v[g, g] @ dh)).sum())
+    mean_z = torch.cat([mean_v[(h // group) * d : (h // group + 1) * d] for h in range(heads)])
+    want += float(((mean_z @ delta) ** 2).sum())
+    assert pair.error(pair.w_v, pair.w_o.double() + delta) == pytest.approx(want, rel=1e-9)
+
+
+def test_pair_rounding_that_knows_the_value_bias_rounds_o_better():
+    """O rounded for z's true mean (bias included) has a lower true pair error than O rounded as if b = 0."""
+    opts = LayerOptions()
+    for seed in range(3):
+        bias = _value_bias(seed=seed + 7)
+        aware, *_ = _pair_setup(seed, bias=bias)
+        blind, *_ = _pair_setup(seed)
+        errors = []
+        for pair in (aware, blind):
+            qv, qo, _ = _round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)
+            errors.append(aware.error(qv.dequantize(), qo.dequantize()))
+        assert errors[0] < errors[1], errors
 
 
 def test_value_output_transform_is_exact_and_can_lower_the_pair_error():

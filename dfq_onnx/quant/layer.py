@@ -458,7 +458,7 @@ def _value_output(layer, w_v, x, h, a, tags, fmt, opts, v_dtype) -> dict[str, Si
             "v": _linear(w_v, h, fmt, v_dtype, opts, SiteTransform(row=a), tags),
             "o": _linear(w_o, eye, fmt, o_dtype, opts, None, []),
         }
-    pair = _Pair(x, w_v, w_o, heads, d)
+    pair = _Pair(x, w_v, w_o, heads, d, _v_bias(layer))
     v_rtn = grid.rtn(w_v, fmt, v_dtype).dequantize()
     o_rtn = grid.rtn(w_o, fmt, o_dtype).dequantize()
     rtn_pair = pair.error(v_rtn, o_rtn)
@@ -566,10 +566,15 @@ class _HeadMoments:
 
 
 class _Pair:
-    """Statistics of the attention output z = mix(x V) per query head, for V and a rounded V^."""
+    """Statistics of the attention output z = mix(x V) + b per query head, for V and a rounded V^.
 
-    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int):
+    The value bias b (Qwen 2) is not rounded, but it shifts z's mean, which weighs O's rounding:
+    z W_o - z^ O^ carries b (W_o - O^).
+    """
+
+    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int, bias=None):
         self.x, self.w_v, self.w_o, self.heads, self.d = x, w_v, w_o, heads, d
+        self.bias = torch.zeros(w_v.shape[1], dtype=torch.float64, device=w_v.device) if bias is None else bias.to(torch.float64)
         self.kv = w_v.shape[1] // d
         self.group = heads // self.kv
         self._cov = x.dense_cov()
@@ -593,7 +598,10 @@ class _Pair:
         per_head = lambda m: m.reshape(kv, d).repeat_interleave(self.group, 0).reshape(-1)  # noqa: E731
         mean = self.x.mean
         return _HeadMoments(
-            stats.ATTENTION_CONCENTRATION * blocks, per_head(mean @ a64), per_head(mean @ b.to(torch.float64)), self.group
+            stats.ATTENTION_CONCENTRATION * blocks,
+            per_head(mean @ a64 + self.bias),
+            per_head(mean @ b.to(torch.float64) + self.bias),
+            self.group,
         )
 
     def moments_of(self, v_hat: torch.Tensor) -> tuple[_HeadMoments, _HeadMoments]:
