@@ -1,11 +1,10 @@
-"""Resumable runs: what finished layers left in the work directory, and how to pick it up again.
+"""Resumable runs: the finished units' plans in the work directory, and how to pick them up again.
 
-After each layer the pipeline has appended that layer's tensors to the output's data file in
-the hidden work directory (`.<name>.partial/`). A checkpoint records, atomically, how far the
-data file is valid, the tensors in it, the graph edits that use them, the per-site results
-and the propagated statistics the next layer starts from. `--resume` replays those edits
-instead of recomputing them and continues writing at the recorded offset, so the finished
-file is byte-identical to an uninterrupted run.
+After each unit the pipeline saves that unit's plan (plan.py: arrays and a JSON header) in the
+hidden work directory (`.<name>.partial/`), then a manifest that says how many plans are final and
+the propagated statistics the next unit starts from. `--resume` applies the saved plans again,
+through the same passes as a first run, and continues with the next unit: the finished file is
+byte-identical to an uninterrupted run. Nothing here is unpickled.
 """
 
 from __future__ import annotations
@@ -15,68 +14,50 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-import onnx_ir as ir
+import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, plan
 from .config import Recipe
-from .report import SiteResult, _jsonable
+from .quant import stats
+from .report import _jsonable
 
 MANIFEST = "checkpoint.json"
-FORMAT = 1
+FORMAT = 2
 
 
-def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str, seed: int) -> str:
-    """What the finished layers depend on: the input's bytes (graph hashed, data by size and time), recipe, seed."""
+def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str) -> str:
+    """What the finished units depend on: the input's bytes (graph hashed, data by size and time), recipe, device."""
     h = hashlib.sha256()
     h.update(Path(input_path).read_bytes())
     for path in sorted(data_files):
         st = path.stat()
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    settings = {"recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "seed": seed, "version": __version__}
+    settings = {"recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "version": __version__}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 @dataclasses.dataclass
 class State:
-    """Everything a resumed run needs from the layers that finished."""
+    """How far an unfinished run got."""
 
     fingerprint: str
     units_done: int = 0
-    data_offset: int = 0
-    tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> where in the data file
-    actions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # graph edits, in order
-    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    residual: Any = None  # stats.Moments at the next layer's input (or None)
-    rng: torch.Tensor | None = None
-
-    def site_results(self) -> list[SiteResult]:
-        return [SiteResult(**r) for r in self.results]
-
-    def tensor(self, name: str, directory: Path, location: str) -> ir.ExternalTensor:
-        t = self.tensors[name]
-        return ir.ExternalTensor(
-            location,
-            offset=t["offset"],
-            length=t["length"],
-            dtype=ir.DataType(t["dtype"]),
-            shape=ir.Shape(t["shape"]),
-            name=name,
-            base_dir=str(directory),
-        )
+    residual: stats.Moments | None = None  # statistics at the next unit's input
 
 
-def record_tensor(state: State, tensor: ir.ExternalTensor) -> None:
-    state.tensors[tensor.name] = {
-        "offset": tensor.offset,
-        "length": tensor.length,
-        "dtype": int(tensor.dtype),
-        "shape": [int(d) for d in tensor.shape],
-    }
+def plan_path(work: Path, index: int) -> Path:
+    return work / f"plan-{index:05d}.npz"
+
+
+def save_plan(work: Path, index: int, unit_plan: plan.UnitPlan) -> None:
+    plan.save(unit_plan, plan_path(work, index))
+
+
+def load_plans(work: Path, count: int) -> list[plan.UnitPlan]:
+    return [plan.load(plan_path(work, i)) for i in range(count)]
 
 
 def load(work: Path, expected: str) -> tuple[State | None, str | None]:
@@ -89,47 +70,34 @@ def load(work: Path, expected: str) -> tuple[State | None, str | None]:
     except (OSError, ValueError):
         return None, "the unfinished run's checkpoint is unreadable"
     if data.get("format") != FORMAT or data.get("fingerprint") != expected:
-        return None, "the unfinished run was made from another input, recipe, seed or version"
+        return None, "the unfinished run was made from another input, recipe or version"
     done = data["units_done"]
-    blob = work / f"residual-{done}.pt"
-    if not blob.is_file():
-        return None, "the unfinished run's statistics file is missing"
-    saved = torch.load(blob, weights_only=False)
-    state = State(
-        fingerprint=expected,
-        units_done=done,
-        data_offset=data["data_offset"],
-        tensors=data["tensors"],
-        actions=data["actions"],
-        results=data["results"],
-        notes=data["notes"],
-        residual=saved["residual"],
-        rng=saved["rng"],
-    )
-    return state, None
+    if not all(plan_path(work, i).is_file() for i in range(done)):
+        return None, "the unfinished run's plans are incomplete"
+    residual = None
+    if data.get("residual"):
+        blob = work / data["residual"]
+        if not blob.is_file():
+            return None, "the unfinished run's statistics file is missing"
+        with np.load(blob, allow_pickle=False) as arrays:
+            residual = stats.Moments(torch.from_numpy(arrays["mean"].copy()), torch.from_numpy(arrays["cov"].copy()))
+    return State(fingerprint=expected, units_done=done, residual=residual), None
 
 
 def save(work: Path, state: State) -> None:
-    """Write the checkpoint after the data it describes is on disk: statistics first, manifest last."""
+    """Record a finished unit, after its plan is on disk: statistics first, manifest last."""
     done = state.units_done
-    blob = work / f"residual-{done}.pt"
-    tmp = blob.with_suffix(".tmp")
-    torch.save({"residual": state.residual, "rng": state.rng}, tmp)
-    os.replace(tmp, blob)
-    manifest = {
-        "format": FORMAT,
-        "fingerprint": state.fingerprint,
-        "units_done": done,
-        "data_offset": state.data_offset,
-        "tensors": state.tensors,
-        "actions": state.actions,
-        "results": state.results,
-        "notes": state.notes,
-    }
+    name = None
+    if state.residual is not None:
+        name = f"residual-{done}.npz"
+        tmp = work / f"{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, mean=state.residual.mean.cpu().numpy(), cov=state.residual.cov.cpu().numpy())
+        os.replace(tmp, work / name)
+    manifest = {"format": FORMAT, "fingerprint": state.fingerprint, "units_done": done, "residual": name}
     tmp = work / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, work / MANIFEST)
-    for old in work.glob("residual-*.pt"):
-        if old != blob:
+    for old in work.glob("residual-*.npz"):
+        if old.name != name:
             old.unlink()
-

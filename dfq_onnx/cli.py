@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, Recipe, builtin_recipes, load_recipe
+from .config import DEFAULT_RECIPE, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, builtin_recipes, load_recipe
 from .errors import DfqError, Interrupted
 
 EXIT_USAGE = 2
@@ -92,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
-    o.add_argument("--seed", type=int, default=0, help="seed for anything random in the method [0]")
     o.add_argument(
         "--verify",
         choices=["auto", "compare", "run", "none"],
@@ -150,7 +149,7 @@ def _optimize(args) -> int:
 
     memory.configure()
 
-    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
     recipe = recipe.with_overrides(
         bits=args.bits,
         block_size=args.block_size,
@@ -162,7 +161,7 @@ def _optimize(args) -> int:
         accuracy_level=args.accuracy_level,
     )
     output = args.output or default_output_path(args.model, recipe)
-    options = RunOptions(device=_device(args.device), verify=args.verify, seed=args.seed, resume=args.resume)
+    options = RunOptions(device=_device(args.device), verify=args.verify, resume=args.resume)
     # `kill` stops like Ctrl-C: progress is kept. Restored after, for callers that run main() in-process.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     progress, close = _progress_bar(args.quiet)

@@ -81,7 +81,7 @@ class QuantFormat:
 
 class Method(str, enum.Enum):
     RTN = "rtn"  # round-to-nearest, byte-identical to ORT's DEFAULT quantizer
-    CAFEQ = "cafeq"  # data-free learned transforms, paired transforms, adaptive rounding
+    CAFEQ = "cafeq"  # data-free transforms chosen from the weights, paired transforms, adaptive rounding
 
 
 class Prior(str, enum.Enum):
@@ -91,7 +91,7 @@ class Prior(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """The method and its knobs (all ignored by round-to-nearest)."""
+    """The method and its knobs, read by the math itself (quant/); round-to-nearest ignores them."""
 
     name: Method = Method.CAFEQ
     prior: Prior = Prior.PROPAGATED
@@ -101,6 +101,7 @@ class MethodConfig:
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+    alternations: int = 2  # V/O rounding steps: V, O given V^, then V given O^ ...
     online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op)
     online_block: int = 32  # its largest block size
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
@@ -163,10 +164,13 @@ def _enum(kind: type[enum.Enum], value: Any, what: str) -> Any:
         raise DfqError(f"unknown {what} '{value}': choose one of {choices}") from None
 
 
+DEFAULT_RECIPE = "cafeq-int4-cuda"  # what `dfq-onnx optimize` does without --recipe
+
+
 def builtin_recipes() -> dict[str, Path]:
-    """Recipes shipped in passes/ (installed as dfq_onnx.passes)."""
+    """Recipes shipped in passes/recipes/ (installed as dfq_onnx.passes/recipes)."""
     found: dict[str, Path] = {}
-    root = resources.files("dfq_onnx.passes")
+    root = resources.files("dfq_onnx.passes").joinpath("recipes")
     for entry in root.iterdir():
         if entry.name.endswith(".toml"):
             found[entry.name[: -len(".toml")]] = Path(str(entry))
@@ -206,7 +210,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for section, types in (
         ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
         ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
-        ("method", {"name": str, "prior": str, "online_block": int, "online_min_gain": float}),
+        ("method", {"name": str, "prior": str, "online_block": int, "online_min_gain": float, "alternations": int}),
         ("recipe", {"name": str, "description": str}),
     ):
         for key, kind in types.items():
@@ -237,6 +241,8 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
         b = values["online_block"]
         if not isinstance(b, int) or b < 8 or b & (b - 1):
             raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
+    if "alternations" in values and not 1 <= values["alternations"] <= 16:
+        raise DfqError(f"recipe [method] alternations must be from 1 to 16, not {values['alternations']}")
     if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
         raise DfqError("recipe [method] online_min_gain must be a number (a fraction, e.g. 0.05)")
     return MethodConfig(**values)

@@ -1,9 +1,10 @@
-"""The registry from a method's config type to the code that quantizes one unit of work.
+"""The registry from a method to the code that quantizes one unit of work.
 
-A unit is one transformer layer (its attention and MLP linears, with their pairing), or a
-group of linears outside the layers. A method gets the float weights of the unit (and the norm
-gains in front of them) and returns their quantized forms, the float tensors it changed (folded
-norm gains) and, per linear, the proxy errors it reached.
+A unit is one transformer layer (its attention and MLP linears, with their pairing), a group of
+linears outside the layers, or the head (lm_head, and the embedding that shares or mirrors it). A
+method gets the float weights of the unit (and the norm gains in front of them) and returns their
+quantized forms, the float tensors it changed (folded norm gains, moved biases) and, per linear,
+the proxy errors it reached.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable
 import torch
 
 from .config import Method, MethodConfig, QuantFormat
-from .graph.sites import Attention, Linear, Mlp, NormGain
+from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
 from .quant import grid, stats
-from .quant.layer import LayerOptions, LayerWeights, optimise_layer
+from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
+from .quant.layer import optimise_layer
 
 
 @dataclasses.dataclass
@@ -29,6 +31,14 @@ class Unit:
     attention: Attention | None = None
     mlp: Mlp | None = None
     foldable: set[str] = dataclasses.field(default_factory=set)  # gain initializers we may rewrite
+    embedding: Embedding | None = None  # the head unit: the embedding quantized with the lm_head
+
+    @property
+    def is_head(self) -> bool:
+        return self.label == HEAD_LABEL
+
+
+HEAD_LABEL = "lm_head/embedding"
 
 
 @dataclasses.dataclass
@@ -53,7 +63,7 @@ class UnitResult:
 
 @dataclasses.dataclass
 class UnitInput:
-    weights: dict[str, torch.Tensor]  # linear -> W[K, N] (float32, on the method's device)
+    weights: dict[str, torch.Tensor]  # linear (or the embedding table) -> W[K, N] on the method's device
     scale_dtypes: dict[str, torch.dtype]
     gains: dict[str, torch.Tensor]  # norm gain initializer -> multiplicative gain values
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> output bias [N]
@@ -85,62 +95,80 @@ def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: Meth
 
 @register(Method.CAFEQ)
 def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
-    layer = LayerWeights(weights=data.weights, scale_dtypes=data.scale_dtypes, biases=data.biases)
-    att, mlp = unit.attention, unit.mlp
-    if att is not None:
-        for role in ("q", "k", "v", "qkv", "o"):
-            setattr(layer, role, getattr(att, role))
-        layer.qkv_split = att.qkv_split
-        layer.head_dim, layer.num_heads, layer.num_kv_heads = att.head_dim, att.num_heads, att.num_kv_heads
-        layer.rope, layer.rotary_dim, layer.qk_norm = att.rope, att.rotary_dim, att.qk_norm
-        layer.attn_gain, layer.attn_gain_foldable = _gain(att.input_norm, data, unit)
-        layer.attn_post_gain, _ = _gain(att.output_norm, data, unit)
-        layer.attn_post_norm = att.output_norm is not None
-        if att.qkv and not att.qkv_split:
-            layer.qkv = None  # a packed projection we cannot split is quantized on its own
-    if mlp is not None:
-        layer.gate, layer.up, layer.down = mlp.gate, mlp.up, mlp.down
-        layer.gate_columns, layer.up_columns = mlp.gate_columns, mlp.up_columns
-        layer.activation = stats.activation_kind(mlp.activation)
-        layer.mlp_gain, layer.mlp_gain_foldable = _gain(mlp.input_norm, data, unit)
-        layer.mlp_post_gain, _ = _gain(mlp.output_norm, data, unit)
-        layer.mlp_post_norm = mlp.output_norm is not None
-    opts = LayerOptions(
-        prior=config.prior.value,
-        scale_search=config.scale_search,
-        diagonal=config.diagonal,
-        vo_pairs=config.vo_pairs,
-        vo_transform=config.vo_transform,
-        qk_transform=config.qk_transform,
-        gptq=config.gptq,
-        force_transforms=config.force_transforms,
-        online=config.online,
-        online_block=config.online_block,
-        online_min_gain=config.online_min_gain,
-        keep_float=data.keep_float,
+    if unit.is_head:  # the head has no statistics of its own yet: round-to-nearest, as ORT does
+        return round_to_nearest(unit, data, fmt, config)
+    layer = LayerWeights(
+        weights=data.weights,
+        scale_dtypes=data.scale_dtypes,
+        gains=data.gains,
+        biases=data.biases,
+        attention=_attention_geometry(unit, data),
+        mlp=_mlp_geometry(unit, data),
     )
     try:
-        result = optimise_layer(layer, fmt, opts, data.residual)
+        result = optimise_layer(layer, fmt, config, data.residual, keep_float=data.keep_float)
     except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
         out = round_to_nearest(unit, data, fmt, config)
         out.residual = data.residual
         out.notes.append(f"{unit.label}: the method fell back to round-to-nearest ({str(exc).splitlines()[0][:120]})")
         return out
-    out = UnitResult(quantized={}, residual=result.residual, online=result.online, biases=result.biases)
+    out = UnitResult(quantized={}, residual=result.residual, online=result.online, biases=result.biases, changed=result.gains)
     for name, site in result.sites.items():
         out.quantized[name] = site.quantized
         out.transforms[name] = site.transforms
         out.errors[name] = SiteErrors(site.error, site.rtn_error, site.reference)
         if site.float_weight is not None:
             out.float_weights[name] = site.float_weight
-    if result.attn_gain is not None:
-        out.changed[att.input_norm.initializer] = result.attn_gain
-    if result.mlp_gain is not None:
-        out.changed[mlp.input_norm.initializer] = result.mlp_gain
     return out
 
 
-def _gain(norm: NormGain | None, data: UnitInput, unit: Unit) -> tuple[torch.Tensor | None, bool]:
+def _attention_geometry(unit: Unit, data: UnitInput) -> AttentionGeometry | None:
+    att = unit.attention
+    if att is None:
+        return None
+    gain, foldable = _gain(att.input_norm, data, unit)
+    packed_unsplit = att.qkv and not att.qkv_split  # a packed projection we cannot split is quantized on its own
+    return AttentionGeometry(
+        q=att.q,
+        k=att.k,
+        v=att.v,
+        qkv=None if packed_unsplit else att.qkv,
+        o=att.o,
+        qkv_split=att.qkv_split,
+        head_dim=att.head_dim,
+        num_heads=att.num_heads,
+        num_kv_heads=att.num_kv_heads,
+        rope=att.rope,
+        rotary_dim=att.rotary_dim,
+        qk_norm=att.qk_norm,
+        gain=gain,
+        gain_foldable=foldable,
+        post_gain=_gain(att.output_norm, data, unit)[0],
+        post_norm=att.output_norm is not None,
+    )
+
+
+def _mlp_geometry(unit: Unit, data: UnitInput) -> MlpGeometry | None:
+    mlp = unit.mlp
+    if mlp is None or not (mlp.gate and mlp.up and mlp.down):
+        return None
+    gain, foldable = _gain(mlp.input_norm, data, unit)
+    return MlpGeometry(
+        gate=mlp.gate,
+        up=mlp.up,
+        down=mlp.down,
+        gate_columns=mlp.gate_columns,
+        up_columns=mlp.up_columns,
+        activation=stats.activation_kind(mlp.activation),
+        gain=gain,
+        gain_foldable=foldable,
+        post_gain=_gain(mlp.output_norm, data, unit)[0],
+        post_norm=mlp.output_norm is not None,
+    )
+
+
+def _gain(norm: NormGain | None, data: UnitInput, unit: Unit) -> tuple[str | None, bool]:
+    """The gain's key when its values were read, and whether it may be rewritten."""
     if norm is None or norm.initializer not in data.gains:
         return None, False
-    return data.gains[norm.initializer], norm.exclusive and norm.initializer in unit.foldable
+    return norm.initializer, norm.exclusive and norm.initializer in unit.foldable

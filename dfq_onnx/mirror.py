@@ -16,7 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .graph import load, rewrite, save
-from .graph.sites import Linear, name_nodes
+from .graph.sites import Linear, ModelSites, name_nodes
+from .passes.float_edits import stored_gain
+from .plan import UnitPlan
 
 
 class Mirror:
@@ -57,3 +59,33 @@ class Mirror:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def follow(mirrors: dict[str, Mirror], plan: UnitPlan, sites: ModelSites, rounded: dict[str, np.ndarray]) -> list[str]:
+    """Give the verification copies a unit's edits (the rounded float weights go to the exact one,
+    the dequantized ones to the other); returns what the report should say. May drop the
+    dequantized copy when the plan leaves it nothing to be compared with."""
+    notes = []
+    for r in plan.online:
+        for mirror in mirrors.values():
+            mirror.rotate(r.linears, r.block)
+    for name, q in plan.quantized.items():
+        if "exact" in mirrors and name in rounded:
+            mirrors["exact"].set_weight(sites.linears[name], rounded[name])
+        if "dequantized" in mirrors:
+            mirrors["dequantized"].set_weight(sites.linears[name], q.dequantize())
+    for mirror in mirrors.values():
+        for name, gain in plan.gains.items():
+            mirror.replace(name, stored_gain(sites, name, gain))
+        for name, bias in plan.biases.items():
+            mirror.replace(sites.linears[name].bias, bias)
+    emb = sites.embedding
+    if "dequantized" in mirrors and emb is not None and plan.sites and plan.sites[0].role == "lm_head":
+        if plan.embedding is None and emb.tied:  # its copy shares the lm_head's now-dequantized table
+            mirrors.pop("dequantized").close()
+            notes.append("fidelity not checked: the tied embedding stays float while its lm_head is quantized")
+        elif plan.embedding is not None and not plan.embedding_tied:
+            table = plan.embedding.dequantize()  # [hidden, vocab]
+            mirrors["dequantized"].replace(emb.initializer, table if emb.transposed else table.T)
+    return notes
+

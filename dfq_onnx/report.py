@@ -28,8 +28,11 @@ class SiteResult:
     block_size: int
     symmetric: bool
     scale_bits: int
-    rel_error: float  # ||W - W_hat||^2 / ||W||^2 of the written weights
-    rtn_rel_error: float  # the same for round-to-nearest at this format
+    # The method's proxy of the written weights relative to that of the float ones (tr(D^T H D) /
+    # tr(W^T H W) under the propagated statistics; the V/O pair's product error for v and o); for
+    # round-to-nearest and the lm_head, ||W - W_hat||^2 / ||W||^2.
+    rel_error: float
+    rtn_rel_error: float  # the same measure for round-to-nearest at this format
     seconds: float
     transforms: list[str]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -157,9 +156,19 @@ def test_failed_run_leaves_no_output(tiny, tmp_path, capsys, monkeypatch):
 
 
 def test_existing_output_replaced_atomically(tiny, tmp_path):
+    """An existing output keeps its old bytes while the run works (it is never opened in place), then the
+    finished model takes its place whole: its data beside it, no work files left behind."""
+    from dfq_onnx.config import Recipe
+    from dfq_onnx.pipeline import RunOptions, optimize
+
     model = tiny("dynamo")
     out = tmp_path / "q.onnx"
     out.write_text("old")
-    assert main(["optimize", str(model), "-o", str(out), "--quiet", "--verify", "none"]) == 0
-    assert onnx.load(out, load_external_data=False).graph.node  # a real model replaced the old file
-    assert np.isfinite(out.stat().st_size)
+    seen = []  # the output's bytes each time a layer (and the head) is done
+    optimize(model, out, Recipe(), RunOptions(verify="none"), progress=lambda *_: seen.append(out.read_bytes()))
+    assert len(seen) >= 2 and all(b == b"old" for b in seen), seen
+    m = onnx.load(out)  # a real model replaced the old file, with every external tensor's bytes in place
+    assert any(n.op_type == "MatMulNBits" for n in m.graph.node)
+    locations = {e.value for t in onnx.load(out, load_external_data=False).graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations and all((tmp_path / loc).is_file() for loc in locations), locations
+    assert {p.name for p in tmp_path.iterdir()} == {out.name, "q.report.json", *locations}  # no work directory left

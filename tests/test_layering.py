@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,23 @@ def test_graph_does_no_optimisation():
         assert "torch" not in mods, path.name
         source = path.read_text()
         assert "from ..quant" not in source and "dfq_onnx.quant" not in source, path.name
+
+
+PASSES = Path(__file__).parents[1] / "passes"
+
+
+def test_passes_apply_plans_and_decide_nothing():
+    """passes/ turn plans into graph edits: no torch, no math; and the seam is plain data (plan.py)."""
+    files = sorted(PASSES.glob("*.py"))
+    assert len(files) > 3
+    for path in [*files, PACKAGE / "plan.py"]:
+        mods = imported_modules(path)
+        assert "torch" not in mods and not any(m.startswith("dfq_onnx.quant") for m in mods), path.name
+        assert not re.search(r"from \.+quant[ .]", path.read_text()), path.name
+
+
+def test_no_module_grows_past_its_job():
+    """Small modules: none of the package's modules (nor a pass) over 400 lines."""
+    for path in [*PACKAGE.rglob("*.py"), *PASSES.glob("*.py")]:
+        lines = len(path.read_text().splitlines())
+        assert lines <= 400, f"{path.relative_to(PACKAGE.parent)} has {lines} lines"

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from dfq_onnx.config import QuantFormat
-from dfq_onnx.quant import grid, rounding, scales, stats, transforms
-from dfq_onnx.quant import layer as layer_mod
-from dfq_onnx.quant.layer import LayerOptions, SiteTransform, _Pair, _round_pair
+from dfq_onnx.config import MethodConfig, QuantFormat
+from dfq_onnx.quant import grid, rounding, scales, site, stats, transforms
+from dfq_onnx.quant.site import Rounding, SiteTransform
+from dfq_onnx.quant.value_output import Pair, round_pair
 
 FMT4 = QuantFormat(4, 32, True)
 FMT3 = QuantFormat(3, 32, True)
@@ -103,7 +103,7 @@ def _pair_setup(seed=0, heads=4, kv=2, d=32, k=96, n=80, bias=None):
     mean = torch.randn(k, generator=g, dtype=torch.float64)
     a = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
     x = stats.Moments(mean, a.t() @ a + 0.1 * torch.eye(k, dtype=torch.float64))
-    return _Pair(x, w_v, w_o, heads, d, bias), heads, kv, d
+    return Pair(x, w_v, w_o, heads, d, bias), heads, kv, d
 
 
 def _value_bias(kv=2, d=32, seed=5, std=1.0):
@@ -131,14 +131,14 @@ def test_value_bias_enters_the_pair_error_through_the_mean():
 
 def test_pair_rounding_that_knows_the_value_bias_rounds_o_better():
     """O rounded for z's true mean (bias included) has a lower true pair error than O rounded as if b = 0."""
-    opts = LayerOptions()
+    how = Rounding(FMT3, MethodConfig())
     for seed in range(3):
         bias = _value_bias(seed=seed + 7)
         aware, *_ = _pair_setup(seed, bias=bias)
         blind, *_ = _pair_setup(seed)
         errors = []
         for pair in (aware, blind):
-            qv, qo, _ = _round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)
+            qv, qo, _ = round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)
             errors.append(aware.error(qv.dequantize(), qo.dequantize()))
         assert errors[0] < errors[1], errors
 
@@ -153,11 +153,11 @@ def test_value_output_transform_is_exact_and_can_lower_the_pair_error():
         ref = pair.w_v[:, g * d : (g + 1) * d] @ pair.w_o[h * d : (h + 1) * d]
         got = v2[:, g * d : (g + 1) * d] @ o2[h * d : (h + 1) * d]
         assert torch.allclose(got, ref, atol=1e-5)
-    opts = LayerOptions(vo_pairs=False, gptq=False, scale_search=False)
-    plain = _round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)[2]
+    how = Rounding(FMT3, MethodConfig(vo_pairs=False, gptq=False, scale_search=False))
+    plain = round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)[2]
     tf_v = SiteTransform(col=torch.block_diag(*[t] * kv))
     tf_o = SiteTransform(row=torch.block_diag(*[t.t()] * heads))
-    rotated = _round_pair(pair, tf_v, tf_o, None, FMT3, opts, torch.float32, torch.float32)[2]
+    rotated = round_pair(pair, tf_v, tf_o, how, torch.float32, torch.float32)[2]
     assert rotated < plain  # incoherence spreads the planted outlier rows of O
 
 
@@ -167,8 +167,8 @@ def test_alternating_pair_rounding_never_raises_the_product_error():
         rtn_pair = pair.error(grid.fake_quant(pair.w_v, FMT3), grid.fake_quant(pair.w_o, FMT3))
         errors = []
         for steps in (1, 2, 4):
-            opts = LayerOptions(alternations=steps)
-            errors.append(_round_pair(pair, SiteTransform(), SiteTransform(), None, FMT3, opts, torch.float32, torch.float32)[2])
+            how = Rounding(FMT3, MethodConfig(alternations=steps))
+            errors.append(round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)[2])
         assert errors[1] <= errors[0] + 1e-9 and errors[2] <= errors[1] + 1e-9
         assert errors[0] < rtn_pair
 
@@ -213,14 +213,14 @@ def test_statistics_match_monte_carlo():
     assert torch.allclose(u.variances(), sampled.var(0), rtol=0.05, atol=1e-3)
 
 
-@pytest.mark.parametrize("k", [256, layer_mod.ONLINE_DENSE_LIMIT + 64])
+@pytest.mark.parametrize("k", [256, site.ONLINE_DENSE_LIMIT + 64])
 def test_online_rotation_is_exact_and_its_hessian_measures_the_same_error(k):
     """x' = x blockdiag(T), W' = T^T W: same product; the rotated H gives the same weighted error
     (exactly for the dense form; for the large-K form whenever the variances are constant per block)."""
     t = transforms.hadamard(64)
     w = planted(k, 48)
     x = torch.randn(7, k)
-    dense = k <= layer_mod.ONLINE_DENSE_LIMIT
+    dense = k <= site.ONLINE_DENSE_LIMIT
     row = torch.rand(k) + 0.5 if dense else torch.full((k,), 0.7)  # (large K: a per-row scaling breaks "constant per block")
     tf = SiteTransform(row=row, online=t)
     x_rot = transforms.block_rotate((x * row).t(), t.t()).t()  # x diag(a) blockdiag(T)
@@ -238,9 +238,9 @@ def test_online_rotation_lowers_the_error_of_outlier_input_channels(fmt):
     """Weights with a few large input channels (rows): the rotation spreads them over their block."""
     w = planted(512, 96, outlier_rows=8)
     h = rounding.LowRank(torch.rand(512, generator=torch.Generator().manual_seed(4)) + 0.5, torch.zeros(512))
-    opts = LayerOptions()
-    plain = layer_mod._linear(w, h, fmt, torch.float32, opts, SiteTransform(), [])
-    rotated = layer_mod._linear(w, h, fmt, torch.float32, opts, SiteTransform(online=transforms.hadamard(64)), [])
+    how = Rounding(fmt, MethodConfig())
+    plain = site.round_site(w, h, torch.float32, how, SiteTransform(), [])
+    rotated = site.round_site(w, h, torch.float32, how, SiteTransform(online=transforms.hadamard(64)), [])
     assert rotated.error < 0.8 * plain.error, (rotated.error, plain.error)
 
 

@@ -17,7 +17,7 @@ from dfq_onnx.cli import main
 from dfq_onnx.graph import pack
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import find_sites
-from dfq_onnx.quant import layer
+from dfq_onnx.quant import site
 from dfq_onnx.verify import model_logits
 
 FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\n"
@@ -59,7 +59,7 @@ def test_a_bias_left_behind_by_a_transform_is_not_published(tiny_family, tmp_pat
     model = tiny_family("qwen2", "dynamo")
     recipe = tmp_path / "force.toml"
     recipe.write_text(FORCE)
-    monkeypatch.setattr(layer.SiteTransform, "columns", lambda self, b: b)  # the planted bug
+    monkeypatch.setattr(site.SiteTransform, "columns", lambda self, b: b)  # the planted bug
     out = tmp_path / "q.onnx"
     line = refuse(capsys, str(model), "-o", str(out), "--recipe", str(recipe))
     assert line.startswith("dfq-onnx: error: exactness check failed") and "layer 0 attention" in line, line

@@ -232,12 +232,10 @@ def externalize_remaining(model: ir.Model, writer: ExternalDataWriter, keep_name
             value.const_value = writer.copy_tensor(name, tensor)
 
 
-def publish(work: Path, output: Path, location: str, extra: list[Path] = ()) -> None:
+def publish(work: Path, output: Path, location: str) -> None:
     """Move the finished files into place: data first, model last (each an atomic rename, so a
     model file and a data file are there at every instant); then remove the work directory."""
     os.replace(work / location, output.parent / location)
-    for path in extra:
-        os.replace(path, output.parent / path.name)
     os.replace(work / output.name, output)
     shutil.rmtree(work, ignore_errors=True)
 

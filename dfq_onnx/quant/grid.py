@@ -67,12 +67,6 @@ def to_row_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.reshape(-1, block_size, n)
 
 
-def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, k_blocks, block_size] -> W[K, N], dropping the padding rows."""
-    n = blocks.shape[0]
-    return blocks.reshape(n, -1)[:, :k].t()
-
-
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C's roundf (half away from zero), exactly, in the input's precision.
 

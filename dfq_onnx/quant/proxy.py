@@ -1,8 +1,6 @@
-"""Data-free proxy losses: how far a quantized weight is from the original, in the original space.
-
-Without calibration data the input covariance is taken as the identity, so the loss of a
-linear is ||W - W_hat||_F^2; for two matrices that multiply, the loss is that of their product.
-A diagonal prior (e.g. the RMSNorm gain squared) weights the rows of W.
+"""The plain rounding error of a written weight, ||W - W_hat||^2 against ||W||^2, for the report of
+sites the method scores no other way (round-to-nearest, the lm_head). The method's own proxies,
+weighted by the propagated statistics, are computed where it rounds (quant/site.py, value_output.py).
 """
 
 from __future__ import annotations
@@ -10,21 +8,6 @@ from __future__ import annotations
 import torch
 
 from . import grid
-
-
-def sq_error(w: torch.Tensor, w_hat: torch.Tensor, row_weight: torch.Tensor | None = None) -> float:
-    """||W - W_hat||^2 (optionally tr(D^T diag(row_weight) D)), summed in float64."""
-    d = (w.to(torch.float64) - w_hat.to(torch.float64)) ** 2
-    if row_weight is not None:
-        d = d * row_weight.to(torch.float64).unsqueeze(-1)
-    return float(d.sum())
-
-
-def product_sq_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> float:
-    """||A B - A_hat B_hat||^2 for a pair of matrices that multiply (e.g. V and O of one head)."""
-    p = a.to(torch.float64) @ b.to(torch.float64)
-    p_hat = a_hat.to(torch.float64) @ b_hat.to(torch.float64)
-    return float(((p - p_hat) ** 2).sum())
 
 
 def quantized_errors(w: torch.Tensor, q: grid.Quantized) -> tuple[float, float]:

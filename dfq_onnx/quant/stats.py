@@ -53,6 +53,12 @@ class Moments:
         return Moments(self.mean + other.mean, self.cov + other.cov)
 
 
+
+def with_bias(x: Moments, bias: torch.Tensor | None) -> Moments:
+    """x + b for a constant bias b: the mean moves, the covariance does not."""
+    return x if bias is None else Moments(x.mean + bias.to(x.mean.dtype), x.cov)
+
+
 COVARIANCE_ROWS = 65536  # embedding rows that enter the covariance (evenly strided); the mean uses all
 
 

@@ -36,16 +36,8 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
-def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, search: bool = False) -> float:
-    """Weighted squared error of quantizing W[K, N] (rows weighted by `weight`): min/max scales,
-    or searched ones with `search`."""
-    if search:
-        blocks = grid.to_blocks(w, fmt.block_size)
-        wb = None if weight is None else grid.to_blocks(weight.view(-1, 1), fmt.block_size)  # [1, kb, bs]
-        s, z = scales.search(blocks, fmt, wb)
-        codes = grid.quantize_blocks(blocks, s, z, fmt)
-        zero = grid.Quantized(codes, s, z, w.shape[0], fmt).zero_point_values().to(torch.float32)
-        return float(scales.block_error(blocks, codes, s, zero, wb).sum())
+def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None) -> float:
+    """Weighted squared error of round-to-nearest of W[K, N] (rows weighted by `weight`), min/max scales."""
     row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), fmt.block_size)  # [kb, bs, 1]
     total = 0.0
     for kbs, _, x in grid.row_block_chunks(w, fmt.block_size):  # W's own layout, in pieces

@@ -1,0 +1,144 @@
+"""What the method decided for one unit, as plain data: the seam between the math and the graph.
+
+A plan holds numpy arrays and names only (no graph objects, no file offsets): per linear its
+rounded weight (or, for float output, its transformed float weight), the float tensors it changed
+(norm gains, moved biases), the online rotations to insert, and what the report says of each
+site. Passes (dfq_onnx.passes) apply a plan to a graph; a checkpoint is the list of finished plans,
+each saved as one .npz of arrays with a JSON header (read back with allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .config import QuantFormat
+from .graph import pack
+from .report import SiteResult
+
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A rounded W[K, N]: container codes per block of K, scales in the activation dtype."""
+
+    codes: np.ndarray  # uint8 [N, k_blocks, block_size]
+    scales: np.ndarray  # [N, k_blocks], float16 or float32
+    zero_points: np.ndarray | None  # uint8 [N, k_blocks]; None: symmetric
+    k: int
+    fmt: QuantFormat
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    def dequantize(self) -> np.ndarray:
+        """W_hat[K, N] in float32, as the kernels compute (q - z) * s."""
+        mid = 1 << (self.fmt.container_bits - 1)
+        z = np.full(self.scales.shape, mid, np.uint8) if self.zero_points is None else self.zero_points
+        codes = self.codes.transpose(1, 2, 0).astype(np.float32)  # [k_blocks, block_size, N]
+        rows = (codes - z.T.astype(np.float32)[:, None, :]) * self.scales.T.astype(np.float32)[:, None, :]
+        return rows.reshape(-1, self.n)[: self.k]
+
+
+@dataclasses.dataclass
+class OnlineRotation:
+    """x' = x blockdiag(T) computed at inference in front of linears that read one activation."""
+
+    linears: list[str]
+    block: np.ndarray  # T [b, b] in the activation dtype
+    k: int
+    layer: int | None
+
+
+@dataclasses.dataclass
+class UnitPlan:
+    label: str
+    quantized: dict[str, QuantizedWeight] = dataclasses.field(default_factory=dict)  # linear -> rounded W
+    float_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # linear -> W[K, N] (float output)
+    gains: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # norm gain initializer -> new gain (multiplicative)
+    biases: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # linear -> its output bias, moved with its columns
+    online: list[OnlineRotation] = dataclasses.field(default_factory=list)
+    embedding: QuantizedWeight | None = None  # the head unit: the embedding table rounded as [hidden, vocab]
+    embedding_tied: bool = False  # ... and it is the lm_head's own weight (its bytes are shared)
+    sites: list[SiteResult] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def save(plan: UnitPlan, path: Path) -> None:
+    """One .npz: the arrays, and a JSON header that names them (written whole, then renamed)."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(array: np.ndarray | None) -> str | None:
+        if array is None:
+            return None
+        key = f"a{len(arrays)}"
+        arrays[key] = np.ascontiguousarray(array)
+        return key
+
+    def quantized(q: QuantizedWeight) -> dict:
+        bits = q.fmt.container_bits  # codes travel packed: the checkpoint is about the size of the output
+        return {
+            "codes": put(pack.pack_along_last(q.codes, bits)),
+            "codes_shape": list(q.codes.shape),
+            "scales": put(q.scales),
+            "zero_points": put(q.zero_points),
+            "k": q.k,
+            "fmt": [q.fmt.bits, q.fmt.block_size, q.fmt.symmetric],
+        }
+
+    header = {
+        "format": FORMAT,
+        "label": plan.label,
+        "quantized": {name: quantized(q) for name, q in plan.quantized.items()},
+        "float_weights": {name: put(w) for name, w in plan.float_weights.items()},
+        "gains": {name: put(g) for name, g in plan.gains.items()},
+        "biases": {name: put(b) for name, b in plan.biases.items()},
+        "online": [{"linears": r.linears, "block": put(r.block), "k": r.k, "layer": r.layer} for r in plan.online],
+        "embedding": None if plan.embedding is None or plan.embedding_tied else quantized(plan.embedding),
+        "embedding_tied": plan.embedding_tied,
+        "sites": [dataclasses.asdict(s) for s in plan.sites],
+        "notes": plan.notes,
+    }
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def load(path: Path) -> UnitPlan:
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(bytes(data["header"]).decode())
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: plan format {header.get('format')}, expected {FORMAT}")
+
+        def get(key: str | None) -> np.ndarray | None:
+            return None if key is None else data[key]
+
+        def quantized(d: dict) -> QuantizedWeight:
+            fmt = QuantFormat(*d["fmt"])
+            n, kb, bs = d["codes_shape"]
+            codes = pack.unpack_along_last(get(d["codes"]), fmt.container_bits, bs).reshape(n, kb, bs)
+            return QuantizedWeight(codes, get(d["scales"]), get(d["zero_points"]), d["k"], fmt)
+
+        plan = UnitPlan(
+            label=header["label"],
+            quantized={name: quantized(d) for name, d in header["quantized"].items()},
+            float_weights={name: get(k) for name, k in header["float_weights"].items()},
+            gains={name: get(k) for name, k in header["gains"].items()},
+            biases={name: get(k) for name, k in header["biases"].items()},
+            online=[OnlineRotation(r["linears"], get(r["block"]), r["k"], r["layer"]) for r in header["online"]],
+            embedding_tied=header["embedding_tied"],
+            sites=[SiteResult(**s) for s in header["sites"]],
+            notes=header["notes"],
+        )
+        if header["embedding"] is not None:
+            plan.embedding = quantized(header["embedding"])
+        elif plan.embedding_tied:
+            plan.embedding = next(iter(plan.quantized.values()))
+    return plan

@@ -1,0 +1,253 @@
+"""From the graph to plans: read one unit's weights, gains and biases, run the method, and turn
+what it returned into a UnitPlan (plain arrays). The graph is only read here; passes write it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from . import methods
+from .config import Method, Prior, QuantFormat, Recipe
+from .errors import DfqError
+from .graph import load
+from .graph.sites import Linear, ModelSites, Role
+from .plan import OnlineRotation, QuantizedWeight, UnitPlan
+from .quant import grid, proxy, stats
+from .report import SiteResult
+
+
+def plan_units(sites: ModelSites, graph: ir.Graph | None = None) -> list[methods.Unit]:
+    """One unit per layer (attention + MLP), then any remaining linears outside the layers."""
+    units = []
+    for layer in sites.layers():
+        members = [lin for lin in sites.linears.values() if lin.layer == layer and lin.role != Role.LM_HEAD]
+        att = next((a for a in sites.attentions if a.layer == layer), None)
+        mlp = next((m for m in sites.mlps if m.layer == layer), None)
+        foldable = {
+            g.initializer
+            for g in (att.input_norm if att else None, mlp.input_norm if mlp else None)
+            if g is not None and g.exclusive and (graph is None or _only_used_by_its_norm(graph, g.initializer))
+        }
+        units.append(methods.Unit(f"layer {layer}", layer, members, att, mlp, foldable))
+    loose = [lin for lin in sites.linears.values() if lin.layer is None and lin.role == Role.OTHER]
+    if loose:
+        units.append(methods.Unit("other linears", None, loose))
+    return units
+
+
+def head_unit(sites: ModelSites, recipe: Recipe) -> methods.Unit | None:
+    """The lm_head (and the embedding, quantized with it) when the recipe quantizes them."""
+    if recipe.lm_head.bits is None or sites.lm_head is None or recipe.float_output:
+        return None
+    return methods.Unit(methods.HEAD_LABEL, None, [sites.linears[sites.lm_head]], embedding=sites.embedding)
+
+
+def _only_used_by_its_norm(graph: ir.Graph, name: str) -> bool:
+    """A gain initializer shared with other nodes cannot be rewritten for one of them."""
+    return len(graph.initializers[name].uses()) == 1
+
+
+@dataclasses.dataclass
+class Planned:
+    plan: UnitPlan
+    residual: stats.Moments | None  # the statistics the next unit starts from
+    rounded_float: dict[str, np.ndarray]  # linear -> the float W[K, N] that was rounded (exactness check only)
+
+
+class Planner:
+    def __init__(self, graph: ir.Graph, sites: ModelSites, recipe: Recipe, device: str, keep_float: bool):
+        self.graph, self.sites, self.recipe, self.device = graph, sites, recipe, device
+        self.keep_float = keep_float  # the exactness check needs the transformed float weights
+        self.nodes = {node.name: node for node in graph}
+
+    # -- reading
+
+    def weight(self, lin: Linear, as_stored: bool = False) -> torch.Tensor:
+        """W[K, N], float32 and contiguous; with `as_stored`, W as it is stored: its own float dtype,
+        and a weight stored [N, K] as a transposed view (round-to-nearest reads it piece by piece)."""
+        arr = load.read_array(self.graph.initializers[lin.weight.initializer].const_value)
+        load.check_array_finite(arr, lin.weight.initializer)
+        if as_stored:
+            w = _stored_tensor(arr)
+            return w.t() if lin.weight.transposed else w
+        w = torch.from_numpy(arr.astype(np.float32, copy=False))
+        return w.t().contiguous() if lin.weight.transposed else w
+
+    def activation_dtype(self, lin: Linear) -> np.dtype:
+        node = self.nodes[lin.node]
+        dtype = node.outputs[0].dtype or node.inputs[0].dtype
+        if dtype == ir.DataType.FLOAT16:
+            return np.dtype(np.float16)
+        if dtype in (None, ir.DataType.FLOAT):
+            return np.dtype(np.float16) if lin.weight.dtype == "FLOAT16" else np.dtype(np.float32)
+        raise DfqError(f"{lin.node}: activations of type {dtype.name} are not supported; use fp32 or fp16")
+
+    def bias(self, lin: Linear) -> torch.Tensor | None:
+        """The linear's output bias when it is an initializer we may rewrite (read by that Add alone)."""
+        if lin.bias is None or lin.bias not in self.graph.initializers or len(self.graph.initializers[lin.bias].uses()) != 1:
+            return None
+        arr = load.read_array(self.graph.initializers[lin.bias].const_value).astype(np.float32).reshape(-1)
+        return torch.from_numpy(arr)
+
+    def gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
+        """Multiplicative norm gains in front of the unit's linears (1 + w where the graph adds the 1)."""
+        out = {}
+        norms = []
+        if unit.attention:
+            norms += [unit.attention.input_norm, unit.attention.output_norm]
+        if unit.mlp:
+            norms += [unit.mlp.input_norm, unit.mlp.output_norm]
+        for norm in norms:
+            if norm is None:
+                continue
+            arr = load.read_array(self.graph.initializers[norm.initializer].const_value).astype(np.float32).reshape(-1)
+            out[norm.initializer] = torch.from_numpy(arr + 1.0 if norm.plus_one else arr)
+        return out
+
+    def initial_statistics(self) -> stats.Moments | None:
+        """Residual-stream statistics at the first layer, from the embedding table (for the propagated prior)."""
+        method = self.recipe.method
+        emb = self.sites.embedding
+        if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or emb is None:
+            return None
+        tensor = self.graph.initializers[emb.initializer].const_value
+        rows = load.iter_rows(tensor, emb.transposed, rows_per_block=1024)
+        return stats.embedding_moments(rows, self.sites.embedding_scale, emb.vocab, self.device)
+
+    # -- planning
+
+    def plan(self, unit: methods.Unit, residual: stats.Moments | None) -> Planned:
+        t0 = time.perf_counter()
+        head = unit.is_head
+        fmt = self._format(head)
+        # RTN reads blocks in any layout and dtype; the head is read in float32 like ORT's quantizer does.
+        as_stored = self.recipe.method.name == Method.RTN and not head
+        weights = {lin.node: self.weight(lin, as_stored=as_stored) for lin in unit.linears}
+        dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
+        notes: list[str] = []
+        embedding_ok = head and self._embedding_quantizable(unit, fmt, notes)
+        embedding = self._embedding_table(unit) if embedding_ok and not unit.embedding.tied else None
+        scale_dtypes = {name: _torch_dtype(dt) for name, dt in dtypes.items()}
+        device_weights = {name: w.to(self.device) for name, w in weights.items()}
+        if embedding is not None:
+            device_weights[unit.embedding.initializer] = embedding.to(self.device)
+            scale_dtypes[unit.embedding.initializer] = scale_dtypes[unit.linears[0].node]
+        data = methods.UnitInput(
+            weights=device_weights,
+            scale_dtypes=scale_dtypes,
+            gains={name: g.to(self.device) for name, g in self.gains(unit).items()},
+            biases={lin.node: b.to(self.device) for lin in unit.linears if (b := self.bias(lin)) is not None},
+            residual=residual,
+            keep_float=self.recipe.float_output or self.keep_float,
+        )
+        result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
+        seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
+        plan = UnitPlan(label=unit.label, notes=notes + result.notes)
+        rounded_float = {}
+        for lin in unit.linears:
+            q = result.quantized[lin.node]
+            plan.sites.append(
+                _site_result(lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, []),
+                             result.errors.get(lin.node), dtypes[lin.node])
+            )  # fmt: skip
+            float_weight = result.float_weights.get(lin.node)
+            if self.recipe.float_output:
+                plan.float_weights[lin.node] = _numpy(weights[lin.node] if float_weight is None else float_weight)
+            else:
+                plan.quantized[lin.node] = _quantized(q, dtypes[lin.node])
+                if float_weight is not None:
+                    rounded_float[lin.node] = _numpy(float_weight)
+        if embedding is not None:
+            plan.embedding = _quantized(result.quantized[unit.embedding.initializer], dtypes[unit.linears[0].node])
+        elif embedding_ok:  # tied: the lm_head's rounded weight is the table
+            plan.embedding, plan.embedding_tied = plan.quantized[unit.linears[0].node], True
+        plan.gains = {name: _numpy(g) for name, g in result.changed.items()}
+        plan.biases = {name: _numpy(b) for name, b in result.biases.items()}
+        plan.online = self._online(result.online, dtypes)
+        return Planned(plan, result.residual, rounded_float)
+
+    def _format(self, head: bool) -> QuantFormat:
+        quant = self.recipe.quant
+        return QuantFormat(self.recipe.lm_head.bits, quant.block_size, quant.symmetric) if head else quant
+
+    def _embedding_quantizable(self, unit: methods.Unit, fmt: QuantFormat, notes: list[str]) -> bool:
+        emb, lin = unit.embedding, unit.linears[0]
+        if emb is None:
+            return False
+        if lin.k % fmt.block_size:
+            notes.append(f"embedding kept in float: hidden size {lin.k} is not a multiple of the block size {fmt.block_size}")
+            return False
+        return True
+
+    def _embedding_table(self, unit: methods.Unit) -> torch.Tensor:
+        """The untied embedding table as W[hidden, vocab]: it is rounded like the lm_head."""
+        emb = unit.embedding
+        arr = load.read_array(self.graph.initializers[emb.initializer].const_value)
+        e = torch.from_numpy(arr.astype(np.float32, copy=False))
+        return e if emb.transposed else e.t().contiguous()
+
+    def _online(self, online: dict[str, torch.Tensor], dtypes: dict[str, np.dtype]) -> list[OnlineRotation]:
+        """One rotation per activation, shared by the linears of the unit that read it."""
+        groups: dict[int, list[str]] = {}
+        for name in online:
+            groups.setdefault(id(self.nodes[name].inputs[0]), []).append(name)
+        out = []
+        for names in groups.values():
+            lin = self.sites.linears[names[0]]
+            block = online[names[0]].detach().cpu().numpy().astype(dtypes[names[0]])
+            out.append(OnlineRotation(names, block, lin.k, lin.layer))
+        return out
+
+
+def _site_result(lin, w, q: grid.Quantized, fmt, seconds, transforms, errors, dtype: np.dtype) -> SiteResult:
+    if errors is not None:
+        ref, err, rtn_err = errors.reference, errors.error, errors.rtn_error
+    else:
+        ref, err = proxy.quantized_errors(w, q)
+        rtn_err = err
+    return SiteResult(
+        name=lin.node,
+        role=lin.role.value,
+        layer=lin.layer,
+        k=lin.k,
+        n=lin.n,
+        bits=fmt.bits,
+        container_bits=fmt.container_bits,
+        block_size=fmt.block_size,
+        symmetric=fmt.symmetric,
+        scale_bits=16 if dtype == np.float16 else 32,
+        rel_error=err / ref if ref else 0.0,
+        rtn_rel_error=rtn_err / ref if ref else 0.0,
+        seconds=seconds,
+        transforms=list(transforms),
+    )
+
+
+def _quantized(q: grid.Quantized, dtype: np.dtype) -> QuantizedWeight:
+    return QuantizedWeight(
+        codes=q.codes.cpu().numpy(),
+        scales=q.scales.cpu().numpy().astype(dtype),
+        zero_points=None if q.zero_points is None else q.zero_points.cpu().numpy(),
+        k=q.k,
+        fmt=q.fmt,
+    )
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _stored_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a stored array; bfloat16, which numpy lacks, through its bits."""
+    if arr.dtype == load.numpy_dtype(ir.DataType.BFLOAT16):
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.float16 if np.dtype(dtype) == np.float16 else torch.float32

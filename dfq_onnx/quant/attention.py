@@ -1,0 +1,132 @@
+"""Attention: Q/K rotations that commute with RoPE, and V and O rounded as the pair they are.
+
+q and k are rounded under the statistics of the norm's output (the same for both); a rotation per
+KV group and RoPE pair, applied to both q's and k's columns, leaves every score unchanged and is
+chosen by the rounding error it gives. V and O are scored by the product they compute,
+E||z W_o - z^ O^||^2 with z the attention mix of x V (+ its bias): V is rounded, O compensates the
+rounded V, and the two alternate; a free invertible T per KV head (V' = V T, O' = T^-1 O) is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from . import grid, rounding, stats, transforms
+from .geometry import AttentionGeometry, LayerResult, LayerWeights
+from .site import Rounding, SiteOutcome, SiteTransform, diagonal_scaling, hessian, identity_moments, merge_parts, round_site
+from .value_output import value_output
+
+
+def _split_qkv(layer: LayerWeights, att: AttentionGeometry) -> dict[str, torch.Tensor]:
+    if att.qkv is None:
+        return {r: layer.weights[getattr(att, r)] for r in ("q", "k", "v") if getattr(att, r)}
+    w = layer.weights[att.qkv]
+    nq, nk, _ = att.qkv_split
+    return {"q": w[:, :nq], "k": w[:, nq : nq + nk], "v": w[:, nq + nk :]}
+
+
+@dataclasses.dataclass
+class _Attention:
+    sites: dict[str, SiteOutcome]  # role -> outcome ("q", "k", "v", "o")
+    error: float
+
+
+def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
+    """Round q/k/v/o of one layer into `result`; the residual statistics after the attention sublayer."""
+    att = layer.attention
+    parts = _split_qkv(layer, att)
+    first = next(iter(parts.values()))
+    x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
+    h = hessian(x)
+    # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
+    a, a_tags = diagonal_scaling(list(parts.values()), h, how, att.gain_foldable, "norm-diag")
+    best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
+    if a is not None:
+        result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a
+    names = {"q": att.q, "k": att.k, "v": att.v}
+    if att.o and "o" in best.sites:
+        result.sites[att.o] = best.sites["o"]
+    if att.qkv:
+        result.sites[att.qkv] = merge_parts([best.sites[r] for r in ("q", "k", "v")])
+    else:
+        for role in ("q", "k", "v"):
+            if role in best.sites:
+                result.sites[names[role]] = best.sites[role]
+
+    if residual is None or not (att.o and "v" in parts and att.head_dim and att.num_heads):
+        return residual
+    # Attention weights sum to one, so a value bias reaches o's input unchanged: it shifts the mean.
+    z = stats.attention_output(stats.with_bias(stats.linear(x, parts["v"]), _v_bias(layer, att)), att.num_heads, att.head_dim)
+    y = stats.with_bias(stats.linear(z, layer.weights[att.o]), layer.biases.get(att.o))
+    return residual + stats.sublayer_output(y, layer.gain(att.post_gain), att.post_norm)
+
+
+def _v_bias(layer: LayerWeights, att: AttentionGeometry) -> torch.Tensor | None:
+    if att.qkv:
+        bias = layer.biases.get(att.qkv)
+        return None if bias is None else bias[sum(att.qkv_split[:2]) :]
+    return layer.biases.get(att.v)
+
+
+def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Rounding) -> _Attention:
+    """Everything after the choice of the norm scaling a: Q/K rotations, the V/O pair."""
+    names = {"q": att.q, "k": att.k, "v": att.v}
+    dtype_of = lambda role: layer.scale_dtypes[att.qkv or names[role]]  # noqa: E731
+    sites: dict[str, SiteOutcome] = {}
+    rq = rk = None
+    qk_tags: list[str] = []
+    if how.config.qk_transform and _qk_applies(att) and "q" in parts and "k" in parts:
+        rq, rk = rope_rotations(parts["q"], parts["k"], h, a, att, how)
+        qk_tags = ["qk-rope-rotation"] if rq is not None else []
+    for role, rot in (("q", rq), ("k", rk)):
+        if role in parts:
+            sites[role] = round_site(parts[role], h, dtype_of(role), how, SiteTransform(row=a, col=rot), tags + qk_tags)
+    if "v" in parts:
+        sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v")))
+    return _Attention(sites, sum(o.error for o in sites.values()))
+
+
+def _qk_applies(att: AttentionGeometry) -> bool:
+    """RoPE-commuting factors exist only for half-split pairs and without per-head q/k norms."""
+    return att.rope == "half" and not att.qk_norm and bool(att.head_dim and att.num_heads)
+
+
+def rope_rotations(w_q, w_k, h, a, att: AttentionGeometry, how: Rounding):
+    """Per KV group and RoPE pair, the rotation angle (a unit complex factor) that rounds best.
+
+    Returns the column rotations (R_q, R_k), or (None, None) when no pair moves.
+    """
+    d, heads, fmt = att.head_dim, att.num_heads, how.fmt
+    r = att.rotary_dim or d
+    kv = w_k.shape[1] // d
+    group = heads // kv
+    rows = SiteTransform(row=a)
+    wq, wk = rows.forward(w_q), rows.forward(w_k)
+    weight = rounding.hessian_diagonal(rows.hessian(h)).clamp(min=0.0)
+    per_query = lambda ang: ang.repeat_interleave(group, dim=0)  # noqa: E731  (query head h -> group h // group)
+    scores = []
+    for angle in QK_ANGLES:
+        phi = torch.full((kv, r // 2), angle, device=w_q.device)
+        eq = _column_errors(transforms.rope_rotation(per_query(phi), d, r).right_of(wq), weight, fmt).view(heads, d)
+        ek = _column_errors(transforms.rope_rotation(phi, d, r).right_of(wk), weight, fmt).view(kv, d)
+        pair_q = (eq[:, : r // 2] + eq[:, r // 2 : r]).view(kv, group, r // 2).sum(1)
+        scores.append(pair_q + ek[:, : r // 2] + ek[:, r // 2 : r])
+    choice = torch.stack(scores).argmin(0)  # [kv, r/2]
+    if how.config.force_transforms:
+        choice = torch.where(choice == 0, torch.ones_like(choice), choice)
+    if not bool(choice.any()):
+        return None, None
+    angles = torch.tensor(QK_ANGLES, device=w_q.device)[choice]
+    return transforms.rope_rotation(per_query(angles), d, r), transforms.rope_rotation(angles, d, r)
+
+
+QK_ANGLES = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8)
+
+
+def _column_errors(w: torch.Tensor, row_weight: torch.Tensor, fmt) -> torch.Tensor:
+    """Weighted round-to-nearest error of each column of W[K, N] -> [N]."""
+    q = grid.rtn(w, fmt)
+    return ((w - q.dequantize()) ** 2 * row_weight.unsqueeze(1)).sum(0)

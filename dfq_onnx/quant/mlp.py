@@ -1,0 +1,66 @@
+"""The gated MLP: a diagonal scaling folded into the norm (gate/up) and into up's columns (down),
+optional online block rotations of the gate/up and down inputs, every linear rounded by GPTQ under
+the statistics propagated to its input."""
+
+from __future__ import annotations
+
+import torch
+
+from . import stats
+from .geometry import LayerResult, LayerWeights
+from .site import Rounding, SiteTransform, diagonal_scaling, hessian, identity_moments, merge_parts, round_site, try_online
+
+
+def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
+    """Round gate/up/down of one layer into `result`; the residual statistics after the MLP sublayer."""
+    mlp = layer.mlp
+    if mlp.fused:  # one linear holds gate and up as column ranges
+        w = layer.weights[mlp.gate]
+        w_gate, w_up = (w[:, a:b] for a, b in (mlp.gate_columns, mlp.up_columns))
+        gate_key, up_key = f"{mlp.gate}#gate", f"{mlp.up}#up"
+    else:
+        w_gate, w_up = layer.weights[mlp.gate], layer.weights[mlp.up]
+        gate_key, up_key = mlp.gate, mlp.up
+    w_down = layer.weights[mlp.down]
+    device = w_gate.device
+    x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
+    h = hessian(x)
+    u = identity_moments(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
+    hd = hessian(u)
+    dt = layer.scale_dtypes
+
+    a, tags = diagonal_scaling([w_gate, w_up], h, how, mlp.gain_foldable, "norm-diag")
+    d, down_tags = diagonal_scaling([w_down], hd, how, True, "up-down-diag")
+
+    # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
+    # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
+    def gate_up(t=None, tag=None):
+        extra = [tag] if tag else []
+        return {
+            gate_key: round_site(w_gate, h, dt[mlp.gate], how, SiteTransform(row=a, online=t), tags + extra),
+            up_key: round_site(w_up, h, dt[mlp.up], how, SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
+        }
+
+    def down(t=None, tag=None):
+        extra = [tag] if tag else []
+        return {mlp.down: round_site(w_down, hd, dt[mlp.down], how, SiteTransform(row=d, online=t), down_tags + extra)}
+
+    outcomes = {**gate_up(), **down()}
+    # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
+    for where, make, k in (("gate_up", gate_up, w_gate.shape[0]), ("down", down, w_down.shape[0])):
+        if where in how.config.online:
+            try_online(outcomes, make, k, device, how, result.online)
+    if a is not None:
+        result.gains[mlp.gain] = layer.gain(mlp.gain).to(torch.float32) * a
+    if mlp.fused:
+        halves = sorted([(mlp.gate_columns, outcomes.pop(gate_key)), (mlp.up_columns, outcomes.pop(up_key))], key=lambda p: p[0])
+        outcomes[mlp.gate] = merge_parts([outcome for _, outcome in halves])
+        for key in (gate_key, up_key):
+            if key in result.online:
+                result.online[mlp.gate] = result.online.pop(key)
+    result.sites.update(outcomes)
+
+    if residual is None:
+        return residual
+    y = stats.with_bias(stats.linear(u, w_down), layer.biases.get(mlp.down))
+    return residual + stats.sublayer_output(y, layer.gain(mlp.post_gain), mlp.post_norm)

@@ -1,0 +1,247 @@
+"""One site (one linear, or a column part of one): its function-preserving transform, and its
+rounding for the loss tr(D^T H D) measured in the original space.
+
+Everything here works on a single W[K, N] and its Hessian; the layer's structure (which linears
+pair, which gains fold) is the business of attention.py, mlp.py and layer.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ..config import MethodConfig, QuantFormat
+from . import grid, rounding, scales, stats, transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """What every site of one layer is rounded with: the format, the method's knobs, and whether the
+    transformed float weights are kept (float output and the exactness check need them; otherwise
+    they are dropped as soon as each site is rounded, so peak memory follows one layer)."""
+
+    fmt: QuantFormat
+    config: MethodConfig
+    keep_float: bool = False
+
+    def tags(self) -> list[str]:
+        return (["gptq"] if self.config.gptq else []) + (["scale-search"] if self.config.scale_search else [])
+
+
+@dataclasses.dataclass
+class SiteOutcome:
+    quantized: grid.Quantized
+    error: float  # proxy of the written weights (original space)
+    rtn_error: float  # proxy of round-to-nearest at the same format
+    reference: float  # proxy norm of the float weights (for relative errors)
+    transforms: list[str]
+    float_weight: torch.Tensor | None = None  # the transformed float weight (what was rounded)
+    columns: Callable[[torch.Tensor], torch.Tensor] | None = None  # b -> b C: what the output-side transform does to a bias
+
+
+@dataclasses.dataclass
+class SiteTransform:
+    """A function-preserving change of one linear's weight: W' = T^T L W C.
+
+    `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L (dense
+    or a transforms.BlockDiagonal); `col` is a vector c (C = diag(c)) or a matrix C (folded into
+    what reads the output); `online` is an orthogonal b x b block: x' = x blockdiag(T) is
+    computed at inference (an inserted op), so the weight takes T^T on its rows.
+    """
+
+    row: torch.Tensor | transforms.BlockDiagonal | None = None
+    col: torch.Tensor | transforms.BlockDiagonal | None = None
+    online: torch.Tensor | None = None
+
+    @functools.cached_property
+    def _row_inverse(self):
+        return _inverse(self.row)
+
+    @functools.cached_property
+    def _col_inverse(self):
+        return _inverse(self.col)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.row is not None:
+            w = w / self.row.unsqueeze(1) if _is_vector(self.row) else _left(self.row, w)
+        if self.online is not None:
+            w = transforms.block_rotate(w, self.online.t())
+        if self.col is not None:
+            w = w * self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self.col)
+        return w
+
+    def backward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.col is not None:
+            w = w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
+        if self.online is not None:
+            w = transforms.block_rotate(w, self.online)
+        if self.row is not None:
+            w = w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
+        return w
+
+    def columns(self, b: torch.Tensor) -> torch.Tensor:
+        """b C for a bias b[N] added to the output: only the output-side part of the transform moves it."""
+        if self.col is None:
+            return b
+        return b * self.col if _is_vector(self.col) else _right(b.unsqueeze(0), self.col)[0]
+
+    def hessian(self, h):
+        """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
+        if self.row is not None:
+            if _is_vector(self.row):
+                h = h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
+            else:
+                dense = h.dense() if isinstance(h, rounding.LowRank) else h
+                inv = self._row_inverse
+                h = _right(_left(inv.t(), dense), inv)
+        if self.online is not None:
+            h = rotated_hessian(h, self.online)
+        return h
+
+
+def _is_vector(m) -> bool:
+    return torch.is_tensor(m) and m.dim() == 1
+
+
+def _left(m, w: torch.Tensor) -> torch.Tensor:
+    return m.times(w) if isinstance(m, transforms.BlockDiagonal) else m @ w
+
+
+def _right(w: torch.Tensor, m) -> torch.Tensor:
+    return m.right_of(w) if isinstance(m, transforms.BlockDiagonal) else w @ m
+
+
+ONLINE_DENSE_LIMIT = 4096  # above this K, GPTQ under a rotated H uses its diagonal + mean direction
+
+
+def rotated_hessian(h, t: torch.Tensor):
+    """T^T H T for T = blockdiag(t). For H = diag(d) + u u^T the diagonal part becomes b x b blocks:
+    exact (dense) up to ONLINE_DENSE_LIMIT rows, beyond that their diagonal (the rank-1 part stays exact)."""
+    if not isinstance(h, rounding.LowRank):
+        return transforms.block_rotate(transforms.block_rotate(h, t.t()).t(), t.t()).t()
+    k, b = h.diag.shape[0], t.shape[0]
+    vec = transforms.block_rotate(h.vec.unsqueeze(1), t.t())[:, 0]
+    d = h.diag.reshape(k // b, b, 1)
+    if k <= ONLINE_DENSE_LIMIT:
+        blocks = t.t().unsqueeze(0) @ (d * t.unsqueeze(0))  # [k/b, b, b]
+        return torch.block_diag(*blocks) + torch.outer(vec, vec)
+    diag = ((t * t).t().unsqueeze(0) @ d).reshape(k)
+    return rounding.LowRank(diag, vec)
+
+
+def _inverse(m):
+    if isinstance(m, transforms.BlockDiagonal):
+        return m.inverse()
+    return torch.linalg.inv(m.to(torch.float64)).to(m.dtype)
+
+
+# ----------------------------------------------------------------------------- statistics -> H
+
+
+def hessian(x: stats.Moments) -> rounding.LowRank:
+    diag, vec = stats.diagonal_plus_mean(x)
+    return rounding.LowRank(diag.to(torch.float32), vec.to(torch.float32))
+
+
+def identity_moments(k: int, device) -> stats.Moments:
+    return stats.Moments(torch.zeros(k, dtype=torch.float64, device=device), torch.ones(k, dtype=torch.float64, device=device))
+
+
+# ----------------------------------------------------------------------------- rounding
+
+
+def round_weight(w: torch.Tensor, h, dtype, how: Rounding) -> grid.Quantized:
+    """Round W[K, N] for the loss tr(D^T H D)."""
+    fmt, config = how.fmt, how.config
+    if config.gptq:
+        return rounding.gptq(w, h, fmt, dtype, search_scales=config.scale_search)
+    if not config.scale_search:
+        return grid.rtn(w, fmt, dtype)
+    blocks = grid.to_blocks(w, fmt.block_size)
+    weight = grid.to_blocks(rounding.hessian_diagonal(h).reshape(-1, 1), fmt.block_size)
+    s, z = scales.search(blocks, fmt, weight, dtype)
+    return grid.Quantized(grid.quantize_blocks(blocks, s, z, fmt), s, z, w.shape[0], fmt)
+
+
+def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> SiteOutcome:
+    """Round W' = tf(W) for tr(D^T H D) measured in the original space, against RTN of W."""
+    tf = tf or SiteTransform()
+    fmt = how.fmt
+    rtn = grid.rtn(w, fmt, dtype)
+    rtn_err = rounding.weighted_error(w, rtn.dequantize(), h)
+    ref = rounding.weighted_error(w, None, h)
+    wt = tf.forward(w)
+    q = round_weight(wt, tf.hessian(h), dtype, how)
+    err = rounding.weighted_error(w, tf.backward(q.dequantize()), h)
+    fallback = grid.rtn(wt, fmt, dtype)
+    fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize()), h)
+    if fallback_err < err:
+        q, err, tags = fallback, fallback_err, list(tags)
+    else:
+        tags = [*tags, *how.tags()]
+    columns = tf.columns if tf.col is not None else None
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if how.keep_float else None, columns=columns)
+
+
+def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, label: str):
+    """A folded per-channel input scaling for a group of linears, or None."""
+    config = how.config
+    if not (config.diagonal and foldable):
+        return None, []
+    choice = transforms.search_diagonal(
+        weights, rounding.hessian_diagonal(h).clamp(min=0.0), how.fmt, exclude_identity=config.force_transforms
+    )
+    if choice.is_identity:
+        return None, []
+    return choice.a, [label]
+
+
+def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Rounding, online: dict[str, torch.Tensor]) -> None:
+    """Replace the sites `make` rounds by their rotated versions when the rotation pays (in place);
+    the rotation of each replaced site goes into `online`."""
+    config = how.config
+    b = transforms.online_block_size(k, config.online_block)
+    if b is None:
+        return
+    t = transforms.hadamard(b, device)
+    rotated = make(t, f"online-hadamard{b}")
+    before = sum(outcomes[name].error for name in rotated)
+    after = sum(o.error for o in rotated.values())
+    if config.force_transforms or after < (1.0 - config.online_min_gain) * before:
+        outcomes.update(rotated)
+        online.update({name: t for name in rotated})
+
+
+def merge_parts(parts: list[SiteOutcome]) -> SiteOutcome:
+    """One linear computed as column parts (packed q|k|v, fused gate|up), in column order:
+    concatenate the per-part results along N (scales are per column)."""
+    q0 = parts[0].quantized
+    zps = None if q0.zero_points is None else torch.cat([p.quantized.zero_points for p in parts])
+    merged = grid.Quantized(
+        codes=torch.cat([p.quantized.codes for p in parts]),
+        scales=torch.cat([p.quantized.scales for p in parts]),
+        zero_points=zps,
+        k=q0.k,
+        fmt=q0.fmt,
+    )
+    tags = list(dict.fromkeys(t for p in parts for t in p.transforms))
+    widths = [p.quantized.codes.shape[0] for p in parts]
+
+    def columns(b: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(b, widths)
+        return torch.cat([p.columns(x) if p.columns else x for p, x in zip(parts, pieces)])
+
+    # Parts may be scored in different spaces (v through the V/O product): average relative errors.
+    rel = lambda attr: sum(getattr(p, attr) / p.reference for p in parts if p.reference) / len(parts)  # noqa: E731
+    return SiteOutcome(
+        merged,
+        rel("error"),
+        rel("rtn_error"),
+        1.0,
+        tags,
+        float_weight=None if any(p.float_weight is None for p in parts) else torch.cat([p.float_weight for p in parts], dim=1),
+        columns=columns if any(p.columns for p in parts) else None,
+    )

@@ -1,0 +1,209 @@
+"""V and O rounded as the pair they are: E||z W_o - z^ O^||^2, z the attention mix of x V (+ b).
+
+V is rounded under the statistics of the mix of its input; O then compensates the rounded V
+(least squares under E[z^T z^], rounded by GPTQ), and V and O alternate. Candidates for a free
+invertible T per KV head (V' = V T, O' = T^-1 O) are scored by the pair error of plain rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import grid, stats, transforms
+from .geometry import AttentionGeometry, LayerWeights
+from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
+
+
+def value_output(
+    layer: LayerWeights, att: AttentionGeometry, w_v, bias, x, h, a, tags, how: Rounding, v_dtype
+) -> dict[str, SiteOutcome]:
+    """V and o as one pair: E||z W_o - z^ W_o^||^2, z the attention mix of x V.
+
+    Candidates for the free V/O transform T (per KV head) are tried; for each, V is rounded,
+    then O compensates the rounded V, then (alternating) V the rounded O; the best pair is kept.
+    """
+    d, heads, fmt, config = att.head_dim, att.num_heads, how.fmt, how.config
+    if not att.o:
+        return {"v": round_site(w_v, h, v_dtype, how, SiteTransform(row=a), tags)}
+    w_o = layer.weights[att.o]
+    o_dtype = layer.scale_dtypes[att.o]
+    if not (d and heads) or heads * d != w_o.shape[0]:
+        eye = rounding.LowRank.identity(w_o.shape[0], w_o.device)
+        return {
+            "v": round_site(w_v, h, v_dtype, how, SiteTransform(row=a), tags),
+            "o": round_site(w_o, eye, o_dtype, how, None, []),
+        }
+    pair = Pair(x, w_v, w_o, heads, d, bias)
+    v_rtn = grid.rtn(w_v, fmt, v_dtype).dequantize()
+    o_rtn = grid.rtn(w_o, fmt, o_dtype).dequantize()
+    rtn_pair = pair.error(v_rtn, o_rtn)
+    ref_pair = pair.energy
+
+    # T per KV head is chosen by the pair error of plain rounding; the full pair rounding runs once.
+    candidates = transforms.value_output_candidates(d, w_v.device) if config.vo_transform else [("identity", None)]
+    chosen = None
+    for label, t in candidates:
+        # One d x d block per head: V' = V blockdiag(T), O' = blockdiag(T^-1) O.
+        tf_v = SiteTransform(row=a, col=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)))
+        tf_o = SiteTransform(row=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)).inverse())
+        cheap = pair.error(
+            tf_v.backward(grid.fake_quant(tf_v.forward(w_v), fmt, v_dtype)),
+            tf_o.backward(grid.fake_quant(tf_o.forward(w_o), fmt, o_dtype)),
+        )
+        if chosen is None or cheap < chosen[0] or (config.force_transforms and t is not None):
+            chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
+    _, tf_v, tf_o, extra = chosen
+    qv, qo, err = round_pair(pair, tf_v, tf_o, how, v_dtype, o_dtype)
+    pair_tags = ["vo-pair", *how.tags()] if config.vo_pairs else how.tags()
+    # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
+    return {
+        "v": SiteOutcome(
+            qv, err, rtn_pair, ref_pair, tags + extra + pair_tags,
+            float_weight=tf_v.forward(w_v) if how.keep_float else None,
+            columns=tf_v.columns if tf_v.col is not None else None,
+        ),
+        "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o) if how.keep_float else None),
+    }
+
+
+def round_pair(pair: "Pair", tf_v, tf_o, how: Rounding, v_dtype, o_dtype):
+    """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair."""
+    config = how.config
+    w_v_t = tf_v.forward(pair.w_v)
+    qv = round_weight(w_v_t, tf_v.hessian(pair.value_hessian()), v_dtype, how)
+    best = None
+    for step in range(max(1, config.alternations)):
+        v_hat = tf_v.backward(qv.dequantize())
+        qo = _round_o(pair, v_hat, tf_o, how, o_dtype)
+        err = pair.error(v_hat, tf_o.backward(qo.dequantize()))
+        if best is None or err < best[2]:
+            best = (qv, qo, err)
+        if not config.vo_pairs or step + 1 >= config.alternations:
+            break
+        # V given O^: its least-squares target, rounded under the pair's input statistics.
+        target = pair.value_target(tf_o.backward(qo.dequantize()))
+        qv = round_weight(tf_v.forward(target), tf_v.hessian(pair.value_hessian()), v_dtype, how)
+    # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate.
+    qv, qo, err = best
+    v_hat = tf_v.backward(qv.dequantize())
+    o_plain = grid.rtn(tf_o.forward(pair.w_o), how.fmt, o_dtype)
+    plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
+    if plain_err < err:
+        qo, err = o_plain, plain_err
+    return qv, qo, err
+
+
+def _round_o(pair: "Pair", v_hat, tf_o: SiteTransform, how: Rounding, dtype) -> grid.Quantized:
+    h_hat, cross = pair.moments_of(v_hat)
+    if not how.config.vo_pairs:
+        return round_weight(tf_o.forward(pair.w_o), tf_o.hessian(h_hat.dense().float()), dtype, how)
+    # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
+    # The ridge keeps the solve defined for degenerate weights (an all-zero or rank-deficient V^).
+    ridge = max(1e-6 * float(h_hat.diagonal().mean()), 1e-30)
+    target = h_hat.solve(cross.times(pair.w_o.double()), ridge).float()
+    return round_weight(tf_o.forward(target), tf_o.hessian(h_hat.dense().float()), dtype, how)
+
+
+@dataclasses.dataclass
+class HeadMoments:
+    """E[z_a^T z_b] over the concatenated query heads: one d x d block per KV group (its query
+    heads share it) plus the outer product of the means. Products never form the dense matrix."""
+
+    blocks: torch.Tensor  # [kv, d, d] float64
+    mean_a: torch.Tensor  # [heads * d]
+    mean_b: torch.Tensor  # [heads * d]
+    group: int  # query heads per KV head
+
+    def times(self, w: torch.Tensor) -> torch.Tensor:
+        """H @ W for W[heads * d, N] (float64)."""
+        kv, d, _ = self.blocks.shape
+        n = w.shape[1]
+        out = (self.blocks.unsqueeze(1) @ w.reshape(kv, self.group, d, n)).reshape(-1, n)
+        return out + torch.outer(self.mean_a, self.mean_b @ w)
+
+    def quad(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """tr(A^T H B)."""
+        return float((a * self.times(b)).sum())
+
+    def diagonal(self) -> torch.Tensor:
+        return self.blocks.diagonal(dim1=1, dim2=2).repeat_interleave(self.group, 0).reshape(-1) + self.mean_a * self.mean_b
+
+    def dense(self) -> torch.Tensor:
+        return torch.block_diag(*self.blocks.repeat_interleave(self.group, 0)) + torch.outer(self.mean_a, self.mean_b)
+
+    def solve(self, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+        """(H + ridge I)^-1 RHS: per-block solves, the mean term by Sherman-Morrison."""
+        kv, d, _ = self.blocks.shape
+        n = rhs.shape[1]
+        p = (self.blocks + ridge * torch.eye(d, dtype=self.blocks.dtype, device=self.blocks.device)).unsqueeze(1)
+        p_rhs = torch.linalg.solve(p, rhs.reshape(kv, self.group, d, n)).reshape(-1, n)
+        p_u = torch.linalg.solve(p, self.mean_a.reshape(kv, self.group, d, 1)).reshape(-1)
+        return p_rhs - torch.outer(p_u, (self.mean_b @ p_rhs) / (1.0 + self.mean_b @ p_u))
+
+
+class Pair:
+    """Statistics of the attention output z = mix(x V) + b per query head, for V and a rounded V^.
+
+    The value bias b (Qwen 2) is not rounded, but it shifts z's mean, which weighs O's rounding:
+    z W_o - z^ O^ carries b (W_o - O^).
+    """
+
+    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int, bias=None):
+        self.x, self.w_v, self.w_o, self.heads, self.d = x, w_v, w_o, heads, d
+        self.bias = torch.zeros(w_v.shape[1], dtype=torch.float64, device=w_v.device) if bias is None else bias.to(torch.float64)
+        self.kv = w_v.shape[1] // d
+        self.group = heads // self.kv
+        self._cov = x.dense_cov()
+        self._cov_v = self._cov @ w_v.to(torch.float64)  # C V: every cross term reuses it
+        self._w_o = w_o.to(torch.float64)
+        self.h_true = self.second(w_v, w_v)
+        self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
+        self._last: tuple | None = None  # (V^, its E[z^^T z^], E[z^^T z]) for the V^ seen last
+
+    def value_hessian(self) -> torch.Tensor:
+        """E over the mix of x^T x: what weighs V's rounding error inside the pair."""
+        c = stats.ATTENTION_CONCENTRATION
+        return (c * self._cov + torch.outer(self.x.mean, self.x.mean)).float()
+
+    def second(self, a: torch.Tensor, b: torch.Tensor) -> HeadMoments:
+        """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
+        a64 = a.to(torch.float64)
+        cov_b = self._cov_v if b is self.w_v else self._cov @ b.to(torch.float64)
+        k, kv, d = a64.shape[0], self.kv, self.d
+        blocks = a64.reshape(k, kv, d).permute(1, 2, 0) @ cov_b.reshape(k, kv, d).permute(1, 0, 2)  # [kv, d, d]
+        per_head = lambda m: m.reshape(kv, d).repeat_interleave(self.group, 0).reshape(-1)  # noqa: E731
+        mean = self.x.mean
+        return HeadMoments(
+            stats.ATTENTION_CONCENTRATION * blocks,
+            per_head(mean @ a64 + self.bias),
+            per_head(mean @ b.to(torch.float64) + self.bias),
+            self.group,
+        )
+
+    def moments_of(self, v_hat: torch.Tensor) -> tuple[HeadMoments, HeadMoments]:
+        """(E[z^^T z^], E[z^^T z]) for a rounded V^; kept for the next call with the same V^."""
+        if self._last is None or self._last[0] is not v_hat:
+            self._last = (v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v))
+        return self._last[1], self._last[2]
+
+    def value_target(self, o_hat: torch.Tensor) -> torch.Tensor:
+        """argmin over V of the pair error for fixed O^: per KV group, V_g (sum_h W_o,h O^_h^T) (sum_h O^_h O^_h^T)^-1."""
+        d = self.d
+        cols = []
+        for g in range(self.kv):
+            heads = range(g * self.group, (g + 1) * self.group)
+            wo = torch.cat([self.w_o[h * d : (h + 1) * d] for h in heads], dim=1).double()
+            oh = torch.cat([o_hat[h * d : (h + 1) * d] for h in heads], dim=1).double()
+            m = oh @ oh.t()
+            m = m + max(1e-8 * float(m.diagonal().mean()), 1e-30) * torch.eye(d, device=m.device, dtype=m.dtype)
+            cols.append(self.w_v[:, g * d : (g + 1) * d].double() @ torch.linalg.solve(m, oh @ wo.t()).t())
+        return torch.cat(cols, dim=1).float()
+
+    def error(self, v_hat, o_hat) -> float:
+        """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
+        h_hat, cross = self.moments_of(v_hat)
+        oh = o_hat.to(torch.float64)
+        total = self.energy - 2 * float((oh * cross.times(self._w_o)).sum()) + h_hat.quad(oh, oh)
+        return max(total, 0.0)
