@@ -41,3 +41,16 @@ def linear_nodes(graph: ir.Graph, names, sites: ModelSites) -> dict[str, ir.Node
         require(name in sites.linears, f"{name}: not a linear of the model")
         require(name in nodes and nodes[name].op_type in ("MatMul", "Gemm"), f"{name}: no float MatMul/Gemm of that name is left")
     return {name: nodes[name] for name in names}
+
+
+class EmitLinears(ir.passes.InPlacePass):
+    """Base of the passes that replace planned float linears by their rounded forms."""
+
+    def __init__(self, quantized: dict[str, QuantizedWeight], context: PlanContext):
+        self.quantized, self.context = quantized, context
+
+    def requires(self, model: ir.Model) -> None:
+        linear_nodes(model.graph, self.quantized, self.context.sites)
+        for name, q in self.quantized.items():
+            lin = self.context.sites.linears[name]
+            require((q.k, q.n) == (lin.k, lin.n), f"{name}: planned {q.k}x{q.n}, the linear is {lin.k}x{lin.n}")

@@ -7,21 +7,11 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from dfq_onnx.graph import opset, rewrite
-from dfq_onnx.plan import QuantizedWeight
 
-from .context import PlanContext, linear_nodes, packed, require
+from .context import EmitLinears, linear_nodes, packed
 
 
-class EmitQdq(ir.passes.InPlacePass):
-    def __init__(self, quantized: dict[str, QuantizedWeight], context: PlanContext):
-        self.quantized, self.context = quantized, context
-
-    def requires(self, model: ir.Model) -> None:
-        linear_nodes(model.graph, self.quantized, self.context.sites)
-        for name, q in self.quantized.items():
-            lin = self.context.sites.linears[name]
-            require((q.k, q.n) == (lin.k, lin.n), f"{name}: planned {q.k}x{q.n}, the linear is {lin.k}x{lin.n}")
-
+class EmitQdq(EmitLinears):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, store = model.graph, self.context.store
         nodes = linear_nodes(graph, self.quantized, self.context.sites)

@@ -147,7 +147,7 @@ def test_failed_run_leaves_no_output(tiny, tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setitem(methods._REGISTRY, methods.Method.CAFEQ, broken)
+    monkeypatch.setattr(methods, "method_for", lambda config: broken)
     model = copy_model(tiny("dynamo"), tmp_path / "m")
     before = file_digests(model)
     with pytest.raises(RuntimeError):
