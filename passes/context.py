@@ -44,7 +44,10 @@ def linear_nodes(graph: ir.Graph, names, sites: ModelSites) -> dict[str, ir.Node
 
 
 class EmitLinears(ir.passes.InPlacePass):
-    """Base of the passes that replace planned float linears by their rounded forms."""
+    """Base of the passes that replace planned float linears by their rounded forms: a subclass
+    writes one linear's tensors and nodes (`emit`) and names the node that replaces it."""
+
+    what = "its rounded form"
 
     def __init__(self, quantized: dict[str, QuantizedWeight], context: PlanContext):
         self.quantized, self.context = quantized, context
@@ -54,3 +57,21 @@ class EmitLinears(ir.passes.InPlacePass):
         for name, q in self.quantized.items():
             lin = self.context.sites.linears[name]
             require((q.k, q.n) == (lin.k, lin.n), f"{name}: planned {q.k}x{q.n}, the linear is {lin.k}x{lin.n}")
+
+    def emit(self, graph: ir.Graph, node: ir.Node, lin: Linear, q: QuantizedWeight) -> None:
+        raise NotImplementedError
+
+    def replaced_by(self, name: str, q: QuantizedWeight) -> str:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        nodes = linear_nodes(model.graph, self.quantized, self.context.sites)
+        for name, q in self.quantized.items():
+            self.emit(model.graph, nodes[name], self.context.sites.linears[name], q)
+        return ir.passes.PassResult(model, modified=bool(self.quantized))
+
+    def ensures(self, model: ir.Model) -> None:
+        names = {node.name for node in model.graph}
+        for name, q in self.quantized.items():
+            if name in names or self.replaced_by(name, q) not in names:
+                raise ir.passes.PostconditionError(f"{name} was not replaced by {self.what}")

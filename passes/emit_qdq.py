@@ -8,25 +8,19 @@ import onnx_ir as ir
 
 from dfq_onnx.graph import opset, rewrite
 
-from .context import EmitLinears, linear_nodes, packed
+from .context import EmitLinears, packed
 
 
 class EmitQdq(EmitLinears):
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph, store = model.graph, self.context.store
-        nodes = linear_nodes(graph, self.quantized, self.context.sites)
-        for name, q in self.quantized.items():
-            lin = self.context.sites.linears[name]
-            base = lin.weight.initializer
-            values = {key: store.new(f"{base}_DQ{q.fmt.bits}_{key}", *spec) for key, spec in packed(q, lin).qdq_tensors().items()}
-            rewrite.to_qdq(graph, nodes[name], lin, values, q.fmt)
-        return ir.passes.PassResult(model, modified=bool(self.quantized))
+    what = "DequantizeLinear -> MatMul"
 
-    def ensures(self, model: ir.Model) -> None:
-        names = {node.name for node in model.graph}
-        for name, q in self.quantized.items():
-            if name in names or f"{name}_DQ" not in names:
-                raise ir.passes.PostconditionError(f"{name} was not replaced by DequantizeLinear -> MatMul")
+    def emit(self, graph: ir.Graph, node: ir.Node, lin, q) -> None:
+        base = f"{lin.weight.initializer}_DQ{q.fmt.bits}"
+        values = {key: self.context.store.new(f"{base}_{key}", *spec) for key, spec in packed(q, lin).qdq_tensors().items()}
+        rewrite.to_qdq(graph, node, lin, values, q.fmt)
+
+    def replaced_by(self, name: str, q) -> str:
+        return f"{name}_DQ"
 
 
 class RaiseOpsetForQdq(ir.passes.InPlacePass):
