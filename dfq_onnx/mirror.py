@@ -18,6 +18,7 @@ import onnx_ir as ir
 from .graph import load, rewrite, save
 from .graph.sites import Linear, ModelSites, name_nodes
 from .passes.float_edits import stored_gain
+from .methods import HEAD_LABEL
 from .plan import UnitPlan
 
 
@@ -80,7 +81,7 @@ def follow(mirrors: dict[str, Mirror], plan: UnitPlan, sites: ModelSites, rounde
         for name, bias in plan.biases.items():
             mirror.replace(sites.linears[name].bias, bias)
     emb = sites.embedding
-    if "dequantized" in mirrors and emb is not None and plan.sites and plan.sites[0].role == "lm_head":
+    if "dequantized" in mirrors and emb is not None and plan.label == HEAD_LABEL:
         if plan.embedding is None and emb.tied:  # its copy shares the lm_head's now-dequantized table
             mirrors.pop("dequantized").close()
             notes.append("fidelity not checked: the tied embedding stays float while its lm_head is quantized")
