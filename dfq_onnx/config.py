@@ -84,6 +84,20 @@ class Method(str, enum.Enum):
     CAFEQ = "cafeq"  # data-free transforms chosen from the weights, paired transforms, adaptive rounding
 
 
+class DiagonalPrior(str, enum.Enum):
+    """Where the diagonal search may whiten by the prior's per-channel importance (a = h^-alpha/2).
+
+    Whitening trusts the prior channel by channel, and the prior is only as good as its propagation:
+    anchored by a post-norm after every sublayer (Gemma 2/3) it follows real activations closely;
+    through plain residual sums (Llama, Mistral, Qwen, Phi) it does not (tools/prior_vs_real.py),
+    and whitening by it then costs more than it gains. Elsewhere only the weights' spread is used.
+    """
+
+    POST_NORM = "post-norm"  # only in layers whose sublayers end in a post-norm
+    ALWAYS = "always"
+    NEVER = "never"
+
+
 class Prior(str, enum.Enum):
     PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
     IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
@@ -97,6 +111,7 @@ class MethodConfig:
     prior: Prior = Prior.PROPAGATED
     scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
     diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
+    diagonal_prior: DiagonalPrior = DiagonalPrior.POST_NORM  # where they may whiten by the prior (see the enum)
     vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group (alternating)
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
@@ -210,7 +225,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for section, types in (
         ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
         ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
-        ("method", {"name": str, "prior": str, "online_block": int, "online_min_gain": float, "alternations": int}),
+        ("method", {"name": str, "prior": str, "diagonal_prior": str, "online_block": int, "online_min_gain": float, "alternations": int}),
         ("recipe", {"name": str, "description": str}),
     ):
         for key, kind in types.items():
@@ -232,6 +247,8 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
     values["name"] = _enum(Method, values.get("name", Method.CAFEQ.value), "method")
     if "prior" in values:
         values["prior"] = _enum(Prior, values["prior"], "method prior")
+    if "diagonal_prior" in values:
+        values["diagonal_prior"] = _enum(DiagonalPrior, values["diagonal_prior"], "method diagonal_prior")
     for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):
         if key in values and not isinstance(values[key], bool):
             raise DfqError(f"recipe [method] {key} must be true or false")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dfq_onnx.config import MethodConfig, QuantFormat
+from dfq_onnx.config import DiagonalPrior, MethodConfig, QuantFormat, recipe_from_dict
+from dfq_onnx.errors import DfqError
 from dfq_onnx.quant import grid, rounding, scales, site, stats, transforms
 from dfq_onnx.quant.site import Rounding, SiteTransform
 from dfq_onnx.quant.value_output import Pair, round_pair
@@ -80,6 +81,33 @@ def test_norm_diagonal_transform_lowers_the_proxy():
     # Exact without rounding: (x * a) (W / a) = x W.
     x = torch.randn(7, 128)
     assert torch.allclose((x * choice.a) @ (ws[0] / choice.a.unsqueeze(1)), x @ ws[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", list(DiagonalPrior))
+def test_diagonal_whitens_by_the_prior_only_where_the_setting_trusts_it(setting):
+    """Without post-norms the prior's per-channel importance is unreliable: the scaling must then come
+    from the weights' spread alone (the prior only scores it); behind post-norms it whitens."""
+    ws = [planted(128, 64, seed=i) for i in range(3)]
+    priors = [torch.exp(torch.randn(128, generator=torch.Generator().manual_seed(s)) * 1.5) for s in (5, 6)]
+    how = Rounding(FMT3, MethodConfig(diagonal_prior=setting))
+    for post_normed in (False, True):
+        scalings = [site.diagonal_scaling(ws, rounding.LowRank(p, torch.zeros(128)), how, True, "norm-diag", post_normed)[0] for p in priors]
+        trusted = setting == DiagonalPrior.ALWAYS or (setting == DiagonalPrior.POST_NORM and post_normed)
+        if trusted:  # the planted prior makes whitening pay (test above): each prior gets its own scaling
+            assert all(a is not None for a in scalings)
+            assert not torch.allclose(scalings[0], scalings[1])
+        else:  # only the spread candidates (r^beta, geometric mean 1) may be chosen, whatever the prior
+            spread = torch.stack([w.abs().amax(dim=1) for w in ws]).amax(0)
+            by_spread = spread**0.5 / torch.exp(torch.log(spread**0.5).mean())
+            for a in scalings:
+                assert a is None or torch.allclose(a, by_spread, rtol=1e-5), "whitened by an untrusted prior"
+
+
+def test_diagonal_prior_is_read_from_a_recipe():
+    assert recipe_from_dict({"method": {"diagonal_prior": "always"}}).method.diagonal_prior == DiagonalPrior.ALWAYS
+    assert MethodConfig().diagonal_prior == DiagonalPrior.POST_NORM
+    with pytest.raises(DfqError, match="diagonal_prior 'sometimes'"):
+        recipe_from_dict({"method": {"diagonal_prior": "sometimes"}})
 
 
 def test_up_down_diagonal_is_exact_and_lowers_down_error():

@@ -42,7 +42,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
     h = hessian(x)
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
-    a, a_tags = diagonal_scaling(list(parts.values()), h, how, att.gain_foldable, "norm-diag")
+    a, a_tags = diagonal_scaling(list(parts.values()), h, how, att.gain_foldable, "norm-diag", layer.post_normed)
     best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
     if a is not None:
         result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a

@@ -67,6 +67,13 @@ class LayerWeights:
     def gain(self, key: str | None) -> torch.Tensor | None:
         return None if key is None else self.gains.get(key)
 
+    @property
+    def post_normed(self) -> bool:
+        """Every sublayer ends in a post-norm: the propagated statistics are re-anchored by known
+        gains at each step (see config.DiagonalPrior)."""
+        parts = [p for p in (self.attention, self.mlp) if p is not None]
+        return bool(parts) and all(p.post_norm for p in parts)
+
 
 @dataclasses.dataclass
 class LayerResult:

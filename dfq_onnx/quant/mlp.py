@@ -29,8 +29,8 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     hd = hessian(u)
     dt = layer.scale_dtypes
 
-    a, tags = diagonal_scaling([w_gate, w_up], h, how, mlp.gain_foldable, "norm-diag")
-    d, down_tags = diagonal_scaling([w_down], hd, how, True, "up-down-diag")
+    a, tags = diagonal_scaling([w_gate, w_up], h, how, mlp.gain_foldable, "norm-diag", layer.post_normed)
+    d, down_tags = diagonal_scaling([w_down], hd, how, True, "up-down-diag", layer.post_normed)
 
     # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
     # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.

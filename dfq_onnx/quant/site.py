@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import MethodConfig, QuantFormat
+from ..config import DiagonalPrior, MethodConfig, QuantFormat
 from . import grid, rounding, scales, stats, transforms
 
 
@@ -186,13 +186,19 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> Si
     return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if how.keep_float else None, columns=columns)
 
 
-def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, label: str):
-    """A folded per-channel input scaling for a group of linears, or None."""
+def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, label: str, post_normed: bool):
+    """A folded per-channel input scaling for a group of linears, or None; it whitens by the prior's
+    importance only where config.diagonal_prior trusts the prior (`post_normed`: the layer's)."""
     config = how.config
     if not (config.diagonal and foldable):
         return None, []
+    trust = config.diagonal_prior == DiagonalPrior.ALWAYS or (config.diagonal_prior == DiagonalPrior.POST_NORM and post_normed)
     choice = transforms.search_diagonal(
-        weights, rounding.hessian_diagonal(h).clamp(min=0.0), how.fmt, exclude_identity=config.force_transforms
+        weights,
+        rounding.hessian_diagonal(h).clamp(min=0.0),
+        how.fmt,
+        alphas=transforms.ALPHAS if trust else (0.0,),
+        exclude_identity=config.force_transforms,
     )
     if choice.is_identity:
         return None, []
