@@ -34,7 +34,6 @@ class LmHeadPolicy(str, enum.Enum):
         return {"keep": None, "int8": 8, "int4": 4}[self.value]
 
 
-
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -72,11 +71,6 @@ class QuantFormat:
     def container_bits(self) -> int:
         """Bits of the stored code: 3-bit codes live in a 4-bit container (no 3-bit kernel exists)."""
         return 4 if self.bits == 3 else self.bits
-
-    def describe(self) -> str:
-        kind = "sym" if self.symmetric else "asym"
-        note = " (in 4-bit container)" if self.bits == 3 else ""
-        return f"int{self.bits} block {self.block_size} {kind}{note}"
 
 
 class Method(str, enum.Enum):
@@ -121,14 +115,6 @@ class MethodConfig:
     online_block: int = 32  # its largest block size
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
-
-    def describe(self) -> str:
-        if self.name == Method.RTN:
-            return "rtn"
-        knobs = [k for k in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq") if getattr(self, k)]
-        if self.online:
-            knobs.append(f"online {'+'.join(self.online)} <= {self.online_block}")
-        return f"cafeq (prior {self.prior.value}; {', '.join(knobs) or 'no transforms'})"
 
 
 @dataclasses.dataclass(frozen=True)
