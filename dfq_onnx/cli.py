@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEFAULT_RECIPE, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, builtin_recipes, load_recipe
+from .config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, builtin_recipes
 from .errors import DfqError, Interrupted
 
 EXIT_USAGE = 2
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show what the tool finds in a model: per layer, each role, shapes, pairs, norms, RoPE layout",
         description="Read-only structural analysis of an exported LLM.",
     )
-    p.add_argument("model", type=Path, help="the .onnx file (external data beside it)")
+    p.add_argument("model", type=Path, help="the .onnx file (external data beside it), or an onnxruntime-genai model folder")
     p.add_argument("--json", action="store_true", help="print the full structure as JSON")
 
     o = sub.add_parser(
@@ -52,8 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
             "MatMulNBits (the CUDA fast-path layout). A JSON report is written beside the output."
         ),
     )
-    o.add_argument("model", type=Path, help="the float (fp32/fp16) .onnx file; never modified")
-    o.add_argument("-o", "--output", type=Path, default=None, help="output .onnx path (default: <model>.q<bits>.onnx)")
+    o.add_argument(
+        "model",
+        type=Path,
+        help="the float (fp32/fp16) .onnx file, or an onnxruntime-genai model folder (or the decoder .onnx in one); never modified",
+    )
+    o.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="output .onnx path (default: <model>.q<bits>.onnx); for an onnxruntime-genai input, a folder that "
+        "onnxruntime-genai loads as it is (genai_config.json and tokenizer files carried; default: <folder>-q<bits>), "
+        "or an .onnx path for the model alone",
+    )
     o.add_argument(
         "--recipe",
         default=None,
@@ -90,7 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="inputs that may get an online block Hadamard rotation (an inserted op, kept only where it "
         "lowers the proxy by 5%%): down, gate_up, both comma-separated, or none [down,gate_up]",
     )
-    o.add_argument("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU) [0]")
+    o.add_argument(
+        "--exclude",
+        default=None,
+        help=f"linears kept in float, comma-separated: node names (as `dfq-onnx inspect` lists them) or roles "
+        f"({', '.join(ROLES)}); per-role and per-layer bits go in a recipe's [[override]] tables",
+    )
+    o.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU); QDQ output records it in the "
+        "model's metadata, for the session option session.qdq_matmulnbits_accuracy_level [0]",
+    )
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument(
         "--verify",
@@ -130,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args) -> int:
-    from .pipeline import inspect
+    from .api import inspect
     from .report import structure_summary
 
     sites = inspect(args.model)
@@ -144,13 +167,16 @@ def _inspect(args) -> int:
 
 
 def _optimize(args) -> int:
-    from . import memory
-    from .pipeline import RunOptions, default_output_path, optimize
+    from .api import quantize
 
-    memory.configure()
-
-    recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
-    recipe = recipe.with_overrides(
+    report = quantize(
+        args.model,
+        args.output,
+        recipe=args.recipe,
+        device=args.device,
+        verify=args.verify,
+        resume=args.resume,
+        progress=not args.quiet,
         bits=args.bits,
         block_size=args.block_size,
         symmetric=args.symmetric,
@@ -159,53 +185,13 @@ def _optimize(args) -> int:
         method=args.method,
         online=args.online,
         accuracy_level=args.accuracy_level,
+        exclude=args.exclude,
     )
-    output = args.output or default_output_path(args.model, recipe)
-    options = RunOptions(device=_device(args.device), verify=args.verify, resume=args.resume)
-    # `kill` stops like Ctrl-C: progress is kept. Restored after, for callers that run main() in-process.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    progress, close = _progress_bar(args.quiet)
-    try:
-        report = optimize(args.model, output, recipe, options, progress=progress)
-    finally:
-        close()
-        signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         from .table import result_table
 
         print(result_table(report))
     return 0
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DfqError(f"--device {name}: no CUDA device is visible to torch; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise DfqError(f"--device {name}: use cpu or cuda[:N]")
-    return name
-
-
-def _progress_bar(quiet: bool):
-    if quiet:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(label: str, done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="site", desc="optimise", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix_str(label)
-        bar.update(done - bar.n)
-
-    def close() -> None:
-        if bar is not None:
-            bar.close()
-
-    return update, close
 
 
 if __name__ == "__main__":

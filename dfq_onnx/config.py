@@ -117,6 +117,43 @@ class MethodConfig:
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
 
 
+# Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteOverride:
+    """A different format for some sites: those of `roles` (all if empty) in `layers` (all if
+    empty; negative counts from the end, -1 the last layer). Later overrides win."""
+
+    roles: tuple[str, ...] = ()
+    layers: tuple[int, ...] = ()
+    bits: int | None = None
+    block_size: int | None = None
+    symmetric: bool | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown:
+            raise DfqError(f"override roles {unknown}: choose from {', '.join(ROLES)}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise DfqError(f"override layers must be integers (negative from the end), not {list(self.layers)!r}")
+        if self.bits is None and self.block_size is None and self.symmetric is None:
+            raise DfqError("an override sets nothing: give bits, block_size or symmetric")
+        self.apply(QuantFormat())  # validates the values
+
+    def matches(self, role: str, layer: int | None, num_layers: int) -> bool:
+        if self.roles and role not in self.roles:
+            return False
+        if not self.layers:
+            return True
+        return layer is not None and any(layer == (i if i >= 0 else num_layers + i) for i in self.layers)
+
+    def apply(self, fmt: QuantFormat) -> QuantFormat:
+        values = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric}
+        return dataclasses.replace(fmt, **{k: v for k, v in values.items() if v is not None})
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A complete request: what to produce and how to optimise it."""
@@ -129,10 +166,23 @@ class Recipe:
     method: MethodConfig = MethodConfig()
     accuracy_level: int = 0
     float_output: bool = False  # apply the method's free transforms but keep float weights (--bits 16)
+    overrides: tuple[SiteOverride, ...] = ()  # per-role / per-layer formats
+    exclude: tuple[str, ...] = ()  # linears kept in float: node names or roles
 
     def __post_init__(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise DfqError(f"unsupported accuracy level {self.accuracy_level}: use 0 to 4")
+
+    def format_for(self, role: str, layer: int | None, num_layers: int) -> QuantFormat:
+        """The format of one site: the recipe's, changed by every override that matches it."""
+        fmt = self.quant
+        for override in self.overrides:
+            if override.matches(role, layer, num_layers):
+                fmt = override.apply(fmt)
+        return fmt
+
+    def excludes(self, node: str, role: str) -> bool:
+        return node in self.exclude or role in self.exclude
 
     def with_overrides(self, **overrides: Any) -> "Recipe":
         """Apply CLI flags (None means 'not given') on top of the recipe."""
@@ -151,6 +201,8 @@ class Recipe:
             method = dataclasses.replace(method, name=_enum(Method, top["method"], "--method"))
         if "online" in top:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
+        if "exclude" in top:
+            top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method
         return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **q), **top)
 
@@ -197,7 +249,7 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    known = {"recipe", "quant", "output", "method"}
+    known = {"recipe", "quant", "output", "method", "override"}
     unknown = set(data) - known
     if unknown:
         raise DfqError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(known)}")
@@ -205,7 +257,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     quant = data.get("quant", {})
     output = data.get("output", {})
     method = data.get("method", {})
-    _check_keys(quant, {"bits", "block_size", "symmetric"}, f"{source} [quant]")
+    _check_keys(quant, {"bits", "block_size", "symmetric", "exclude"}, f"{source} [quant]")
     _check_keys(output, {"format", "lm_head", "accuracy_level"}, f"{source} [output]")
     _check_keys(method, {f.name for f in dataclasses.fields(MethodConfig)}, f"{source} [method]")
     for section, types in (
@@ -217,15 +269,42 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         for key, kind in types.items():
             if key in data.get(section, {}):
                 _check_type(data[section][key], kind, f"{source} [{section}] {key}")
+    overrides = data.get("override", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+        raise DfqError(f"{source}: overrides are tables: [[override]] with roles, layers, bits, block_size, symmetric")
+    exclude = parse_names(quant.get("exclude", ()), f"{source} [quant] exclude")
     return Recipe(
         name=meta.get("name", Path(source).stem),
         description=meta.get("description", ""),
-        quant=QuantFormat(**quant),
+        quant=QuantFormat(**{k: v for k, v in quant.items() if k != "exclude"}),
+        overrides=tuple(_override(o, f"{source} [[override]]") for o in overrides),
+        exclude=exclude,
         output_format=_enum(OutputFormat, output.get("format", "matmulnbits"), "format"),
         lm_head=_enum(LmHeadPolicy, output.get("lm_head", "keep"), "lm_head"),
         accuracy_level=int(output.get("accuracy_level", 0)),
         method=_method_config(method),
     )
+
+
+def _override(table: dict[str, Any], where: str) -> SiteOverride:
+    _check_keys(table, {"roles", "layers", "bits", "block_size", "symmetric"}, where)
+    for key, kind in (("bits", int), ("block_size", int), ("symmetric", bool)):
+        if key in table:
+            _check_type(table[key], kind, f"{where} {key}")
+    roles, layers = table.get("roles", []), table.get("layers", [])
+    if isinstance(roles, str):
+        roles = [roles]
+    if not isinstance(roles, list) or not isinstance(layers, list):
+        raise DfqError(f"{where}: roles and layers are lists, e.g. roles = [\"down\"], layers = [0, -1]")
+    return SiteOverride(tuple(roles), tuple(layers), table.get("bits"), table.get("block_size"), table.get("symmetric"))
+
+
+def parse_names(value: Any, what: str) -> tuple[str, ...]:
+    """A list of names, or one comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise DfqError(f"{what} must be node names or roles, as a list or a comma-separated string")
+    return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
 
 
 def _method_config(section: dict[str, Any]) -> MethodConfig:

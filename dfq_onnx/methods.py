@@ -69,6 +69,7 @@ class UnitInput:
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> output bias [N]
     residual: stats.Moments | None = None  # residual-stream statistics before the unit
     keep_float: bool = False  # return the transformed float weights too (float output)
+    formats: dict[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> format, where not the unit's
 
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
@@ -90,7 +91,9 @@ def method_for(config: MethodConfig) -> MethodFn:
 
 @register(Method.RTN)
 def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
-    return UnitResult(quantized={name: grid.rtn(w, fmt, data.scale_dtypes[name]) for name, w in data.weights.items()})
+    return UnitResult(
+        quantized={name: grid.rtn(w, data.formats.get(name, fmt), data.scale_dtypes[name]) for name, w in data.weights.items()}
+    )
 
 
 @register(Method.CAFEQ)
@@ -106,7 +109,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         mlp=_mlp_geometry(unit, data),
     )
     try:
-        result = optimise_layer(layer, fmt, config, data.residual, keep_float=data.keep_float)
+        result = optimise_layer(layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats)
     except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
         out = round_to_nearest(unit, data, fmt, config)
         out.residual = data.residual

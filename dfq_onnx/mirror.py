@@ -75,6 +75,9 @@ def follow(mirrors: dict[str, Mirror], plan: UnitPlan, sites: ModelSites, rounde
             mirrors["exact"].set_weight(sites.linears[name], rounded[name])
         if "dequantized" in mirrors:
             mirrors["dequantized"].set_weight(sites.linears[name], q.dequantize())
+    for name, w in plan.float_weights.items():  # linears kept in float (excluded)
+        for mirror in mirrors.values():
+            mirror.set_weight(sites.linears[name], w)
     for mirror in mirrors.values():
         for name, gain in plan.gains.items():
             mirror.replace(name, stored_gain(sites, name, gain))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
 
-from . import checkpoint, memory, mirror, planner
-from .config import Method, OutputFormat, Recipe
+from . import checkpoint, genai_folder, memory, mirror, planner
+from .config import ROLES, Method, OutputFormat, Recipe
 from .errors import DfqError, Interrupted
 from .graph import load, save
 from .graph.sites import ModelSites, find_sites
@@ -26,11 +25,11 @@ from .passes.apply import apply_plan, finish
 from .passes.context import PlanContext
 from .passes.online_rotation import rotation_name
 from .plan import UnitPlan
+from .progress import ProgressFn
 from .quant import stats
 from .report import Report
 from .verify import VerificationFailed
 
-ProgressFn = Callable[[str, int, int], None]  # (label of the unit just done, done, total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +58,22 @@ def optimize(
     recipe: Recipe,
     options: RunOptions = RunOptions(),
     progress: ProgressFn | None = None,
+    companions: dict[str, Path | bytes] | None = None,
 ) -> Report:
+    """Quantize `input_path` into `output_path`; `companions` (file name -> source file or bytes) are
+    published beside the output with it (an onnxruntime-genai folder's config and tokenizer)."""
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     model = load.load_model(input_path)
     check_weight_types(model)
     save.check_output_path(output_path, input_path, load.external_data_files(model))
     sites = find_sites(model)
+    check_exclude(recipe, sites)
     if load.weight_bytes(model) <= VERIFY_AUTO_LIMIT:  # larger models are checked as each weight is read
         load.check_finite(model, _float_tensors(sites))
     with save.OutputLock(output_path):
         try:
-            return _optimize(model, sites, input_path, output_path, recipe, options, progress, started)
+            return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {})
         except OSError as exc:  # the disk, not the model: one line, nothing published
             raise save.write_error(exc, output_path) from None
 
@@ -86,7 +89,7 @@ def _float_tensors(sites: ModelSites) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _optimize(model, sites, input_path, output_path, recipe, options, progress, started) -> Report:
+def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions) -> Report:
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device)
@@ -122,7 +125,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
             memory.release()  # hand the unit's freed buffers back to the OS before the next one
             if progress:
                 progress(unit.label, _sites(plans), total)
-        finish(model, recipe)
+        notes += finish(model, recipe, {s.container_bits for p in plans for s in p.sites if "excluded" not in s.transforms})
         save.externalize_remaining(model, writer, keep_names=context.store.written)
         writer.close()
         save.save_model(model, work / output_path.name)
@@ -132,7 +135,8 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         for path in checks.values():  # verification only: never published
             path.unlink()
             path.with_name(path.name + ".data").unlink()
-        save.publish(work, output_path, location)
+        genai_folder.write_companions(companions, work)
+        save.publish(work, output_path, location, extra=list(companions))
     except KeyboardInterrupt:
         _close(writer, mirrors)
         done = _units_done(work, key)
@@ -158,7 +162,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         notes=notes + sites.notes + plan_notes + context.notes
         + [f"{name} fell back to identity statistics: {why}" for name, why in sites.unmatched.items()],
     )
-    report.verification = verification or {"verified": False, "why": f"--verify {verify_mode}"}
+    report.verification = {"verified": True, **verification} if verification else {"verified": False, "why": f"--verify {verify_mode}"}
     report.online = [_rotation_entry(r) for p in plans for r in p.online]
     report.resumed_units = resumed
     report.write_json(report_path_for(output_path))
@@ -251,6 +255,7 @@ def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str, rec
     from . import verify  # ONNX Runtime is needed only here
 
     fp16 = any(lin.weight.dtype == "FLOAT16" for lin in sites.linears.values())
+    fidelity_path = verify.without_accuracy_level(candidate) if checks.get("dequantized") else None
     return verify.check_output(
         input_path,
         candidate,
@@ -261,11 +266,25 @@ def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str, rec
         float_output=recipe.float_output and mode == "compare",
         dtype="float16" if fp16 else "float32",
         scratch=candidate.parent,
+        fidelity_path=fidelity_path,
     )
 
 
 def report_path_for(output_path: Path) -> Path:
     return output_path.with_name(output_path.stem + ".report.json")
+
+
+def check_exclude(recipe: Recipe, sites: ModelSites) -> None:
+    """Every name to keep in float must be a role or one of the model's linears (never a silent no-op)."""
+    for name in recipe.exclude:
+        if name == sites.lm_head or name == "lm_head":
+            raise DfqError(f"exclude '{name}': the lm_head follows --lm-head (keep leaves it in float)")
+        if name not in ROLES and name not in sites.linears:
+            some = ", ".join(list(sites.linears)[:3])
+            raise DfqError(
+                f"exclude '{name}' is neither a role ({', '.join(ROLES)}) nor a linear of this model "
+                f"(node names as `dfq-onnx inspect` lists them, e.g. {some})"
+            )
 
 
 def check_weight_types(model: ir.Model) -> None:

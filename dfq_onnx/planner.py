@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from . import methods
+from . import fast_path, methods
 from .config import Method, Prior, QuantFormat, Recipe
 from .errors import DfqError
 from .graph import load
@@ -125,6 +125,8 @@ class Planner:
         t0 = time.perf_counter()
         head = unit.is_head
         fmt = self._format(head)
+        formats = {lin.node: self._site_format(lin, head) for lin in unit.linears}
+        excluded = {lin.node for lin in unit.linears if not head and self.recipe.excludes(lin.node, lin.role.value)}
         # RTN reads blocks in any layout and dtype; the head is read in float32 like ORT's quantizer does.
         as_stored = self.recipe.method.name == Method.RTN and not head
         weights = {lin.node: self.weight(lin, as_stored=as_stored) for lin in unit.linears}
@@ -143,7 +145,8 @@ class Planner:
             gains={name: g.to(self.device) for name, g in self.gains(unit).items()},
             biases={lin.node: b.to(self.device) for lin in unit.linears if (b := self.bias(lin)) is not None},
             residual=residual,
-            keep_float=self.recipe.float_output or self.keep_float,
+            keep_float=self.recipe.float_output or self.keep_float or bool(excluded),
+            formats={name: f for name, f in formats.items() if f != fmt},
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
@@ -151,11 +154,15 @@ class Planner:
         rounded_float = {}
         for lin in unit.linears:
             q = result.quantized[lin.node]
+            float_weight = result.float_weights.get(lin.node)
+            if lin.node in excluded:  # kept in float: the transformed weight, so the layer computes what it did
+                plan.sites.append(_float_site(lin, seconds, result.transforms.get(lin.node, [])))
+                plan.float_weights[lin.node] = _numpy(weights[lin.node] if float_weight is None else float_weight)
+                continue
             plan.sites.append(
-                _site_result(lin, weights[lin.node], q, fmt, seconds, result.transforms.get(lin.node, []),
+                _site_result(lin, weights[lin.node], q, formats[lin.node], seconds, result.transforms.get(lin.node, []),
                              result.errors.get(lin.node), dtypes[lin.node])
             )  # fmt: skip
-            float_weight = result.float_weights.get(lin.node)
             if self.recipe.float_output:
                 plan.float_weights[lin.node] = _numpy(weights[lin.node] if float_weight is None else float_weight)
             else:
@@ -174,6 +181,9 @@ class Planner:
     def _format(self, head: bool) -> QuantFormat:
         quant = self.recipe.quant
         return QuantFormat(self.recipe.lm_head.bits, quant.block_size, quant.symmetric) if head else quant
+
+    def _site_format(self, lin: Linear, head: bool) -> QuantFormat:
+        return self._format(True) if head else self.recipe.format_for(lin.role.value, lin.layer, len(self.sites.layers()))
 
     def _embedding_quantizable(self, unit: methods.Unit, fmt: QuantFormat, notes: list[str]) -> bool:
         emb, lin = unit.embedding, unit.linears[0]
@@ -225,7 +235,18 @@ def _site_result(lin, w, q: grid.Quantized, fmt, seconds, transforms, errors, dt
         rtn_rel_error=rtn_err / ref if ref else 0.0,
         seconds=seconds,
         transforms=list(transforms),
+        cuda_gemm_misses=fast_path.cuda_gemm_misses(fmt, lin.k, lin.n, dtype == np.float16),
     )
+
+
+def _float_site(lin: Linear, seconds: float, transforms: list[str]) -> SiteResult:
+    """A linear the recipe keeps in float (`exclude`): its weight's own bits, no error."""
+    bits = 16 if lin.weight.dtype == "FLOAT16" else 32
+    return SiteResult(
+        name=lin.node, role=lin.role.value, layer=lin.layer, k=lin.k, n=lin.n, bits=bits, container_bits=bits,
+        block_size=lin.k, symmetric=True, scale_bits=0, rel_error=0.0, rtn_rel_error=0.0, seconds=seconds,
+        transforms=[*transforms, "excluded"],
+    )  # fmt: skip
 
 
 def _quantized(q: grid.Quantized, dtype: np.dtype) -> QuantizedWeight:

@@ -35,6 +35,12 @@ class SiteResult:
     rtn_rel_error: float  # the same measure for round-to-nearest at this format
     seconds: float
     transforms: list[str]
+    # Why ORT's fast CUDA GEMM kernel would not run this linear (fast_path.py); empty when it does.
+    cuda_gemm_misses: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def cuda_fast_path(self) -> bool:
+        return not self.cuda_gemm_misses and "excluded" not in self.transforms
 
     @property
     def weights(self) -> int:
@@ -125,6 +131,7 @@ class Report:
             "bits_per_weight": sum(s.bits_per_weight * s.weights for s in self.sites) / weights,
             "rel_error": sum(s.rel_error for s in self.sites) / max(len(self.sites), 1),
             "rtn_rel_error": sum(s.rtn_rel_error for s in self.sites) / max(len(self.sites), 1),
+            "cuda_fast_path_sites": sum(s.cuda_fast_path for s in self.sites),
         }
 
     def online_cost(self) -> dict[str, Any]:
@@ -142,7 +149,7 @@ class Report:
             "seconds": self.seconds,
             "totals": self.totals(),
             "roles": [dataclasses.asdict(r) for r in self.by_role()],
-            "sites": [dataclasses.asdict(s) | {"bits_per_weight": s.bits_per_weight} for s in self.sites],
+            "sites": [dataclasses.asdict(s) | {"bits_per_weight": s.bits_per_weight, "cuda_fast_path": s.cuda_fast_path} for s in self.sites],
             "verification": self.verification,
             "resumed_units": self.resumed_units,
             "online": {**self.online_cost(), "inserted": self.online},

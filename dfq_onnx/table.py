@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .graph.sites import ModelSites
@@ -110,6 +111,10 @@ def result_table(report: Report) -> str:
     lines = [head, "", render(["role", "count", "shape", "bits/w", "rtn err", "err", "transforms", "sec"], rows, right={1, 3, 4, 5, 7})]
     if q["bits"] == 3:
         lines.append("3-bit codes are stored in 4-bit containers (accuracy of 3 bits, size of 4).")
+    lines.append(_fast_path_line(report))
+    excluded = [s.name for s in report.sites if "excluded" in s.transforms]
+    if excluded:
+        lines.append(f"kept in float (exclude): {len(excluded)} linear(s): {', '.join(excluded[:4])}{' ...' if len(excluded) > 4 else ''}")
     if recipe["method"]["name"] == "rtn" or recipe["method"].get("prior") == "identity":
         lines.append("err: relative proxy error ||W - W_hat||^2 / ||W||^2, mean over the role's matrices.")
     else:
@@ -147,3 +152,17 @@ def result_table(report: Report) -> str:
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _fast_path_line(report: Report) -> str:
+    """How many linears ORT's fast CUDA GEMM kernel takes, and the commonest reasons it does not."""
+    hits = sum(s.cuda_fast_path for s in report.sites)
+    reasons: dict[str, int] = {}
+    for s in report.sites:
+        for why in ["kept in float"] if "excluded" in s.transforms else s.cuda_gemm_misses:
+            key = re.sub(r"^([NK])=\d+", r"\1", why)  # one count for every N (or K) that misses
+            reasons[key] = reasons.get(key, 0) + 1
+    line = f"CUDA fast path (MatMulNBits GEMM kernel): {hits} of {len(report.sites)} linears"
+    if reasons:
+        line += "; the others: " + ", ".join(f"{why} ({n})" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
+    return line

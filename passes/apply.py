@@ -43,7 +43,22 @@ def apply_plan(model: ir.Model, plan: UnitPlan, output_format: OutputFormat, con
         ir.passes.PassManager(passes)(model)
 
 
-def finish(model: ir.Model, recipe: Recipe) -> None:
-    """What the output format needs once every unit is applied."""
-    if recipe.output_format == OutputFormat.QDQ and not recipe.float_output:
-        ir.passes.PassManager([RaiseOpsetForQdq(recipe.quant.container_bits)])(model)
+# Where a QDQ model keeps the accuracy level its fused MatMulNBits should run at: ORT takes it from a
+# session option only (session.qdq_matmulnbits_accuracy_level), so the deployer sets it from here.
+QDQ_ACCURACY_KEY = "dfq_onnx.qdq_matmulnbits_accuracy_level"
+
+
+def finish(model: ir.Model, recipe: Recipe, container_bits: set[int]) -> list[str]:
+    """What the output format needs once every unit is applied (`container_bits`: those written);
+    returns what the report should say about it."""
+    if recipe.output_format != OutputFormat.QDQ or recipe.float_output:
+        return []
+    ir.passes.PassManager([RaiseOpsetForQdq(min(container_bits, default=recipe.quant.container_bits))])(model)
+    if not recipe.accuracy_level:
+        return []
+    model.metadata_props[QDQ_ACCURACY_KEY] = str(recipe.accuracy_level)
+    return [
+        f"accuracy_level {recipe.accuracy_level}: a QDQ model cannot carry it in its nodes; it is in the model's metadata "
+        f"({QDQ_ACCURACY_KEY}) and ONNX Runtime applies it with the session option "
+        f"session.qdq_matmulnbits_accuracy_level={recipe.accuracy_level} (ORT's default for fused QDQ is 4)"
+    ]

@@ -166,7 +166,7 @@ def test_pair_rounding_that_knows_the_value_bias_rounds_o_better():
         blind, *_ = _pair_setup(seed)
         errors = []
         for pair in (aware, blind):
-            qv, qo, _ = round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)
+            qv, qo, _ = round_pair(pair, SiteTransform(), SiteTransform(), how, how, torch.float32, torch.float32)
             errors.append(aware.error(qv.dequantize(), qo.dequantize()))
         assert errors[0] < errors[1], errors
 
@@ -182,10 +182,10 @@ def test_value_output_transform_is_exact_and_can_lower_the_pair_error():
         got = v2[:, g * d : (g + 1) * d] @ o2[h * d : (h + 1) * d]
         assert torch.allclose(got, ref, atol=1e-5)
     how = Rounding(FMT3, MethodConfig(vo_pairs=False, gptq=False, scale_search=False))
-    plain = round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)[2]
+    plain = round_pair(pair, SiteTransform(), SiteTransform(), how, how, torch.float32, torch.float32)[2]
     tf_v = SiteTransform(col=torch.block_diag(*[t] * kv))
     tf_o = SiteTransform(row=torch.block_diag(*[t.t()] * heads))
-    rotated = round_pair(pair, tf_v, tf_o, how, torch.float32, torch.float32)[2]
+    rotated = round_pair(pair, tf_v, tf_o, how, how, torch.float32, torch.float32)[2]
     assert rotated < plain  # incoherence spreads the planted outlier rows of O
 
 
@@ -196,7 +196,7 @@ def test_alternating_pair_rounding_never_raises_the_product_error():
         errors = []
         for steps in (1, 2, 4):
             how = Rounding(FMT3, MethodConfig(alternations=steps))
-            errors.append(round_pair(pair, SiteTransform(), SiteTransform(), how, torch.float32, torch.float32)[2])
+            errors.append(round_pair(pair, SiteTransform(), SiteTransform(), how, how, torch.float32, torch.float32)[2])
         assert errors[1] <= errors[0] + 1e-9 and errors[2] <= errors[1] + 1e-9
         assert errors[0] < rtn_pair
 

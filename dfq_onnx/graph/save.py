@@ -232,10 +232,13 @@ def externalize_remaining(model: ir.Model, writer: ExternalDataWriter, keep_name
             value.const_value = writer.copy_tensor(name, tensor)
 
 
-def publish(work: Path, output: Path, location: str) -> None:
-    """Move the finished files into place: data first, model last (each an atomic rename, so a
-    model file and a data file are there at every instant); then remove the work directory."""
+def publish(work: Path, output: Path, location: str, extra: list[str] = ()) -> None:
+    """Move the finished files into place: data first, then the `extra` files beside the model,
+    model last (each an atomic rename, so a model file and a data file are there at every
+    instant); then remove the work directory."""
     os.replace(work / location, output.parent / location)
+    for name in extra:
+        os.replace(work / name, output.parent / name)
     os.replace(work / output.name, output)
     shutil.rmtree(work, ignore_errors=True)
 

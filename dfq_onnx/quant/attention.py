@@ -42,7 +42,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
     h = hessian(x)
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
-    a, a_tags = diagonal_scaling(list(parts.values()), h, how, att.gain_foldable, "norm-diag", layer.post_normed)
+    a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.post_normed)
     best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
     if a is not None:
         result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a
@@ -79,11 +79,11 @@ def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Ro
     rq = rk = None
     qk_tags: list[str] = []
     if how.config.qk_transform and _qk_applies(att) and "q" in parts and "k" in parts:
-        rq, rk = rope_rotations(parts["q"], parts["k"], h, a, att, how)
+        rq, rk = rope_rotations(parts["q"], parts["k"], h, a, att, how.at(att.qkv or att.q))
         qk_tags = ["qk-rope-rotation"] if rq is not None else []
     for role, rot in (("q", rq), ("k", rk)):
         if role in parts:
-            sites[role] = round_site(parts[role], h, dtype_of(role), how, SiteTransform(row=a, col=rot), tags + qk_tags)
+            sites[role] = round_site(parts[role], h, dtype_of(role), how.at(att.qkv or names[role]), SiteTransform(row=a, col=rot), tags + qk_tags)
     if "v" in parts:
         sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v")))
     return _Attention(sites, sum(o.error for o in sites.values()))

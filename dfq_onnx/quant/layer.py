@@ -35,9 +35,11 @@ def optimise_layer(
     config: MethodConfig,
     residual: stats.Moments | None = None,
     keep_float: bool = False,
+    formats: dict[str, QuantFormat] | None = None,
 ) -> LayerResult:
-    """Round every linear of the layer; `keep_float` also returns the transformed float weights."""
-    how = Rounding(fmt, config, keep_float)
+    """Round every linear of the layer; `keep_float` also returns the transformed float weights;
+    `formats` gives linears a format other than `fmt`."""
+    how = Rounding(fmt, config, keep_float, formats or {})
     result = LayerResult(sites={})
     done: set[str] = set()
     propagate = config.prior == Prior.PROPAGATED and residual is not None
@@ -51,7 +53,7 @@ def optimise_layer(
     for name, w in layer.weights.items():
         if name not in done:
             h = rounding.LowRank.identity(w.shape[0], w.device)
-            result.sites[name] = round_site(w, h, layer.scale_dtypes[name], how, None, [])
+            result.sites[name] = round_site(w, h, layer.scale_dtypes[name], how.at(name), None, [])
     result.residual = residual if propagate else None
     for name, bias in layer.biases.items():
         site = result.sites.get(name)

@@ -29,21 +29,21 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     hd = hessian(u)
     dt = layer.scale_dtypes
 
-    a, tags = diagonal_scaling([w_gate, w_up], h, how, mlp.gain_foldable, "norm-diag", layer.post_normed)
-    d, down_tags = diagonal_scaling([w_down], hd, how, True, "up-down-diag", layer.post_normed)
+    a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.post_normed)
+    d, down_tags = diagonal_scaling([w_down], hd, how.at(mlp.down), True, "up-down-diag", layer.post_normed)
 
     # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
     # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
     def gate_up(t=None, tag=None):
         extra = [tag] if tag else []
         return {
-            gate_key: round_site(w_gate, h, dt[mlp.gate], how, SiteTransform(row=a, online=t), tags + extra),
-            up_key: round_site(w_up, h, dt[mlp.up], how, SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
+            gate_key: round_site(w_gate, h, dt[mlp.gate], how.at(mlp.gate), SiteTransform(row=a, online=t), tags + extra),
+            up_key: round_site(w_up, h, dt[mlp.up], how.at(mlp.up), SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
         }
 
     def down(t=None, tag=None):
         extra = [tag] if tag else []
-        return {mlp.down: round_site(w_down, hd, dt[mlp.down], how, SiteTransform(row=d, online=t), down_tags + extra)}
+        return {mlp.down: round_site(w_down, hd, dt[mlp.down], how.at(mlp.down), SiteTransform(row=d, online=t), down_tags + extra)}
 
     outcomes = {**gate_up(), **down()}
     # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -26,6 +26,12 @@ class Rounding:
     fmt: QuantFormat
     config: MethodConfig
     keep_float: bool = False
+    formats: Mapping[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> its own format
+
+    def at(self, name: str | None) -> "Rounding":
+        """How the linear `name` is rounded: its own format where a recipe override gives one."""
+        fmt = self.formats.get(name) if name else None
+        return self if fmt is None or fmt == self.fmt else dataclasses.replace(self, fmt=fmt)
 
     def tags(self) -> list[str]:
         return (["gptq"] if self.config.gptq else []) + (["scale-search"] if self.config.scale_search else [])

@@ -24,20 +24,21 @@ def value_output(
     Candidates for the free V/O transform T (per KV head) are tried; for each, V is rounded,
     then O compensates the rounded V, then (alternating) V the rounded O; the best pair is kept.
     """
-    d, heads, fmt, config = att.head_dim, att.num_heads, how.fmt, how.config
+    how_v, how_o = how.at(att.qkv or att.v), how.at(att.o)  # each its own format (recipe overrides)
+    d, heads, config = att.head_dim, att.num_heads, how.config
     if not att.o:
-        return {"v": round_site(w_v, h, v_dtype, how, SiteTransform(row=a), tags)}
+        return {"v": round_site(w_v, h, v_dtype, how_v, SiteTransform(row=a), tags)}
     w_o = layer.weights[att.o]
     o_dtype = layer.scale_dtypes[att.o]
     if not (d and heads) or heads * d != w_o.shape[0]:
         eye = rounding.LowRank.identity(w_o.shape[0], w_o.device)
         return {
-            "v": round_site(w_v, h, v_dtype, how, SiteTransform(row=a), tags),
-            "o": round_site(w_o, eye, o_dtype, how, None, []),
+            "v": round_site(w_v, h, v_dtype, how_v, SiteTransform(row=a), tags),
+            "o": round_site(w_o, eye, o_dtype, how_o, None, []),
         }
     pair = Pair(x, w_v, w_o, heads, d, bias)
-    v_rtn = grid.rtn(w_v, fmt, v_dtype).dequantize()
-    o_rtn = grid.rtn(w_o, fmt, o_dtype).dequantize()
+    v_rtn = grid.rtn(w_v, how_v.fmt, v_dtype).dequantize()
+    o_rtn = grid.rtn(w_o, how_o.fmt, o_dtype).dequantize()
     rtn_pair = pair.error(v_rtn, o_rtn)
     ref_pair = pair.energy
 
@@ -49,13 +50,13 @@ def value_output(
         tf_v = SiteTransform(row=a, col=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)))
         tf_o = SiteTransform(row=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)).inverse())
         cheap = pair.error(
-            tf_v.backward(grid.fake_quant(tf_v.forward(w_v), fmt, v_dtype)),
-            tf_o.backward(grid.fake_quant(tf_o.forward(w_o), fmt, o_dtype)),
+            tf_v.backward(grid.fake_quant(tf_v.forward(w_v), how_v.fmt, v_dtype)),
+            tf_o.backward(grid.fake_quant(tf_o.forward(w_o), how_o.fmt, o_dtype)),
         )
         if chosen is None or cheap < chosen[0] or (config.force_transforms and t is not None):
             chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
     _, tf_v, tf_o, extra = chosen
-    qv, qo, err = round_pair(pair, tf_v, tf_o, how, v_dtype, o_dtype)
+    qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype)
     pair_tags = ["vo-pair", *how.tags()] if config.vo_pairs else how.tags()
     # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
     return {
@@ -68,15 +69,15 @@ def value_output(
     }
 
 
-def round_pair(pair: "Pair", tf_v, tf_o, how: Rounding, v_dtype, o_dtype):
+def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype):
     """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair."""
-    config = how.config
+    config = how_v.config
     w_v_t = tf_v.forward(pair.w_v)
-    qv = round_weight(w_v_t, tf_v.hessian(pair.value_hessian()), v_dtype, how)
+    qv = round_weight(w_v_t, tf_v.hessian(pair.value_hessian()), v_dtype, how_v)
     best = None
     for step in range(max(1, config.alternations)):
         v_hat = tf_v.backward(qv.dequantize())
-        qo = _round_o(pair, v_hat, tf_o, how, o_dtype)
+        qo = _round_o(pair, v_hat, tf_o, how_o, o_dtype)
         err = pair.error(v_hat, tf_o.backward(qo.dequantize()))
         if best is None or err < best[2]:
             best = (qv, qo, err)
@@ -84,11 +85,11 @@ def round_pair(pair: "Pair", tf_v, tf_o, how: Rounding, v_dtype, o_dtype):
             break
         # V given O^: its least-squares target, rounded under the pair's input statistics.
         target = pair.value_target(tf_o.backward(qo.dequantize()))
-        qv = round_weight(tf_v.forward(target), tf_v.hessian(pair.value_hessian()), v_dtype, how)
+        qv = round_weight(tf_v.forward(target), tf_v.hessian(pair.value_hessian()), v_dtype, how_v)
     # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate.
     qv, qo, err = best
     v_hat = tf_v.backward(qv.dequantize())
-    o_plain = grid.rtn(tf_o.forward(pair.w_o), how.fmt, o_dtype)
+    o_plain = grid.rtn(tf_o.forward(pair.w_o), how_o.fmt, o_dtype)
     plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
     if plain_err < err:
         qo, err = o_plain, plain_err

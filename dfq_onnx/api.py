@@ -1,0 +1,136 @@
+"""The Python API: what `dfq-onnx optimize` and `dfq-onnx inspect` do, callable from a script.
+
+    import dfq_onnx
+    report = dfq_onnx.quantize("model.onnx", "model.q4.onnx", recipe="cafeq-int4-cuda", bits=4)
+    print(report.totals()["bits_per_weight"])
+
+The CLI is a thin layer over these two functions, so a caller gets the same validation, atomic
+output, resume, memory settings and Ctrl-C / SIGTERM behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from pathlib import Path
+
+from . import genai_folder
+from .config import DEFAULT_RECIPE, OutputFormat, Recipe, load_recipe
+from .errors import DfqError
+from .graph.sites import ModelSites
+from .progress import ProgressBar, ProgressFn
+from .report import Report
+
+# Keyword overrides of a recipe, as the CLI's flags name them.
+OVERRIDES = ("bits", "block_size", "symmetric", "output_format", "lm_head", "method", "online", "accuracy_level", "exclude")
+DEVICES = ("cpu", "cuda")
+
+
+def quantize(
+    model: str | Path,
+    output: str | Path | None = None,
+    *,
+    recipe: str | Path | Recipe | None = None,
+    device: str = "cpu",
+    verify: str = "auto",
+    resume: bool = False,
+    progress: bool | ProgressFn | None = None,
+    **overrides,
+) -> Report:
+    """Quantize `model` (an .onnx file, or an onnxruntime-genai model folder) and write `output`.
+
+    `recipe` is a built-in name, a TOML path or a `Recipe` (default: the CUDA fast-path layout);
+    keyword overrides replace its settings: bits (2, 3, 4, 8; 16 applies the transforms only),
+    block_size, symmetric, output_format ("matmulnbits" or "qdq"), lm_head ("keep", "int8",
+    "int4"), method ("cafeq" or "rtn"), online, accuracy_level, exclude (node names or roles kept
+    in float). `output` defaults to `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai
+    folder. `progress` is a callable (label, done, total), or True for a bar on stderr.
+    `verify` is "auto", "compare", "run" or "none" (see `dfq-onnx optimize --help`).
+
+    Returns the run's `Report` (also written as JSON beside the output). Raises `DfqError` for a
+    bad request or input, `Interrupted` when stopped by Ctrl-C or SIGTERM (resume with resume=True).
+    """
+    from . import memory
+    from .pipeline import RunOptions, default_output_path, optimize
+
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise DfqError(f"unknown setting(s) {', '.join(unknown)}: use {', '.join(OVERRIDES)}")
+    chosen = _recipe(recipe).with_overrides(**overrides)
+    options = RunOptions(device=check_device(device), verify=verify, resume=resume)
+    source, target, companions = _paths(Path(model), None if output is None else Path(output), chosen)
+    if target is None:
+        target = default_output_path(source, chosen)
+    memory.configure()
+    bar = ProgressBar() if progress is True else None
+    created = companions and not target.parent.exists()
+    with _sigterm_interrupts(), contextlib.closing(bar) if bar else contextlib.nullcontext():
+        try:
+            if created:
+                target.parent.mkdir()
+            return optimize(source, target, chosen, options, progress=bar or progress or None, companions=companions)
+        except BaseException:
+            if created and not any(target.parent.iterdir()):  # a folder this run made, with nothing in it
+                target.parent.rmdir()
+            raise
+
+
+def inspect(model: str | Path) -> ModelSites:
+    """What the tool finds in a model: per layer, each linear's role and shape, pairs, norms, RoPE."""
+    from .pipeline import inspect as find
+
+    path = Path(model)
+    folder = genai_folder.find(path) if path.exists() else None
+    return find(folder.model if folder else path)
+
+
+def _recipe(recipe: str | Path | Recipe | None) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(str(recipe) if recipe is not None else DEFAULT_RECIPE)
+
+
+def _paths(model: Path, output: Path | None, recipe: Recipe) -> tuple[Path, Path | None, dict]:
+    """The model file to read, the model file to write, and what is published beside it."""
+    folder = genai_folder.find(model)
+    if folder is None:
+        return model, output, {}
+    destination = genai_folder.output_folder(folder, output, _suffix(recipe))
+    if destination is None:  # `-o file.onnx`: the model alone
+        return folder.model, output, {}
+    target = destination / folder.model_file
+    from .graph import load
+
+    data_files = load.external_data_files(load.load_model(folder.model))
+    return folder.model, target, genai_folder.companions(folder, data_files, target.name)
+
+
+def _suffix(recipe: Recipe) -> str:
+    kind = "qdq" if recipe.output_format == OutputFormat.QDQ else "q"
+    return "float" if recipe.float_output else f"{kind}{recipe.quant.bits}"
+
+
+def check_device(name: str) -> str:
+    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise DfqError(f"device '{name}': use cpu or cuda[:N]")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DfqError(f"device {name}: no CUDA device is visible to torch; use cpu")
+    return name
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """`kill` stops a run like Ctrl-C (progress is kept for resume); restored afterwards. Only the
+    main thread may set handlers: elsewhere the caller's own handling stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

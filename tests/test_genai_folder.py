@@ -1,0 +1,93 @@
+"""onnxruntime-genai folders in, folders out: onnxruntime-genai loads and generates from the
+quantized folder, `--bits 16` (transforms applied, no rounding) generates the input's tokens, and
+the input folder is never modified."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import file_digests
+from dfq_onnx.cli import main
+
+og = pytest.importorskip("onnxruntime_genai")
+
+PROMPT = [1, 17, 42, 99, 7, 250, 3]  # token ids: the tiny models' word-level tokenizer has no text to speak of
+NEW_TOKENS = 24
+
+
+def genai_folder(tiny_family, tmp_path: Path, family: str = "llama") -> Path:
+    """A private copy of the tiny genai folder (the session's copy is shared by other tests)."""
+    src = tiny_family(family, "genai-fp32").parent
+    dst = tmp_path / f"{family}-genai"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def greedy(folder: Path) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([PROMPT])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+def test_quantized_folder_loads_and_generates(tiny_family, tmp_path):
+    src = genai_folder(tiny_family, tmp_path)
+    before = file_digests(src / "genai_config.json")
+    assert main(["optimize", str(src), "--quiet"]) == 0
+    out = src.with_name(src.name + "-q4")  # the default: beside the input folder
+    assert file_digests(src / "genai_config.json") == before, "the input folder changed"
+    # Everything but the decoder and its data is carried; the config names the new decoder.
+    carried = {p.name for p in src.iterdir()} - {"model.onnx", "model.onnx.data"}
+    assert carried <= {p.name for p in out.iterdir()}
+    config_in = json.loads((src / "genai_config.json").read_text())
+    config_out = json.loads((out / "genai_config.json").read_text())
+    assert config_out["model"]["decoder"]["filename"] == "model.onnx" and config_out == config_in
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    tokens = greedy(out)
+    assert len(tokens) == len(PROMPT) + NEW_TOKENS and tokens[: len(PROMPT)] == PROMPT
+    assert "MatMulNBits" in (out / "model.onnx").read_bytes().decode("latin-1")
+
+
+def test_bits16_folder_generates_the_input_tokens(tiny_family, tmp_path):
+    """Every transform the method chose, and no rounding: greedy decoding must not change."""
+    src = genai_folder(tiny_family, tmp_path, "llama")
+    out = tmp_path / "float-out"
+    recipe = tmp_path / "forced.toml"
+    recipe.write_text('[method]\nforce_transforms = true\n')
+    assert main(["optimize", str(src), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
+    report = json.loads((out / "model.report.json").read_text())
+    assert report["online"]["rotations"] > 0  # transforms were really applied, not a plain copy
+    assert greedy(out) == greedy(src)
+
+
+def test_named_output_file_writes_the_model_alone(tiny_family, tmp_path):
+    src = genai_folder(tiny_family, tmp_path)
+    before = file_digests(src / "genai_config.json")
+    assert main(["optimize", str(src / "model.onnx"), "-o", str(src / "model.q4.onnx"), "--method", "rtn", "--quiet"]) == 0
+    after = file_digests(src / "genai_config.json")
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing of the input changed
+    assert set(after) - set(before) == {"model.q4.onnx", "model.q4.onnx.data", "model.q4.report.json"}
+
+
+def test_output_folder_may_not_be_the_input(tiny_family, tmp_path, capsys):
+    src = genai_folder(tiny_family, tmp_path)
+    before = file_digests(src / "genai_config.json")
+    assert main(["optimize", str(src), "-o", str(src)]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert file_digests(src / "genai_config.json") == before
+
+
+def test_failed_run_leaves_no_folder(tiny_family, tmp_path, capsys):
+    src = genai_folder(tiny_family, tmp_path)
+    out = tmp_path / "never"
+    assert main(["optimize", str(src), "-o", str(out), "--exclude", "no_such_node"]) == 2
+    assert "no_such_node" in capsys.readouterr().err
+    assert not out.exists()
