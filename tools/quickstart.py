@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n== onnxruntime-genai, greedy, {args.tokens} new tokens", flush=True)
     for label, folder in (("fp32", FOLDER), (recipe.name, output)):
-        print(f"{label:>16}: {PROMPT}{generate(folder, PROMPT, args.tokens)}", flush=True)
+        print(f"{label:>16}: {generate(folder, PROMPT, args.tokens)}", flush=True)
     return 0
 
 
 def generate(folder: Path, prompt: str, tokens: int) -> str:
-    """Greedy completion of `prompt` by the genai folder (BOS first, as Gemma was trained)."""
+    """The prompt and its greedy completion by the genai folder (BOS first, as Gemma was trained)."""
     import json
 
     import onnxruntime_genai as og
@@ -90,7 +90,7 @@ def generate(folder: Path, prompt: str, tokens: int) -> str:
     generator.append_tokens([ids])
     while not generator.is_done():
         generator.generate_next_token()
-    text = tokenizer.decode(generator.get_sequence(0)[len(ids):])
+    text = tokenizer.decode(generator.get_sequence(0))  # the whole sequence: decoding the tail alone drops its first space
     return " ".join(text.split())  # one line
 
 
