@@ -23,7 +23,7 @@ from .progress import ProgressBar, ProgressFn
 from .report import Report
 
 # Keyword overrides of a recipe, as the CLI's flags name them.
-OVERRIDES = ("bits", "block_size", "symmetric", "output_format", "lm_head", "method", "online", "accuracy_level", "exclude")
+OVERRIDES = ("bits", "block_size", "symmetric", "output_format", "lm_head", "method", "online", "accuracy_level", "exclude", "seed")
 DEVICES = ("cpu", "cuda")
 
 

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU); QDQ output records it in the "
         "model's metadata, for the session option session.qdq_matmulnbits_accuracy_level [0]",
     )
+    o.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the random orthogonal blocks of --recipe random-rotation (the paper's Random baseline); "
+        "the same seed gives the same bytes [0]",
+    )
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument(
         "--verify",
@@ -186,6 +193,7 @@ def _optimize(args) -> int:
         online=args.online,
         accuracy_level=args.accuracy_level,
         exclude=args.exclude,
+        seed=args.seed,
     )
     if not args.quiet:
         from .table import result_table

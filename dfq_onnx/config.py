@@ -92,6 +92,13 @@ class DiagonalPrior(str, enum.Enum):
     NEVER = "never"
 
 
+class Rotation(str, enum.Enum):
+    """The orthogonal blocks of the online and V/O transforms."""
+
+    HADAMARD = "hadamard"
+    RANDOM = "random"  # seeded random orthogonal blocks: the paper's "Random" baseline (--seed)
+
+
 class Prior(str, enum.Enum):
     PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
     IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
@@ -115,6 +122,8 @@ class MethodConfig:
     online_block: int = 32  # its largest block size
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
+    rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
+    seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
 
 
 # Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
@@ -201,6 +210,9 @@ class Recipe:
             method = dataclasses.replace(method, name=_enum(Method, top["method"], "--method"))
         if "online" in top:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
+        if "seed" in top:
+            _check_type(top["seed"], int, "--seed")
+            method = dataclasses.replace(method, seed=top.pop("seed"))
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method
@@ -263,7 +275,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for section, types in (
         ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
         ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
-        ("method", {"name": str, "prior": str, "diagonal_prior": str, "online_block": int, "online_min_gain": float, "alternations": int}),
+        ("method", {"name": str, "prior": str, "diagonal_prior": str, "rotation": str, "seed": int, "online_block": int,
+                    "online_min_gain": float, "alternations": int}),
         ("recipe", {"name": str, "description": str}),
     ):
         for key, kind in types.items():
@@ -312,6 +325,8 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
     values["name"] = _enum(Method, values.get("name", Method.CAFEQ.value), "method")
     if "prior" in values:
         values["prior"] = _enum(Prior, values["prior"], "method prior")
+    if "rotation" in values:
+        values["rotation"] = _enum(Rotation, values["rotation"], "method rotation")
     if "diagonal_prior" in values:
         values["diagonal_prior"] = _enum(DiagonalPrior, values["diagonal_prior"], "method diagonal_prior")
     for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):

@@ -109,7 +109,9 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         mlp=_mlp_geometry(unit, data),
     )
     try:
-        result = optimise_layer(layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats)
+        result = optimise_layer(
+            layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats, index=unit.layer or 0
+        )
     except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
         out = round_to_nearest(unit, data, fmt, config)
         out.residual = data.residual

@@ -65,6 +65,7 @@ _OVERRIDE_TYPES: dict[str, tuple[Any, str]] = {
     "online": (Optional[Union[str, list[str]]], "online Hadamard sites: 'down', 'gate_up', both, or 'none'"),
     "accuracy_level": (Optional[int], "MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU)"),
     "exclude": (Optional[list[str]], "linears kept in float: node names or roles"),
+    "seed": (Optional[int], "seed of random rotations (recipe random-rotation): the same seed gives the same bytes"),
 }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MethodConfig, Prior, QuantFormat
+from ..config import MethodConfig, Prior, QuantFormat, Rotation
 from . import rounding, stats
 from .attention import optimise_attention
 from .geometry import LayerResult, LayerWeights
@@ -36,10 +36,13 @@ def optimise_layer(
     residual: stats.Moments | None = None,
     keep_float: bool = False,
     formats: dict[str, QuantFormat] | None = None,
+    index: int = 0,
 ) -> LayerResult:
     """Round every linear of the layer; `keep_float` also returns the transformed float weights;
-    `formats` gives linears a format other than `fmt`."""
-    how = Rounding(fmt, config, keep_float, formats or {})
+    `formats` gives linears a format other than `fmt`; `index` (the layer's) seeds random blocks,
+    so a layer's bytes do not depend on the layers before it (resume)."""
+    rng = torch.Generator().manual_seed(config.seed * 100_003 + index) if config.rotation == Rotation.RANDOM else None
+    how = Rounding(fmt, config, keep_float, formats or {}, rng)
     result = LayerResult(sites={})
     done: set[str] = set()
     propagate = config.prior == Prior.PROPAGATED and residual is not None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import DiagonalPrior, MethodConfig, QuantFormat
+from ..config import DiagonalPrior, MethodConfig, QuantFormat, Rotation
 from . import grid, rounding, scales, stats, transforms
 
 
@@ -27,6 +27,13 @@ class Rounding:
     config: MethodConfig
     keep_float: bool = False
     formats: Mapping[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> its own format
+    rng: torch.Generator | None = None  # draws the random blocks (rotation = "random"), seeded per layer
+
+    def block(self, n: int, device) -> torch.Tensor | None:
+        """An n x n orthogonal block for an online or V/O transform: Hadamard, or random (seeded)."""
+        if self.config.rotation == Rotation.RANDOM and self.rng is not None:
+            return transforms.random_orthogonal(n, self.rng, device)
+        return transforms.hadamard(n, device)
 
     def at(self, name: str | None) -> "Rounding":
         """How the linear `name` is rounded: its own format where a recipe override gives one."""
@@ -218,8 +225,8 @@ def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Roun
     b = transforms.online_block_size(k, config.online_block)
     if b is None:
         return
-    t = transforms.hadamard(b, device)
-    rotated = make(t, f"online-hadamard{b}")
+    t = how.block(b, device)
+    rotated = make(t, f"online-{how.config.rotation.value}{b}")
     before = sum(outcomes[name].error for name in rotated)
     after = sum(o.error for o in rotated.values())
     if config.force_transforms or after < (1.0 - config.online_min_gain) * before:

@@ -92,6 +92,13 @@ def hadamard(n: int, device=None) -> torch.Tensor | None:
     return (h / (n**0.5)).to(torch.float32)
 
 
+def random_orthogonal(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """A random orthogonal n x n matrix, Haar-distributed (QR of a Gaussian, signs fixed by R's diagonal)."""
+    g = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return (q * torch.sign(torch.diagonal(r))).to(torch.float32).to(device)
+
+
 def block_rotate(w: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """blockdiag(block, block, ...) @ W for W[K, N]: rows taken b at a time (K a multiple of b)."""
     return BlockDiagonal(block.unsqueeze(0)).times(w)
@@ -144,15 +151,6 @@ def online_block_size(k: int, largest: int) -> int | None:
     while b >= 8 and k % b:
         b //= 2
     return b if b >= 8 else None
-
-
-def value_output_candidates(head_dim: int, device=None) -> list[tuple[str, torch.Tensor | None]]:
-    """Invertible T per KV head to try on the V/O pair: V' = V T, O' = T^-1 O (identity first)."""
-    out: list[tuple[str, torch.Tensor | None]] = [("identity", None)]
-    h = hadamard(head_dim, device)
-    if h is not None:
-        out.append(("hadamard", h))
-    return out
 
 
 def apply_value_output(w_v: torch.Tensor, w_o: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

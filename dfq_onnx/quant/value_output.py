@@ -43,7 +43,9 @@ def value_output(
     ref_pair = pair.energy
 
     # T per KV head is chosen by the pair error of plain rounding; the full pair rounding runs once.
-    candidates = transforms.value_output_candidates(d, w_v.device) if config.vo_transform else [("identity", None)]
+    candidates = [("identity", None)]
+    if config.vo_transform and (t := how.block(d, w_v.device)) is not None:
+        candidates.append((config.rotation.value, t))
     chosen = None
     for label, t in candidates:
         # One d x d block per head: V' = V blockdiag(T), O' = blockdiag(T^-1) O.
