@@ -99,6 +99,13 @@ class Rotation(str, enum.Enum):
     RANDOM = "random"  # seeded random orthogonal blocks: the paper's "Random" baseline (--seed)
 
 
+class HessianForm(str, enum.Enum):
+    """What of the propagated statistics GPTQ rounds under."""
+
+    DIAGONAL_PLUS_MEAN = "diagonal-plus-mean"  # diag(var) + m m^T: O(K) memory, O(K N) GPTQ
+    DENSE = "dense"  # the propagated covariance + m m^T: K x K, the off-diagonal terms too
+
+
 class Prior(str, enum.Enum):
     PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
     IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
@@ -122,6 +129,7 @@ class MethodConfig:
     online_block: int = 32  # its largest block size
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
+    hessian: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN  # the statistics' form GPTQ and the searches use
     rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
     seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
 
@@ -211,8 +219,7 @@ class Recipe:
         if "online" in top:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
         if "seed" in top:
-            _check_type(top["seed"], int, "--seed")
-            method = dataclasses.replace(method, seed=top.pop("seed"))
+            method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method
@@ -275,7 +282,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for section, types in (
         ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
         ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
-        ("method", {"name": str, "prior": str, "diagonal_prior": str, "rotation": str, "seed": int, "online_block": int,
+        ("method", {"name": str, "prior": str, "diagonal_prior": str, "rotation": str, "hessian": str, "seed": int, "online_block": int,
                     "online_min_gain": float, "alternations": int}),
         ("recipe", {"name": str, "description": str}),
     ):
@@ -312,6 +319,16 @@ def _override(table: dict[str, Any], where: str) -> SiteOverride:
     return SiteOverride(tuple(roles), tuple(layers), table.get("bits"), table.get("block_size"), table.get("symmetric"))
 
 
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(value: Any, what: str) -> int:
+    _check_type(value, int, what)
+    if not 0 <= value <= MAX_SEED:
+        raise DfqError(f"{what} {value} is out of range: use 0 to {MAX_SEED}")
+    return value
+
+
 def parse_names(value: Any, what: str) -> tuple[str, ...]:
     """A list of names, or one comma-separated string."""
     items = value.split(",") if isinstance(value, str) else value
@@ -327,6 +344,10 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
         values["prior"] = _enum(Prior, values["prior"], "method prior")
     if "rotation" in values:
         values["rotation"] = _enum(Rotation, values["rotation"], "method rotation")
+    if "hessian" in values:
+        values["hessian"] = _enum(HessianForm, values["hessian"], "method hessian")
+    if "seed" in values:
+        check_seed(values["seed"], "recipe [method] seed")
     if "diagonal_prior" in values:
         values["diagonal_prior"] = _enum(DiagonalPrior, values["diagonal_prior"], "method diagonal_prior")
     for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):

@@ -703,11 +703,11 @@ def test_bad_recipe_value(tiny, tmp_path, which):
     assert re.search(expected, detail), f"does not say what {key} should be: {line}"
 
 
-def test_removed_seed_flag_is_a_usage_error(tiny, tmp_path):
-    # Nothing in the method is random: --seed was dropped, and a script that still passes it is told so.
+def test_seed_out_of_range_is_a_usage_error(tiny, tmp_path):
+    # --seed picks the random rotations of --recipe random-rotation; a seed torch cannot take is refused up front.
     model = copy_tiny(tiny, tmp_path / "in")
     case, proc = optimize(model, fresh_out(tmp_path), "--seed", "99999999999999999999")
-    expect(proc, case, ok=False, needles=["--seed"])
+    expect(proc, case, ok=False, needles=["--seed", "out of range"])
 
 
 # -- process faults

@@ -40,7 +40,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     parts = _split_qkv(layer, att)
     first = next(iter(parts.values()))
     x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
-    h = hessian(x)
+    h = hessian(x, how.config.hessian)
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
     a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.post_normed)
     best = _attention_with(layer, att, parts, x, h, a, a_tags, how)

@@ -48,10 +48,10 @@ def optimise_layer(
     propagate = config.prior == Prior.PROPAGATED and residual is not None
     att, mlp = layer.attention, layer.mlp
     if att is not None and (att.q or att.qkv):
-        residual = optimise_attention(layer, how, result, residual if propagate else None)
+        residual = never_worse_than_rtn(optimise_attention, layer, how, result, residual if propagate else None)
         done.update(x for x in (att.q, att.k, att.v, att.qkv, att.o) if x)
     if mlp is not None:
-        residual = optimise_mlp(layer, how, result, residual if propagate else None)
+        residual = never_worse_than_rtn(optimise_mlp, layer, how, result, residual if propagate else None)
         done.update((mlp.gate, mlp.up, mlp.down))
     for name, w in layer.weights.items():
         if name not in done:
@@ -63,3 +63,24 @@ def optimise_layer(
         if site is not None and site.columns is not None:
             result.biases[name] = site.columns(bias.to(torch.float32))
     return result
+
+
+def never_worse_than_rtn(optimise, layer: LayerWeights, how: Rounding, result: LayerResult, residual):
+    """Run one sublayer (attention or MLP) into `result`. Its transforms are shared by its sites (a
+    norm scaling by q/k/v, a V/O transform by the pair), so where any site ends worse than
+    round-to-nearest of its original weight under the same statistics, the sublayer is redone
+    without transforms, where every site's own fallback is that round-to-nearest."""
+    trial = LayerResult(sites={})
+    after = optimise(layer, how, trial, residual)
+    if not how.config.force_transforms and any(s.error > s.rtn_error * (1 + RTN_TOLERANCE) for s in trial.sites.values()):
+        trial = LayerResult(sites={})
+        after = optimise(layer, how.untransformed(), trial, residual)
+        for outcome in trial.sites.values():
+            outcome.transforms.append("no-transform-fallback")
+    result.sites.update(trial.sites)
+    result.gains.update(trial.gains)
+    result.online.update(trial.online)
+    return after
+
+
+RTN_TOLERANCE = 1e-6  # relative: the float32 proxies of equal weights agree to far better than this

@@ -24,9 +24,9 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     w_down = layer.weights[mlp.down]
     device = w_gate.device
     x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
-    h = hessian(x)
+    h = hessian(x, how.config.hessian)
     u = identity_moments(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
-    hd = hessian(u)
+    hd = hessian(u, how.config.hessian)
     dt = layer.scale_dtypes
 
     a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.post_normed)

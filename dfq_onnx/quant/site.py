@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import DiagonalPrior, MethodConfig, QuantFormat, Rotation
+from ..config import DiagonalPrior, HessianForm, MethodConfig, QuantFormat, Rotation
 from . import grid, rounding, scales, stats, transforms
 
 
@@ -28,6 +28,11 @@ class Rounding:
     keep_float: bool = False
     formats: Mapping[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> its own format
     rng: torch.Generator | None = None  # draws the random blocks (rotation = "random"), seeded per layer
+
+    def untransformed(self) -> "Rounding":
+        """The same rounding with every free transform off (GPTQ and the scale search kept)."""
+        plain = dataclasses.replace(self.config, diagonal=False, qk_transform=False, vo_transform=False, online=())
+        return dataclasses.replace(self, config=plain)
 
     def block(self, n: int, device) -> torch.Tensor | None:
         """An n x n orthogonal block for an online or V/O transform: Hadamard, or random (seeded)."""
@@ -154,7 +159,10 @@ def _inverse(m):
 # ----------------------------------------------------------------------------- statistics -> H
 
 
-def hessian(x: stats.Moments) -> rounding.LowRank:
+def hessian(x: stats.Moments, form: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN):
+    """E[x^T x] of the statistics: diag(var) + m m^T (a LowRank), or dense (a K x K tensor)."""
+    if form == HessianForm.DENSE and not x.diagonal:
+        return (x.cov + torch.outer(x.mean, x.mean)).to(torch.float32)
     diag, vec = stats.diagonal_plus_mean(x)
     return rounding.LowRank(diag.to(torch.float32), vec.to(torch.float32))
 

@@ -95,6 +95,11 @@ def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dty
     plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
     if plain_err < err:
         qo, err = o_plain, plain_err
+    # So is round-to-nearest of both: without a transform, the pair is then never worse than it.
+    v_plain = grid.rtn(w_v_t, how_v.fmt, v_dtype)
+    both_err = pair.error(tf_v.backward(v_plain.dequantize()), tf_o.backward(o_plain.dequantize()))
+    if both_err < err:
+        qv, qo, err = v_plain, o_plain, both_err
     return qv, qo, err
 
 
