@@ -16,7 +16,7 @@ import torch
 
 from .config import Method, MethodConfig, QuantFormat
 from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
-from .quant import grid, stats
+from .quant import grid, site, stats
 from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
 from .quant.layer import optimise_layer
 
@@ -32,6 +32,7 @@ class Unit:
     mlp: Mlp | None = None
     foldable: set[str] = dataclasses.field(default_factory=set)  # gain initializers we may rewrite
     embedding: Embedding | None = None  # the head unit: the embedding quantized with the lm_head
+    head_norm: NormGain | None = None  # the head unit: the final norm in front of the lm_head
 
     @property
     def is_head(self) -> bool:
@@ -98,8 +99,8 @@ def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: Meth
 
 @register(Method.CAFEQ)
 def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
-    if unit.is_head:  # the head has no statistics of its own yet: round-to-nearest, as ORT does
-        return round_to_nearest(unit, data, fmt, config)
+    if unit.is_head:
+        return _head(unit, data, fmt, config)
     layer = LayerWeights(
         weights=data.weights,
         scale_dtypes=data.scale_dtypes,
@@ -125,6 +126,41 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         if site.float_weight is not None:
             out.float_weights[name] = site.float_weight
     return out
+
+
+def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
+    """The lm_head by GPTQ under the statistics at the final norm's output (the embedding it may
+    share follows it); round-to-nearest where those statistics are unknown."""
+    lm_head = unit.linears[0].node
+    gain = data.gains.get(unit.head_norm.initializer) if unit.head_norm else None
+    if data.residual is None or gain is None or not (config.gptq or config.scale_search):
+        return round_to_nearest(unit, data, fmt, config)
+    h = site.hessian(stats.rms_norm(data.residual, gain), config.hessian)
+    how = site.Rounding(fmt, config)
+    out = round_to_nearest(unit, data, fmt, config)  # an untied embedding table: plain rounding (a lookup has no H)
+    q, error, rtn_error, reference = head_rounding(data.weights[lm_head], h, data.scale_dtypes[lm_head], how)
+    out.quantized[lm_head] = q
+    out.errors[lm_head] = SiteErrors(error, rtn_error, reference)
+    out.transforms[lm_head] = how.tags()
+    return out
+
+
+HEAD_CHUNK = 16384  # columns (vocabulary entries) rounded at a time: GPTQ's temporaries stay O(K x chunk)
+
+
+def head_rounding(w: torch.Tensor, h, dtype, how: site.Rounding) -> tuple[grid.Quantized, float, float, float]:
+    """GPTQ column chunk by column chunk (columns are independent under one H), each chunk kept
+    only where it beats its round-to-nearest: (quantized, error, rtn error, reference)."""
+    parts, error, rtn_error, reference = [], 0.0, 0.0, 0.0
+    for start in range(0, w.shape[1], HEAD_CHUNK):
+        chunk = w[:, start : start + HEAD_CHUNK]
+        outcome = site.round_site(chunk, h, dtype, how, None, [])
+        parts.append(outcome.quantized)
+        error, rtn_error, reference = error + outcome.error, rtn_error + outcome.rtn_error, reference + outcome.reference
+    q0 = parts[0]
+    zps = None if q0.zero_points is None else torch.cat([p.zero_points for p in parts])
+    merged = grid.Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zps, q0.k, q0.fmt)
+    return merged, error, rtn_error, reference
 
 
 def _attention_geometry(unit: Unit, data: UnitInput) -> AttentionGeometry | None:

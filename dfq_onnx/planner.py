@@ -44,7 +44,7 @@ def head_unit(sites: ModelSites, recipe: Recipe) -> methods.Unit | None:
     """The lm_head (and the embedding, quantized with it) when the recipe quantizes them."""
     if recipe.lm_head.bits is None or sites.lm_head is None or recipe.float_output:
         return None
-    return methods.Unit(methods.HEAD_LABEL, None, [sites.linears[sites.lm_head]], embedding=sites.embedding)
+    return methods.Unit(methods.HEAD_LABEL, None, [sites.linears[sites.lm_head]], embedding=sites.embedding, head_norm=sites.lm_head_norm)
 
 
 def _only_used_by_its_norm(graph: ir.Graph, name: str) -> bool:
@@ -102,6 +102,7 @@ class Planner:
             norms += [unit.attention.input_norm, unit.attention.output_norm]
         if unit.mlp:
             norms += [unit.mlp.input_norm, unit.mlp.output_norm]
+        norms.append(unit.head_norm)
         for norm in norms:
             if norm is None:
                 continue

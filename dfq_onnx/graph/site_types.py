@@ -140,6 +140,7 @@ class ModelSites:
     style: str
     notes: list[str]
     embedding_scale: float = 1.0  # the constant the embedding lookup is multiplied by
+    lm_head_norm: NormGain | None = None  # the final norm's gain in front of the lm_head
     # Past-KV graph inputs of sliding-window layers whose cache has a fixed capacity (the onnxruntime-genai
     # builder's default windowed cache): input name -> capacity the runtime allocates.
     kv_windows: dict[str, int] = dataclasses.field(default_factory=dict)

@@ -85,6 +85,7 @@ def find_sites(model: ir.Model) -> ModelSites:
         embedding_scale=norm_sites.embedding_scale(nodes[embedding.node]) if embedding else 1.0,
         kv_windows=_kv_windows(graph),
         unmatched=_unmatched(linears, nodes, lm_head),
+        lm_head_norm=norm_sites.norm_gain(nodes, linears, [lm_head]) if lm_head else None,
     )
 
 
