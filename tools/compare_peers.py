@@ -134,15 +134,17 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float 
     return wall, rss, ""
 
 
-def quantize(job: Job, model: Path, out_dir: Path, lm_head: str) -> dict:
+def quantize(job: Job, model: Path, out_dir: Path, lm_head: str, head_policy: str = "keep") -> dict:
+    """`lm_head` is its node, excluded from ORT's quantizers when `head_policy` keeps it in float."""
     out = out_dir / f"{job.stem}.onnx"
     s = job.setting
     if job.tool == "ort":
-        cmd = [sys.executable, "-c", ORT_SCRIPT, str(model), str(out), job.method, str(s.bits), str(s.block), "1" if job.symmetric else "0", lm_head]
+        exclude = lm_head if head_policy == "keep" else ""
+        cmd = [sys.executable, "-c", ORT_SCRIPT, str(model), str(out), job.method, str(s.bits), str(s.block), "1" if job.symmetric else "0", exclude]
     else:
         cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", str(s.bits),
                "--block-size", str(s.block), "--symmetric" if job.symmetric else "--asymmetric",
-               "--method", job.method, "--verify", "none", "--quiet"]  # fmt: skip
+               "--method", job.method, "--lm-head", head_policy, "--verify", "none", "--quiet"]  # fmt: skip
     wall, rss, error = run_measured(cmd)
     return {"job": job, "path": str(out), "seconds": wall, "peak_rss_mib": rss, "error": error}
 
@@ -173,10 +175,10 @@ def bits_per_weight(job: Job) -> str:
 
 
 def render(rows: list[dict], reference: dict, meta: dict) -> str:
-    begin, end = markers("compare_peers", meta["name"])
+    begin, end = markers(meta["kind"], meta["name"])
     lines = [
         begin,
-        f"Model: {meta['model']} (fp32 ONNX, lm_head and embedding kept in float by every quantizer). "
+        f"Model: {meta['model']} (fp32 ONNX, {meta['head']}). "
         f"Text: Pride and Prejudice, {meta['windows']} windows of BOS + 511 tokens ({meta['tokens']} predictions per model), "
         "ONNX Runtime CPU, MatMulNBits accuracy level 0.",
         f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`",
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="directory for the quantized models (default: a temporary one)")
     parser.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose table is replaced")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--lm-head", default="keep", choices=["keep", "int8", "int4"],
+                        help="keep the lm_head in float (every quantizer), or quantize it: ORT's quantizers at the "
+                        "setting's bits (they do not exclude it), dfq-onnx with --lm-head (default: keep)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = realmodel.spec(args.model)
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = []
         for job in jobs_for(setting):
             print(f"[{setting.label}] quantizing with {job.name} ...", file=sys.stderr, flush=True)
-            batch.append(quantize(job, model, work, lm_head))
+            batch.append(quantize(job, model, work, lm_head, args.lm_head))
         print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
         reference = evaluate_setting(model, batch, args.windows, text, tokenizer)
         rows += batch
@@ -281,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                 p.unlink()
     options = [f"--model {args.model}"] if args.model != realmodel.DEFAULT_MODEL else []
     options += [f"--windows {args.windows}"] if args.windows != 16 else []
+    options += [f"--settings {args.settings}"] if args.settings else []
+    options += [f"--lm-head {args.lm_head}"] if args.lm_head != "keep" else []
+    kind = "compare_peers" if args.lm_head == "keep" else f"compare_peers_lm_head_{args.lm_head}"
     meta = {
         "name": args.model,
         "note": NOTES.get(args.model, ""),
+        "kind": kind,
+        "head": "lm_head and embedding kept in float by every quantizer" if args.lm_head == "keep" else
+                f"lm_head quantized too: by ORT's quantizers at the setting's bits, by dfq-onnx with --lm-head {args.lm_head}",
         "model": model.relative_to(REPO) if model.is_relative_to(REPO) else model,
         "windows": args.windows,
         "tokens": args.windows * (eval_quality.WINDOW - 1),
@@ -294,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, reference, meta)
     proxy = render_proxy(rows, meta)
     print(table + "\n\n" + proxy)
-    write_section(Path(args.benchmarks), *markers("compare_peers", args.model),
-                  f"Quality against ONNX Runtime's quantizer ({spec.title})", table)
-    write_section(Path(args.benchmarks), *markers("proxy_table", args.model),
-                  f"Proxy error per role: round-to-nearest vs the method ({spec.title})", proxy)
+    head = "" if args.lm_head == "keep" else f", lm_head quantized ({args.lm_head})"
+    write_section(Path(args.benchmarks), *markers(kind, args.model),
+                  f"Quality against ONNX Runtime's quantizer ({spec.title}{head})", table)
+    if args.lm_head == "keep":
+        write_section(Path(args.benchmarks), *markers("proxy_table", args.model),
+                      f"Proxy error per role: round-to-nearest vs the method ({spec.title})", proxy)
     if args.json:
         Path(args.json).write_text(json.dumps([{**r, "job": r["job"].name, "setting": r["job"].setting.label} for r in rows] + [{"reference": reference}], indent=2, default=str))
     return 0

@@ -15,10 +15,12 @@ past_key_values.* with past length 0, position_ids) can be compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,6 +175,29 @@ class OrtLM:
 
 
 # --------------------------------------------------------------------------- text
+
+
+@contextlib.contextmanager
+def with_outputs(model_path: Path, values: list[str], threads: int | None = None):
+    """An OrtLM of the model with `values` (intermediate activations) added as graph outputs.
+
+    ORT refuses external data outside the model's folder (symlinks resolved): the probe lives in a
+    temporary folder beside the model, its other files hard-linked (same file system, nothing copied).
+    """
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    known = {o.name for o in proto.graph.output}
+    for name in values:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    with tempfile.TemporaryDirectory(prefix=".probe-", dir=model_path.parent) as tmp:
+        for f in model_path.parent.iterdir():
+            if f.is_file() and f != model_path:
+                os.link(f, Path(tmp) / f.name)
+        probe = Path(tmp) / model_path.name
+        onnx.save(proto, str(probe))
+        yield OrtLM(probe, threads)
 
 
 def load_text(text_file: str | os.PathLike | None = None, novel: str = "prideprejudice",

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,21 +55,7 @@ def linear_inputs(model, sites) -> dict[str, str]:
 
 def real_moments(model_path: Path, values: list[str], ids: np.ndarray, threads: int | None) -> dict[str, tuple]:
     """Per value, (E[x], E[x x^T]) over every position of the windows, float64."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    known = {o.name for o in proto.graph.output}
-    for name in values:
-        if name not in known:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    # ORT refuses external data outside the model's folder: hard links beside the model, nothing copied.
-    with tempfile.TemporaryDirectory(prefix=".gap-split-", dir=model_path.parent) as tmp:
-        for f in model_path.parent.iterdir():
-            if f.is_file() and f != model_path:
-                os.link(f, Path(tmp) / f.name)
-        probe = Path(tmp) / model_path.name
-        onnx.save(proto, str(probe))
-        lm = eval_quality.OrtLM(probe, threads)
+    with eval_quality.with_outputs(model_path, values, threads) as lm:
         s1 = {v: 0.0 for v in values}
         s2 = {v: 0.0 for v in values}
         count = 0

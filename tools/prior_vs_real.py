@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,20 +75,7 @@ def prior_second_moments(model, sites) -> dict[int, tuple[np.ndarray, np.ndarray
 
 def real_second_moments(model_path: Path, names: dict[int, str], ids: np.ndarray, threads: int | None):
     """Per layer, E[x^2] and E[x] of the q/k/v input over every position of the windows."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    for name in names.values():
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    # ORT refuses external data outside the model's folder (symlinks resolved): hard links in a
-    # temporary folder beside the model, on the same file system, nothing copied.
-    with tempfile.TemporaryDirectory(prefix=".prior-vs-real-", dir=model_path.parent) as tmp:
-        for f in model_path.parent.iterdir():
-            if f.is_file() and f != model_path:
-                os.link(f, Path(tmp) / f.name)
-        probe = Path(tmp) / model_path.name
-        onnx.save(proto, str(probe))
-        lm = eval_quality.OrtLM(probe, threads)
+    with eval_quality.with_outputs(model_path, list(names.values()), threads) as lm:
         sq = {layer: 0.0 for layer in names}
         mean = {layer: 0.0 for layer in names}
         count = 0
