@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(rows, reference, meta)
     proxy = render_proxy(rows, meta)
     print(table + "\n\n" + proxy)
-    head = "" if args.lm_head == "keep" else f", lm_head quantized ({args.lm_head})"
+    head = "" if args.lm_head == "keep" else f", lm_head quantized to {args.lm_head}"
     write_section(Path(args.benchmarks), *markers(kind, args.model),
                   f"Quality against ONNX Runtime's quantizer ({spec.title}{head})", table)
     if args.lm_head == "keep":
