@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import quickstart  # tools/ (on the path through tiny_models)
 from conftest import file_digests
 from dfq_onnx.cli import main
 
@@ -28,14 +29,7 @@ def genai_folder(tiny_family, tmp_path: Path, family: str = "llama") -> Path:
 
 
 def greedy(folder: Path) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([PROMPT])
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)]
+    return quickstart.greedy(og.Model(str(folder)), PROMPT, NEW_TOKENS)  # what the README's first command runs
 
 
 def test_quantized_folder_loads_and_generates(tiny_family, tmp_path):

@@ -84,14 +84,21 @@ def generate(folder: Path, prompt: str, tokens: int) -> str:
     bos = json.loads((folder / "genai_config.json").read_text())["model"].get("bos_token_id")
     if isinstance(bos, int) and ids[:1] != [bos]:  # this tokenizer does not add it
         ids.insert(0, bos)
+    text = tokenizer.decode(greedy(model, ids, tokens))  # the whole sequence: decoding the tail alone drops its first space
+    return " ".join(text.split())  # one line
+
+
+def greedy(model, ids: list[int], tokens: int) -> list[int]:
+    """`ids` and `tokens` greedy continuations by an onnxruntime_genai.Model."""
+    import onnxruntime_genai as og
+
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens([ids])
     while not generator.is_done():
         generator.generate_next_token()
-    text = tokenizer.decode(generator.get_sequence(0))  # the whole sequence: decoding the tail alone drops its first space
-    return " ".join(text.split())  # one line
+    return [int(t) for t in generator.get_sequence(0)]
 
 
 if __name__ == "__main__":
