@@ -24,7 +24,6 @@ from .report import Report
 
 # Keyword overrides of a recipe, as the CLI's flags name them.
 OVERRIDES = ("bits", "block_size", "symmetric", "output_format", "lm_head", "method", "online", "accuracy_level", "exclude", "seed")
-DEVICES = ("cpu", "cuda")
 
 
 def quantize(

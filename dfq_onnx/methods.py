@@ -137,7 +137,9 @@ def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         return round_to_nearest(unit, data, fmt, config)
     h = site.hessian(stats.rms_norm(data.residual, gain), config.hessian)
     how = site.Rounding(fmt, config)
-    out = round_to_nearest(unit, data, fmt, config)  # an untied embedding table: plain rounding (a lookup has no H)
+    # An untied embedding table: plain rounding (a lookup has no H); the lm_head is not rounded twice.
+    others = dataclasses.replace(data, weights={k: w for k, w in data.weights.items() if k != lm_head})
+    out = round_to_nearest(unit, others, fmt, config)
     q, error, rtn_error, reference = head_rounding(data.weights[lm_head], h, data.scale_dtypes[lm_head], how)
     out.quantized[lm_head] = q
     out.errors[lm_head] = SiteErrors(error, rtn_error, reference)

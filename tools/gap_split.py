@@ -135,8 +135,11 @@ def hessians(variant: str, real: dict[str, tuple], prior: dict[str, tuple], inpu
     """Linear -> H in the solver's forms: a dense [K, K] tensor, or rounding.LowRank (diag + m m^T)."""
     from dfq_onnx.quant import rounding
 
-    out = {}
+    out, by_value = {}, {}  # linears reading one value (q/k/v) share one H, not a copy each
     for name, value in inputs.items():
+        if value in by_value:
+            out[name] = by_value[value]
+            continue
         if variant.startswith("real"):
             mean, second = real[value]
         else:
@@ -148,6 +151,7 @@ def hessians(variant: str, real: dict[str, tuple], prior: dict[str, tuple], inpu
         else:
             var = torch.diagonal(second) - mean * mean
             out[name] = rounding.LowRank(var.clamp(min=0).float(), mean.float())
+        by_value[value] = out[name]
     return out
 
 
