@@ -132,6 +132,13 @@ class MethodConfig:
     hessian: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN  # the statistics' form GPTQ and the searches use
     rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
     seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
+    # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates.
+    learned_diagonal_steps: int = 0  # the norm and up/down diagonals, refined from the searched ones
+    learned_diagonal_lr: float = 0.01  # on the log-scales
+    learned_vo_steps: int = 0  # a general invertible T per KV head on the V/O pair, from the chosen block
+    learned_vo_lr: float = 0.001
+    learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
+    learned_online_lr: float = 0.001
 
 
 # Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
@@ -361,6 +368,12 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
             raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
     if "alternations" in values and not 1 <= values["alternations"] <= 16:
         raise DfqError(f"recipe [method] alternations must be from 1 to 16, not {values['alternations']}")
+    for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or not 0 <= values[key] <= 10_000):
+            raise DfqError(f"recipe [method] {key} must be a whole number of steps from 0 (off) to 10000, not {values[key]!r}")
+    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr"):
+        if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or not values[key] > 0):
+            raise DfqError(f"recipe [method] {key} must be a positive number (a learning rate), not {values[key]!r}")
     if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
         raise DfqError("recipe [method] online_min_gain must be a number (a fraction, e.g. 0.05)")
     return MethodConfig(**values)

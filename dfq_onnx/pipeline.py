@@ -183,7 +183,7 @@ def _units_done(work: Path, key: str) -> int:
 
 
 def _rotation_entry(r) -> dict:
-    return {"nodes": r.linears, "tensor": rotation_name(r.block), "k": r.k, "block": r.block.shape[0], "layer": r.layer}
+    return {"nodes": r.linears, "tensor": rotation_name(r.block), "k": r.k, "block": r.block.shape[-1], "layer": r.layer}
 
 
 def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[str]]:

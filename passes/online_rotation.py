@@ -1,4 +1,4 @@
-"""Online block rotations: x' = x blockdiag(T) computed in front of the linears whose rows took T^T.
+"""Online block transforms: x' = x blockdiag(T) computed in front of the linears whose rows took T^-1.
 
 One rotation per activation, shared by every linear of the unit that reads it (gate and up); the
 b x b block is written once to the data file and read by every layer that uses the same block."""
@@ -18,7 +18,8 @@ from .context import PlanContext, linear_nodes, require
 
 def rotation_name(block: np.ndarray) -> str:
     digest = hashlib.sha1(block.tobytes()).hexdigest()[:8]
-    return f"online_rotation{block.shape[0]}_{block.dtype.name}_{digest}"
+    kind = "" if block.ndim == 2 else "s"  # [K/b, b, b]: one learned block per b channels
+    return f"online_rotation{block.shape[-1]}{kind}_{block.dtype.name}_{digest}"
 
 
 class InsertOnlineRotations(ir.passes.InPlacePass):
@@ -28,8 +29,9 @@ class InsertOnlineRotations(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         for r in self.rotations:
             nodes = linear_nodes(model.graph, r.linears, self.context.sites)
-            b = r.block.shape[0]
-            require(r.block.shape == (b, b) and r.k % b == 0, f"{r.linears[0]}: a {r.block.shape} block cannot rotate K = {r.k}")
+            b = r.block.shape[-1]
+            shape_ok = r.block.shape in ((b, b), (r.k // b, b, b))
+            require(shape_ok and r.k % b == 0, f"{r.linears[0]}: a {r.block.shape} block cannot rotate K = {r.k}")
             first = nodes[r.linears[0]].inputs[0]
             require(all(n.inputs[0] is first for n in nodes.values()), f"{r.linears}: do not read one activation")
 

@@ -95,6 +95,10 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
         assert w1.shape == w0.shape, lin["name"]
         change = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
         assert change > 0.1, (lin["name"], change)
+    assert_same_logits(tiny, style, model, out, report)
+
+
+def assert_same_logits(tiny, style: str, model: Path, out: Path, report: dict) -> None:
     ids = np.random.default_rng(3).integers(0, T.VOCAB, size=(2, 20))
     ref, got = logits(model, ids), logits(out, ids)
     rel = np.abs(got - ref).max() / np.abs(ref).max()
@@ -106,6 +110,33 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
         assert rel < 1e-4, rel
     # The tool's own check compared the same logits.
     assert report["verification"]["max_abs_error"] < 1e-2
+
+
+LEARNED = FORCE + "learned_diagonal_steps = 10\nlearned_vo_steps = 10\nlearned_online_steps = 10\n"
+ALL_LEARNED = {"norm-diag-learned", "up-down-diag-learned", "qk-rope-rotation", "vo-learned", "online-learned32", "online-learned64"}
+
+
+@pytest.mark.parametrize("style", T.STYLES)
+def test_learned_transforms_preserve_logits(tiny, tmp_path, style):
+    """Every learned transform forced on (general, non-orthogonal V/O blocks and online blocks, one
+    per b channels, written in the activation dtype): the logits do not move."""
+    recipe = tmp_path / "learned.toml"
+    recipe.write_text(LEARNED)
+    model, out = tiny(style), tmp_path / "t.onnx"
+    assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    used = {t for site in report["sites"] for t in site["transforms"]}
+    assert ALL_LEARNED <= used, used
+    # One set of distinct blocks per activation and layer: [K/b, b, b] constants in the graph.
+    assert report["online"]["rotations"] == 2 * T.LAYERS, report["online"]
+    graph = onnx.load(out, load_external_data=False).graph
+    learned = [i for i in graph.initializer if i.name.startswith("online_rotation") and len(i.dims) == 3]
+    assert len(learned) == 2 * T.LAYERS, [i.name for i in graph.initializer if i.name.startswith("online")]
+    arrays = initializers(out)
+    for init in learned:  # general, not orthogonal: fp16 storage of a Hadamard moves A A^T by <= 1e-3
+        a = arrays[init.name]
+        assert np.abs(a @ a.transpose(0, 2, 1) - np.eye(a.shape[-1])).max() > 1e-2, init.name
+    assert_same_logits(tiny, style, model, out, report)
 
 
 def test_method_lowers_proxy_against_rtn_on_every_role(tiny, tmp_path):

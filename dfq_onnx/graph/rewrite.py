@@ -269,14 +269,19 @@ def insert_block_rotation(graph: ir.Graph, consumers: list[ir.Node], block: ir.V
 
     Shape(x) -> Reshape(x, [-1, b]) -> MatMul(T[b, b]) -> Reshape(shape): one rotation of any rank,
     computed once and shared by every consumer (e.g. gate and up); other readers of x keep x.
+    Distinct blocks T[K/b, b, b] take Reshape(x, [-1, K/b, 1, b]) and a broadcasting MatMul.
     """
     x = consumers[0].inputs[0]
     if any(c.inputs[0] is not x for c in consumers):
         raise ValueError("an online rotation is shared only by consumers of the same activation")
-    b = block.shape[0]
+    b = block.shape[-1]
     first = next(node for node in graph if any(node is c for c in consumers))
     base = f"{first.name}_online"
-    rows = _shared_constant(graph, f"online_rows_{b}", np.array([-1, b], dtype=np.int64))
+    if len(block.shape) == 3:
+        n = block.shape[0]
+        rows = _shared_constant(graph, f"online_rows_{n}x{b}", np.array([-1, n, 1, b], dtype=np.int64))
+    else:
+        rows = _shared_constant(graph, f"online_rows_{b}", np.array([-1, b], dtype=np.int64))
     shape = ir.Node("", "Shape", [x], num_outputs=1, name=f"{base}_shape")
     flat = ir.Node("", "Reshape", [x, rows], num_outputs=1, name=f"{base}_flat")
     turn = ir.Node("", "MatMul", [flat.outputs[0], block], num_outputs=1, name=f"{base}_rotate")

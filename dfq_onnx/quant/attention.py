@@ -16,7 +16,17 @@ import torch
 
 from . import grid, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerResult, LayerWeights
-from .site import Rounding, SiteOutcome, SiteTransform, diagonal_scaling, hessian, identity_moments, merge_parts, round_site
+from .site import (
+    Rounding,
+    SiteOutcome,
+    SiteTransform,
+    diagonal_scaling,
+    hessian,
+    identity_moments,
+    learned_scaling,
+    merge_parts,
+    round_site,
+)
 from .value_output import value_output
 
 
@@ -44,6 +54,12 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
     a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.post_normed)
     best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
+    dtype = layer.scale_dtypes[att.qkv or att.q or att.v]
+    learned = learned_scaling(list(parts.values()), h, how.at(att.qkv or att.q), a, att.gain_foldable, "norm-diag", layer.post_normed, dtype)
+    if learned is not None:  # kept where the sublayer's sites round better with it
+        trial = _attention_with(layer, att, parts, x, h, *learned, how)
+        if how.config.force_transforms or trial.error < best.error:
+            best, (a, a_tags) = trial, learned
     if a is not None:
         result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a
     names = {"q": att.q, "k": att.k, "v": att.v}

@@ -8,7 +8,17 @@ import torch
 
 from . import stats
 from .geometry import LayerResult, LayerWeights
-from .site import Rounding, SiteTransform, diagonal_scaling, hessian, identity_moments, merge_parts, round_site, try_online
+from .site import (
+    Rounding,
+    SiteTransform,
+    diagonal_scaling,
+    hessian,
+    identity_moments,
+    learned_scaling,
+    merge_parts,
+    round_site,
+    try_online,
+)
 
 
 def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
@@ -34,22 +44,52 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
 
     # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
     # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
-    def gate_up(t=None, tag=None):
-        extra = [tag] if tag else []
-        return {
-            gate_key: round_site(w_gate, h, dt[mlp.gate], how.at(mlp.gate), SiteTransform(row=a, online=t), tags + extra),
-            up_key: round_site(w_up, h, dt[mlp.up], how.at(mlp.up), SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
-        }
+    def gate_up_with(a, tags):
+        def make(t=None, tag=None):
+            extra = [tag] if tag else []
+            return {
+                gate_key: round_site(w_gate, h, dt[mlp.gate], how.at(mlp.gate), SiteTransform(row=a, online=t), tags + extra),
+                up_key: round_site(w_up, h, dt[mlp.up], how.at(mlp.up), SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
+            }
 
-    def down(t=None, tag=None):
-        extra = [tag] if tag else []
-        return {mlp.down: round_site(w_down, hd, dt[mlp.down], how.at(mlp.down), SiteTransform(row=d, online=t), down_tags + extra)}
+        return make
 
-    outcomes = {**gate_up(), **down()}
+    def down_with(d, down_tags):
+        def make(t=None, tag=None):
+            extra = [tag] if tag else []
+            return {mlp.down: round_site(w_down, hd, dt[mlp.down], how.at(mlp.down), SiteTransform(row=d, online=t), down_tags + extra)}
+
+        return make
+
+    # Learned diagonals replace the searched ones where their sites round better; d first (up's
+    # columns carry it), then a.
+    down = down_with(d, down_tags)
+    lower = down()
+    learned = learned_scaling([w_down], hd, how.at(mlp.down), d, True, "up-down-diag", layer.post_normed, dt[mlp.down])
+    if learned is not None:
+        other = down_with(*learned)
+        trial = other()
+        if _better(trial, lower, how):
+            (d, down_tags), down, lower = learned, other, trial
+    gate_up = gate_up_with(a, tags)
+    pair = gate_up()
+    learned = learned_scaling([w_gate, w_up], h, how.at(mlp.gate), a, mlp.gain_foldable, "norm-diag", layer.post_normed, dt[mlp.gate])
+    if learned is not None:
+        other = gate_up_with(*learned)
+        trial = other()
+        if _better(trial, pair, how):
+            (a, tags), gate_up, pair = learned, other, trial
+    outcomes = {**pair, **lower}
     # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
-    for where, make, k in (("gate_up", gate_up, w_gate.shape[0]), ("down", down, w_down.shape[0])):
+    # A learned block sees the weights and H as the rotation does: after the diagonal scaling.
+    for where, make, k, group, hh, scaling, dtype in (
+        ("gate_up", gate_up, w_gate.shape[0], [w_gate, w_up], h, a, dt[mlp.gate]),
+        ("down", down, w_down.shape[0], [w_down], hd, d, dt[mlp.down]),
+    ):
         if where in how.config.online:
-            try_online(outcomes, make, k, device, how, result.online)
+            rows = SiteTransform(row=scaling)
+            learn_from = ([rows.forward(w) for w in group], rows.hessian(hh), dtype)
+            try_online(outcomes, make, k, device, how, result.online, learn_from)
     if a is not None:
         result.gains[mlp.gain] = layer.gain(mlp.gain).to(torch.float32) * a
     if mlp.fused:
@@ -64,3 +104,8 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
         return residual
     y = stats.with_bias(stats.linear(u, w_down), layer.biases.get(mlp.down))
     return residual + stats.sublayer_output(y, layer.gain(mlp.post_gain), mlp.post_norm)
+
+
+def _better(trial: dict, current: dict, how: Rounding) -> bool:
+    """Whether the sites rounded with a learned transform beat those without (forced: always)."""
+    return how.config.force_transforms or sum(o.error for o in trial.values()) < sum(o.error for o in current.values())

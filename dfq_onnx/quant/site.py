@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..config import DiagonalPrior, HessianForm, MethodConfig, QuantFormat, Rotation
-from . import grid, rounding, scales, stats, transforms
+from . import grid, learn, rounding, scales, stats, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +62,13 @@ class SiteOutcome:
 
 @dataclasses.dataclass
 class SiteTransform:
-    """A function-preserving change of one linear's weight: W' = T^T L W C.
+    """A function-preserving change of one linear's weight: W' = T^-1 L W C.
 
     `row` is a vector a (L = diag(a)^-1, folded into what feeds the input) or a matrix L (dense
     or a transforms.BlockDiagonal); `col` is a vector c (C = diag(c)) or a matrix C (folded into
-    what reads the output); `online` is an orthogonal b x b block: x' = x blockdiag(T) is
-    computed at inference (an inserted op), so the weight takes T^T on its rows.
+    what reads the output); `online` is the block of x' = x blockdiag(T), computed at inference
+    (an inserted op), so the weight takes T^-1 on its rows: an orthogonal b x b block repeated
+    along the diagonal (T^-1 = T^T), or [K/b, b, b] general invertible blocks, one per b channels.
     """
 
     row: torch.Tensor | transforms.BlockDiagonal | None = None
@@ -82,11 +83,20 @@ class SiteTransform:
     def _col_inverse(self):
         return _inverse(self.col)
 
+    @functools.cached_property
+    def _online_blocks(self) -> transforms.BlockDiagonal:
+        t = self.online
+        return transforms.BlockDiagonal(t if t.dim() == 3 else t.unsqueeze(0))
+
+    @functools.cached_property
+    def _online_inverse(self) -> transforms.BlockDiagonal:
+        return self._online_blocks.t() if self.online.dim() == 2 else self._online_blocks.inverse()
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.row is not None:
             w = w / self.row.unsqueeze(1) if _is_vector(self.row) else _left(self.row, w)
         if self.online is not None:
-            w = transforms.block_rotate(w, self.online.t())
+            w = self._online_inverse.times(w)
         if self.col is not None:
             w = w * self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self.col)
         return w
@@ -95,7 +105,7 @@ class SiteTransform:
         if self.col is not None:
             w = w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
         if self.online is not None:
-            w = transforms.block_rotate(w, self.online)
+            w = self._online_blocks.times(w)
         if self.row is not None:
             w = w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
         return w
@@ -116,7 +126,7 @@ class SiteTransform:
                 inv = self._row_inverse
                 h = _right(_left(inv.t(), dense), inv)
         if self.online is not None:
-            h = rotated_hessian(h, self.online)
+            h = rotated_hessian(h, self._online_blocks)
         return h
 
 
@@ -135,18 +145,19 @@ def _right(w: torch.Tensor, m) -> torch.Tensor:
 ONLINE_DENSE_LIMIT = 4096  # above this K, GPTQ under a rotated H uses its diagonal + mean direction
 
 
-def rotated_hessian(h, t: torch.Tensor):
+def rotated_hessian(h, t: transforms.BlockDiagonal):
     """T^T H T for T = blockdiag(t). For H = diag(d) + u u^T the diagonal part becomes b x b blocks:
     exact (dense) up to ONLINE_DENSE_LIMIT rows, beyond that their diagonal (the rank-1 part stays exact)."""
     if not isinstance(h, rounding.LowRank):
-        return transforms.block_rotate(transforms.block_rotate(h, t.t()).t(), t.t()).t()
-    k, b = h.diag.shape[0], t.shape[0]
-    vec = transforms.block_rotate(h.vec.unsqueeze(1), t.t())[:, 0]
+        return t.t().times(t.t().times(h).t())  # T^T (T^T H)^T = T^T H T (H symmetric)
+    k, b = h.diag.shape[0], t.size
+    vec = t.t().times(h.vec.unsqueeze(1))[:, 0]
     d = h.diag.reshape(k // b, b, 1)
+    blocks = t.blocks.to(d.dtype)
     if k <= ONLINE_DENSE_LIMIT:
-        blocks = t.t().unsqueeze(0) @ (d * t.unsqueeze(0))  # [k/b, b, b]
-        return torch.block_diag(*blocks) + torch.outer(vec, vec)
-    diag = ((t * t).t().unsqueeze(0) @ d).reshape(k)
+        per_block = blocks.transpose(1, 2) @ (d * blocks)  # [k/b, b, b]
+        return torch.block_diag(*per_block.expand(k // b, b, b)) + torch.outer(vec, vec)
+    diag = ((blocks * blocks).transpose(1, 2) @ d).reshape(k)
     return rounding.LowRank(diag, vec)
 
 
@@ -213,12 +224,11 @@ def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, la
     config = how.config
     if not (config.diagonal and foldable):
         return None, []
-    trust = config.diagonal_prior == DiagonalPrior.ALWAYS or (config.diagonal_prior == DiagonalPrior.POST_NORM and post_normed)
     choice = transforms.search_diagonal(
         weights,
         rounding.hessian_diagonal(h).clamp(min=0.0),
         how.fmt,
-        alphas=transforms.ALPHAS if trust else (0.0,),
+        alphas=transforms.ALPHAS if trusts_prior(config, post_normed) else (0.0,),
         exclude_identity=config.force_transforms,
     )
     if choice.is_identity:
@@ -226,15 +236,43 @@ def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, la
     return choice.a, [label]
 
 
-def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Rounding, online: dict[str, torch.Tensor]) -> None:
+def trusts_prior(config: MethodConfig, post_normed: bool) -> bool:
+    """Whether a diagonal may whiten by the prior's per-channel values (config.diagonal_prior)."""
+    return config.diagonal_prior == DiagonalPrior.ALWAYS or (config.diagonal_prior == DiagonalPrior.POST_NORM and post_normed)
+
+
+def learned_scaling(weights, h, how: Rounding, start, foldable: bool, label: str, post_normed: bool, dtype):
+    """The diagonal refined by gradient from the searched one (`start`, None: no scaling), or None
+    where learning is off, cannot fold, would whiten by an untrusted prior, or did not lower the proxy.
+    The caller keeps it only where its sites' final rounding is better with it."""
+    config = how.config
+    steps = config.learned_diagonal_steps
+    if not (config.diagonal and foldable and steps > 0 and trusts_prior(config, post_normed)):
+        return None
+    found = learn.learn_diagonal(weights, h, how.fmt, start, steps, config.learned_diagonal_lr, dtype)
+    if not (found.moved or config.force_transforms):
+        return None
+    return found.value, [f"{label}-learned"]
+
+
+def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Rounding, online: dict[str, torch.Tensor], learn_from=None) -> None:
     """Replace the sites `make` rounds by their rotated versions when the rotation pays (in place);
-    the rotation of each replaced site goes into `online`."""
+    the rotation of each replaced site goes into `online`. `learn_from` = (weights as the rotation
+    sees them, their H, the activation dtype) lets a learned general block start from the rotation."""
     config = how.config
     b = transforms.online_block_size(k, config.online_block)
     if b is None:
         return
     t = how.block(b, device)
     rotated = make(t, f"online-{how.config.rotation.value}{b}")
+    if learn_from is not None and config.learned_online_steps > 0:
+        weights, h, dtype = learn_from
+        start = t.expand(k // b, b, b)
+        found = learn.learn_online(weights, h, how.fmt, start, config.learned_online_steps, config.learned_online_lr, dtype)
+        if found.moved or config.force_transforms:
+            trial = make(found.value, f"online-learned{b}")
+            if config.force_transforms or sum(o.error for o in trial.values()) < sum(o.error for o in rotated.values()):
+                rotated, t = trial, found.value
     before = sum(outcomes[name].error for name in rotated)
     after = sum(o.error for o in rotated.values())
     if config.force_transforms or after < (1.0 - config.online_min_gain) * before:

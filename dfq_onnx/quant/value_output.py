@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from . import grid, stats, transforms
+from . import grid, learn, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerWeights
 from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
 
@@ -59,6 +59,12 @@ def value_output(
             chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
     _, tf_v, tf_o, extra = chosen
     qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype)
+    learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype)
+    if learned is not None:  # kept where the pair rounds better with it
+        tf_v_l, tf_o_l = learned
+        trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype)
+        if config.force_transforms or trial[2] < err:
+            (qv, qo, err), tf_v, tf_o, extra = trial, tf_v_l, tf_o_l, ["vo-learned"]
     pair_tags = ["vo-pair", *how.tags()] if config.vo_pairs else how.tags()
     # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
     return {
@@ -69,6 +75,25 @@ def value_output(
         ),
         "o": SiteOutcome(qo, err, rtn_pair, ref_pair, extra + pair_tags, float_weight=tf_o.forward(w_o) if how.keep_float else None),
     }
+
+
+def _learned_pair(pair: "Pair", a, tf_v: SiteTransform, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype):
+    """(V, O) transforms with a learned general T per KV head, started from the chosen block, or
+    None where learning is off or did not lower the pair error of round-to-nearest."""
+    config = how_v.config
+    if not (config.vo_transform and config.learned_vo_steps > 0):
+        return None
+    d, kv = pair.d, pair.kv
+    eye = torch.eye(d, device=pair.w_v.device)
+    start = eye if tf_v.col is None else tf_v.col.blocks[0]
+    found = learn.learn_value_output(
+        pair, a, start.expand(kv, d, d), how_v.fmt, how_o.fmt, config.learned_vo_steps, config.learned_vo_lr, (v_dtype, o_dtype)
+    )
+    if not (found.moved or config.force_transforms):
+        return None
+    blocks = transforms.BlockDiagonal(found.value)
+    per_head = transforms.BlockDiagonal(found.value.repeat_interleave(pair.group, 0))
+    return SiteTransform(row=a, col=blocks), SiteTransform(row=per_head.inverse())
 
 
 def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype):
@@ -208,6 +233,12 @@ class Pair:
             m = m + max(1e-8 * float(m.diagonal().mean()), 1e-30) * torch.eye(d, device=m.device, dtype=m.dtype)
             cols.append(self.w_v[:, g * d : (g + 1) * d].double() @ torch.linalg.solve(m, oh @ wo.t()).t())
         return torch.cat(cols, dim=1).float()
+
+    def error_tensor(self, v_hat: torch.Tensor, o_hat: torch.Tensor) -> torch.Tensor:
+        """The pair error as a differentiable tensor (the learners' loss): no caching, no floats."""
+        h_hat, cross = self.second(v_hat, v_hat), self.second(v_hat, self.w_v)
+        oh = o_hat.to(torch.float64)
+        return self.energy - 2 * (oh * cross.times(self._w_o)).sum() + (oh * h_hat.times(oh)).sum()
 
     def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""

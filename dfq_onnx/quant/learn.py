@@ -1,0 +1,203 @@
+"""Transforms learned from the weights alone: Adam on the rounding proxy through a straight-through
+round (the forward pass rounds for real, the backward pass takes round as the identity), measured in
+the original space under the propagated statistics.
+
+Each learner starts from what the searches chose, checks the true proxy (real round-to-nearest, no
+straight-through) as it goes and returns the best iterate it saw, the start included: it never
+returns worse than where it began. Callers then keep a learned transform only where the sites'
+final rounding (GPTQ, scale search) is better with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from ..config import QuantFormat
+from . import grid, rounding
+
+CHECK_EVERY = 10  # steps between checks of the true proxy (a real rounding of every weight)
+STE_COLUMNS = 2048  # columns of a wide weight the straight-through loss sees (the checks see all)
+CONDITION_LIMIT = 100.0  # a general invertible block above this condition number is refused
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def ste_fake_quant(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Round-to-nearest of W[K, N] on row blocks with min/max scales, as grid.rtn computes it, but
+    differentiable: round passes gradients straight through and the scales follow max/min."""
+    k, n = w.shape
+    blocks = grid.to_row_blocks(w, fmt.block_size)  # [kb, bs, N]
+    mx = blocks.amax(1, keepdim=True)
+    mn = blocks.amin(1, keepdim=True)
+    qmax = float(grid.grid_max(fmt.bits))
+    if fmt.symmetric:
+        half = float(1 << (fmt.bits - 1))
+        s = -torch.where(mx.abs() > mn.abs(), mx, mn) / half  # the largest magnitude maps to -half
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        deq = torch.clamp(ste_round(blocks / s), -half, qmax - half) * s
+    else:
+        span = torch.clamp(mx, min=0.0) - torch.clamp(mn, max=0.0)
+        s = torch.where(span == 0, torch.ones_like(span), span / qmax)
+        z = torch.clamp(ste_round(-torch.clamp(mn, max=0.0) / s), 0.0, qmax)
+        deq = (torch.clamp(ste_round(blocks / s) + z, 0.0, qmax) - z) * s
+    return deq.reshape(-1, n)[:k]
+
+
+def proxy(delta: torch.Tensor, h) -> torch.Tensor:
+    """tr(D^T H D) as a differentiable scalar; H dense [K, K] or a rounding.LowRank."""
+    if isinstance(h, rounding.LowRank):
+        return (h.diag.unsqueeze(1) * delta * delta).sum() + ((h.vec @ delta) ** 2).sum()
+    return (delta * (h @ delta)).sum()
+
+
+@dataclasses.dataclass
+class Learned:
+    value: object  # the learned transform (its form is the learner's)
+    error: float  # true proxy (round-to-nearest) at `value`
+    start_error: float  # true proxy at the start
+
+    @property
+    def moved(self) -> bool:
+        return self.error < self.start_error
+
+
+def descend(params: list[torch.Tensor], loss: Callable[[], torch.Tensor], true_error: Callable[[], float], steps: int, lr: float):
+    """Adam on `loss` for `steps` steps; the parameters with the lowest `true_error` seen (start included)."""
+    with torch.no_grad():
+        start = true_error()
+    best = (start, [p.detach().clone() for p in params])
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+        if step % CHECK_EVERY == 0 or step == steps:
+            with torch.no_grad():
+                e = true_error()
+            if e < best[0]:
+                best = (e, [p.detach().clone() for p in params])
+    return best[1], best[0], start
+
+
+def _columns(w: torch.Tensor) -> torch.Tensor:
+    """Evenly spaced columns of a wide W for the straight-through loss (it is a sum over columns)."""
+    n = w.shape[1]
+    if n <= STE_COLUMNS:
+        return w
+    return w[:, torch.linspace(0, n - 1, STE_COLUMNS, device=w.device).long()]
+
+
+# ----------------------------------------------------------------------------- diagonals
+
+
+def learn_diagonal(weights: list[torch.Tensor], h, fmt: QuantFormat, start: torch.Tensor | None, steps: int, lr: float, scale_dtype) -> Learned:
+    """A per-channel input scaling a (W' = W / a, x' = x a) shared by `weights`, as log-scales from
+    `start` (ones if None), minimising sum over W of tr(D^T H D), D = a (W' - Q(W')), H the
+    statistics of the shared input. The geometric mean of a stays 1 (a global factor changes nothing)."""
+    w32 = [w.to(torch.float32) for w in weights]
+    sub = [_columns(w) for w in w32]
+    a0 = torch.ones(w32[0].shape[0], device=w32[0].device) if start is None else start.to(torch.float32)
+    log_a = torch.log(a0).clone().requires_grad_(True)
+    norm = sum(rounding.weighted_error(w, None, h) for w in sub) or 1.0
+
+    def scaling(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x - x.mean())
+
+    def loss() -> torch.Tensor:
+        a = scaling(log_a).unsqueeze(1)
+        return sum(proxy(a * (w / a - ste_fake_quant(w / a, fmt)), h) for w in sub) / norm
+
+    def true_error() -> float:
+        a = scaling(log_a).unsqueeze(1)
+        return sum(rounding.weighted_error(w, a * grid.fake_quant(w / a, fmt, scale_dtype), h) for w in w32)
+
+    (best,), err, start_err = descend([log_a], loss, true_error, steps, lr)
+    return Learned(scaling(best), err, start_err)
+
+
+# ----------------------------------------------------------------------------- V/O blocks
+
+
+def well_conditioned(blocks: torch.Tensor) -> bool:
+    return bool((torch.linalg.cond(blocks.to(torch.float64)) <= CONDITION_LIMIT).all())
+
+
+def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat, fmt_o: QuantFormat, steps: int, lr: float, dtypes) -> Learned:
+    """A general invertible T_g per KV head (V' = V T, O' = T^-1 O for its query heads), from
+    `start` [kv, d, d], minimising the pair error E||z W_o - z^ O^||^2 of both rounded by
+    round-to-nearest; `row_scale` is the norm scaling already on V's rows (or None). A T whose
+    condition number passes CONDITION_LIMIT scores infinity: it is never returned."""
+    v_dtype, o_dtype = dtypes
+    w_v = pair.w_v.to(torch.float32)
+    w_o = pair.w_o.to(torch.float32)
+    k, n = w_v.shape[0], w_o.shape[1]
+    kv, d, group = pair.kv, pair.d, pair.group
+    a = None if row_scale is None else row_scale.to(torch.float32).unsqueeze(1)
+    v_rows = w_v if a is None else w_v / a
+    t = start.to(torch.float32).clone().requires_grad_(True)
+    norm = pair.energy or 1.0
+
+    def rounded(tt: torch.Tensor, quant) -> tuple[torch.Tensor, torch.Tensor]:
+        v_t = (v_rows.reshape(k, kv, d).transpose(0, 1) @ tt).transpose(0, 1).reshape(k, kv * d)
+        v_back = torch.linalg.solve(tt.transpose(1, 2), quant(v_t, fmt_v, v_dtype).reshape(k, kv, d).transpose(0, 1).transpose(1, 2))
+        v_hat = v_back.transpose(1, 2).transpose(0, 1).reshape(k, kv * d)  # Q(V T) T^-1
+        v_hat = v_hat if a is None else v_hat * a
+        per_head = tt.repeat_interleave(group, 0)  # [heads, d, d]
+        o_t = torch.linalg.solve(per_head, w_o.reshape(-1, d, n)).reshape(-1, n)  # T^-1 O
+        o_hat = (per_head @ quant(o_t, fmt_o, o_dtype).reshape(-1, d, n)).reshape(-1, n)
+        return v_hat, o_hat
+
+    def loss() -> torch.Tensor:
+        v_hat, o_hat = rounded(t, lambda w, fmt, _dtype: ste_fake_quant(w, fmt))
+        return pair.error_tensor(v_hat, o_hat) / norm
+
+    def true_error() -> float:
+        if not well_conditioned(t):
+            return float("inf")
+        v_hat, o_hat = rounded(t.detach(), grid.fake_quant)
+        return pair.error(v_hat, o_hat)
+
+    (best,), err, start_err = descend([t], loss, true_error, steps, lr)
+    return Learned(best, err, start_err)
+
+
+# ----------------------------------------------------------------------------- online blocks
+
+
+def learn_online(weights: list[torch.Tensor], h, fmt: QuantFormat, start: torch.Tensor, steps: int, lr: float, dtype) -> Learned:
+    """A block-diagonal general invertible A on the linears' shared input (x' = x A, W' = A^-1 W),
+    one b x b block per b input channels, from `start` [K/b, b, b], minimising the sum over W of
+    tr(D^T H D), D = W - A Q(A^-1 W). Each iterate is rounded to the activation `dtype` first: the
+    graph multiplies by exactly that A, so the weights are computed with its own inverse."""
+    w32 = [w.to(torch.float32) for w in weights]
+    sub = [_columns(w) for w in w32]
+    n, b, _ = start.shape
+    t = start.to(torch.float32).clone().requires_grad_(True)
+    norm = sum(rounding.weighted_error(w, None, h) for w in sub) or 1.0
+
+    def rounded(tt: torch.Tensor, w: torch.Tensor, quant) -> torch.Tensor:
+        k, m = w.shape
+        inner = torch.linalg.solve(tt, w.reshape(n, b, m)).reshape(k, m)  # A^-1 W, block by block
+        return (tt @ quant(inner).reshape(n, b, m)).reshape(k, m)  # A Q(A^-1 W)
+
+    def loss() -> torch.Tensor:
+        return sum(proxy(w - rounded(t, w, lambda x: ste_fake_quant(x, fmt)), h) for w in sub) / norm
+
+    def true_error() -> float:
+        stored = as_stored(t.detach(), dtype)
+        if not well_conditioned(stored):
+            return float("inf")
+        return sum(rounding.weighted_error(w, rounded(stored, w, lambda x: grid.fake_quant(x, fmt, dtype)), h) for w in w32)
+
+    (best,), err, start_err = descend([t], loss, true_error, steps, lr)
+    return Learned(as_stored(best, dtype), err, start_err)
+
+
+def as_stored(t: torch.Tensor, dtype) -> torch.Tensor:
+    """The float32 values of `t` once written in `dtype` (the activation's)."""
+    return t.to(dtype).to(torch.float32)

@@ -1,0 +1,161 @@
+"""Learned transforms (quant/learn.py) on small matrices with planted outlier channels: the true
+rounded proxy after learning is below the start's, the learned general V/O block beats the best
+orthogonal candidate, the conditioning guard holds, and the recipe knobs are checked."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dfq_onnx.config import QuantFormat, recipe_from_dict
+from dfq_onnx.errors import DfqError
+from dfq_onnx.quant import grid, learn, rounding, stats, transforms
+from dfq_onnx.quant.site import SiteTransform
+from dfq_onnx.quant.value_output import Pair
+
+FORMATS = [QuantFormat(4, 32, True), QuantFormat(3, 32, False), QuantFormat(2, 32, False)]
+
+
+def planted(k: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, n, generator=g) * 0.02
+    w[torch.randperm(k, generator=g)[:3]] *= 12.0  # outlier input channels
+    w[:, torch.randperm(n, generator=g)[:2]] *= 6.0
+    return w
+
+
+def prior(k: int, seed: int = 1) -> rounding.LowRank:
+    g = torch.Generator().manual_seed(seed)
+    return rounding.LowRank(torch.exp(torch.randn(k, generator=g)), 0.3 * torch.randn(k, generator=g))
+
+
+def test_straight_through_round_trip_matches_real_rounding():
+    """The forward pass of the straight-through quantizer is round-to-nearest (up to ties), and the
+    gradient reaches the weights."""
+    w = planted(96, 40).requires_grad_(True)
+    for fmt in FORMATS:
+        got = learn.ste_fake_quant(w, fmt)
+        ref = grid.fake_quant(w.detach(), fmt)
+        # Ties round half to even here, half away from zero in grid: at most one step on a tie.
+        step = (ref - got.detach()).abs().max()
+        assert float((ref - got.detach()).abs().mean()) < 1e-3 * float(ref.abs().mean()), fmt
+        assert step <= float(w.detach().abs().max()), fmt
+        got.sum().backward()
+        assert w.grad is not None and bool(torch.isfinite(w.grad).all())
+        w.grad = None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_learned_diagonal_lowers_the_true_rounded_proxy(fmt):
+    ws = [planted(128, 64, seed=i) for i in range(2)]
+    h = prior(128)
+    start = transforms.search_diagonal(ws, rounding.hessian_diagonal(h), fmt)
+    found = learn.learn_diagonal(ws, h, fmt, start.a, steps=60, lr=0.01, scale_dtype=torch.float32)
+    # Its error is the true proxy of real round-to-nearest (recomputed here), below the searched start's.
+    a = found.value.unsqueeze(1)
+    true = sum(rounding.weighted_error(w, a * grid.fake_quant(w / a, fmt), h) for w in ws)
+    assert math.isclose(true, found.error, rel_tol=1e-9)
+    start_true = sum(rounding.weighted_error(w, start.a.unsqueeze(1) * grid.fake_quant(w / start.a.unsqueeze(1), fmt), h) for w in ws)
+    # The learner renormalises the start to geometric mean 1 in float32 (a moves by ~1e-7 relative).
+    assert math.isclose(start_true, found.start_error, rel_tol=1e-5)
+    assert found.error < 0.99 * found.start_error, (found.error, found.start_error)
+    assert math.isclose(float(torch.log(found.value).mean()), 0.0, abs_tol=1e-5)  # geometric mean 1
+
+
+def test_learning_never_returns_worse_than_its_start():
+    """With a learning rate far too large the iterates get worse; the start is returned unchanged."""
+    ws = [planted(64, 32)]
+    h = prior(64)
+    start = torch.ones(64)
+    found = learn.learn_diagonal(ws, h, FORMATS[0], start, steps=20, lr=50.0, scale_dtype=torch.float32)
+    assert found.error <= found.start_error
+    if not found.moved:
+        assert torch.equal(found.value, start)
+
+
+def _pair(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k, d, kv, heads = 96, 32, 2, 4
+    w_v = torch.randn(k, kv * d, generator=g)
+    w_v[:, 3] *= 15.0  # an outlier value channel
+    w_o = torch.randn(heads * d, k, generator=g)
+    w_o[10] *= 10.0
+    a = torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    x = stats.Moments(0.1 * torch.randn(k, generator=g, dtype=torch.float64), a @ a.t() + 0.1 * torch.eye(k, dtype=torch.float64))
+    return Pair(x, w_v, w_o, heads, d), d, kv
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_learned_general_vo_block_beats_the_best_orthogonal_one(fmt):
+    pair, d, kv = _pair()
+    dtypes = (torch.float32, torch.float32)
+    starts = {"identity": torch.eye(d), "hadamard": transforms.hadamard(d)}
+    found = {name: learn.learn_value_output(pair, None, t.expand(kv, d, d), fmt, fmt, 60, 1e-3, dtypes) for name, t in starts.items()}
+    best_orthogonal = min(f.start_error for f in found.values())
+    best_learned = min(f.error for f in found.values())
+    assert best_learned < 0.9 * best_orthogonal, (best_learned, best_orthogonal)
+    for f in found.values():
+        assert f.error <= f.start_error
+        assert float(torch.linalg.cond(f.value.double()).max()) <= learn.CONDITION_LIMIT
+        # The learned block is general: not orthogonal any more.
+        eye = torch.eye(d).expand(kv, d, d)
+        assert float((f.value @ f.value.transpose(1, 2) - eye).abs().max()) > 1e-3
+
+
+def test_vo_learning_refuses_ill_conditioned_blocks():
+    pair, d, kv = _pair(1)
+    start = torch.eye(d).expand(kv, d, d).clone()
+    start[0, 0, 0] = 1e-3  # condition number 1000: over the guard
+    found = learn.learn_value_output(pair, None, start, FORMATS[0], FORMATS[0], 10, 1e-4, (torch.float32, torch.float32))
+    assert found.start_error == float("inf")  # the start itself is refused
+    if found.moved:  # an iterate that came back under the guard
+        assert float(torch.linalg.cond(found.value.double()).max()) <= learn.CONDITION_LIMIT
+    else:
+        assert found.error == float("inf")  # nothing usable: the caller keeps its own transform
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("learned_diagonal_steps", -1), ("learned_vo_steps", 1.5), ("learned_vo_steps", True), ("learned_diagonal_lr", 0), ("learned_vo_lr", "fast")],
+)
+def test_recipe_rejects_bad_learning_knobs(key, value):
+    with pytest.raises(DfqError, match=key):
+        recipe_from_dict({"method": {key: value}}, "test")
+
+
+def test_general_online_blocks_are_exact_and_their_hessian_measures_the_same_error():
+    """x' = x blockdiag(A_0, A_1, ...) with distinct general blocks, W' = A^-1 W: the same product, and
+    the Hessian A^T H A gives the same weighted error (dense form, K within ONLINE_DENSE_LIMIT)."""
+    g = torch.Generator().manual_seed(2)
+    k, b = 128, 32
+    blocks = torch.eye(b) + 0.3 * torch.randn(k // b, b, b, generator=g)
+    w = planted(k, 24)
+    row = torch.rand(k, generator=g) + 0.5
+    tf = SiteTransform(row=row, online=blocks)
+    x = torch.randn(5, k, generator=g)
+    x_t = transforms.BlockDiagonal(blocks).t().times((x * row).t()).t()  # x diag(a) blockdiag(A)
+    assert torch.allclose(x_t @ tf.forward(w), x @ w, atol=1e-4)
+    h = prior(k)
+    d = torch.randn(k, 24, generator=g)
+    want = rounding.weighted_error(tf.backward(d), None, h)
+    assert rounding.weighted_error(d, None, tf.hessian(h)) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_learned_online_blocks_beat_the_hadamard(fmt):
+    """From the Hadamard (the best orthogonal block the method has), learning general blocks lowers
+    the true rounded proxy, stays under the conditioning guard, and is stored as the graph stores it."""
+    ws = [planted(128, 64, seed=i) for i in range(2)]
+    h = prior(128)
+    b = 32
+    start = transforms.hadamard(b).expand(128 // b, b, b)
+    found = learn.learn_online(ws, h, fmt, start, steps=60, lr=1e-3, dtype=torch.float16)
+    assert found.error < 0.95 * found.start_error, (found.error, found.start_error)
+    assert float(torch.linalg.cond(found.value.double()).max()) <= learn.CONDITION_LIMIT
+    assert torch.equal(found.value, found.value.to(torch.float16).to(torch.float32))  # what fp16 storage holds
+    # The error it reports is the true proxy of round-to-nearest of A^-1 W under that very A.
+    tf = SiteTransform(online=found.value)
+    true = sum(rounding.weighted_error(w, tf.backward(grid.fake_quant(tf.forward(w), fmt, torch.float16)), h) for w in ws)
+    assert true == pytest.approx(found.error, rel=1e-4)
