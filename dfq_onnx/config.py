@@ -135,7 +135,7 @@ class MethodConfig:
     # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates.
     learned_diagonal_steps: int = 0  # the norm and up/down diagonals, refined from the searched ones
     learned_diagonal_lr: float = 0.01  # on the log-scales
-    learned_vo_steps: int = 0  # a general invertible T per KV head on the V/O pair, from the chosen block
+    learned_vo_steps: int = 100  # a general invertible T per KV head on the V/O pair, from the chosen block
     learned_vo_lr: float = 0.001
     learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
     learned_online_lr: float = 0.001

@@ -14,7 +14,8 @@ import tiny_models as T
 from dfq_onnx.cli import main
 from dfq_onnx.verify import feeds, logits_of, session
 
-FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\nonline_block = 64\n"
+FORCED = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\nonline_block = 64\n"
+FORCE = FORCED + "learned_vo_steps = 0\n"  # the searched transforms (the learned ones start from them)
 # Online rotations: K = 352 (intermediate) takes blocks of 32, K = 128 (hidden) blocks of 64.
 ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard", "online-hadamard32", "online-hadamard64"}
 
@@ -53,14 +54,19 @@ def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, n
     return found
 
 
-@pytest.mark.parametrize("style", T.STYLES)
-def test_transforms_preserve_logits(tiny, tmp_path, style):
+def forced(model: Path, tmp_path: Path, recipe_text: str) -> tuple[Path, Path, dict, set[str]]:
+    """--bits 16 under a recipe that forces transforms: (input, output, report, transforms used)."""
     recipe = tmp_path / "force.toml"
-    recipe.write_text(FORCE)
-    model, out = tiny(style), tmp_path / "t.onnx"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "t.onnx"
     assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
     report = json.loads((tmp_path / "t.report.json").read_text())
-    used = {t for site in report["sites"] for t in site["transforms"]}
+    return model, out, report, {t for site in report["sites"] for t in site["transforms"]}
+
+
+@pytest.mark.parametrize("style", T.STYLES)
+def test_transforms_preserve_logits(tiny, tmp_path, style):
+    model, out, report, used = forced(tiny(style), tmp_path, FORCE)
     assert ALL_TRANSFORMS <= used, used
     linears = report["structure"]["linears"]
     # One inserted rotation per activation and layer, counted in the written graph: the down input
@@ -112,7 +118,7 @@ def assert_same_logits(tiny, style: str, model: Path, out: Path, report: dict) -
     assert report["verification"]["max_abs_error"] < 1e-2
 
 
-LEARNED = FORCE + "learned_diagonal_steps = 10\nlearned_vo_steps = 10\nlearned_online_steps = 10\n"
+LEARNED = FORCED + "learned_diagonal_steps = 10\nlearned_vo_steps = 10\nlearned_online_steps = 10\n"
 ALL_LEARNED = {"norm-diag-learned", "up-down-diag-learned", "qk-rope-rotation", "vo-learned", "online-learned32", "online-learned64"}
 
 
@@ -120,12 +126,7 @@ ALL_LEARNED = {"norm-diag-learned", "up-down-diag-learned", "qk-rope-rotation", 
 def test_learned_transforms_preserve_logits(tiny, tmp_path, style):
     """Every learned transform forced on (general, non-orthogonal V/O blocks and online blocks, one
     per b channels, written in the activation dtype): the logits do not move."""
-    recipe = tmp_path / "learned.toml"
-    recipe.write_text(LEARNED)
-    model, out = tiny(style), tmp_path / "t.onnx"
-    assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
-    report = json.loads((tmp_path / "t.report.json").read_text())
-    used = {t for site in report["sites"] for t in site["transforms"]}
+    model, out, report, used = forced(tiny(style), tmp_path, LEARNED)
     assert ALL_LEARNED <= used, used
     # One set of distinct blocks per activation and layer: [K/b, b, b] constants in the graph.
     assert report["online"]["rotations"] == 2 * T.LAYERS, report["online"]

@@ -118,10 +118,23 @@ def test_genai_export_matches_dynamo(built, text):
     assert cand["top1"] > 0.99
 
 
+SEARCHED = "[method]\nforce_transforms = true\nonline = ['down', 'gate_up']\nlearned_vo_steps = 0\n"
+LEARNED = "[method]\nforce_transforms = true\nonline = ['down', 'gate_up']\nlearned_vo_steps = 20\nlearned_diagonal_steps = 20\nlearned_online_steps = 20\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["dynamo", "genai"])
-def test_transforms_preserve_real_logits(built, tmp_path, style):
-    """Every transform that applies to Gemma 3 (forced, online rotations included) at --bits 16."""
+@pytest.mark.parametrize(
+    "recipe_text, expected",
+    [
+        (SEARCHED, {"norm-diag", "up-down-diag", "vo-hadamard", "online-hadamard32"}),
+        (LEARNED, {"norm-diag-learned", "up-down-diag-learned", "vo-learned", "online-learned32"}),
+    ],
+    ids=["searched", "learned"],
+)
+def test_transforms_preserve_real_logits(built, tmp_path, style, recipe_text, expected):
+    """Every transform that applies to Gemma 3 (forced, online rotations included) at --bits 16:
+    the searched ones, and the learned ones (general V/O and online blocks)."""
     import json
 
     from dfq_onnx.cli import main
@@ -130,13 +143,13 @@ def test_transforms_preserve_real_logits(built, tmp_path, style):
     if not model.is_file():
         pytest.skip(f"the {style} export did not build")
     recipe = tmp_path / "force.toml"
-    recipe.write_text("[method]\nforce_transforms = true\nonline = ['down', 'gate_up']\n")
+    recipe.write_text(recipe_text)
     out = tmp_path / "t.onnx"
     assert main(["optimize", str(model), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--verify", "none", "--quiet"]) == 0
     report = json.loads((tmp_path / "t.report.json").read_text())
     used = {t for site in report["sites"] for t in site["transforms"]}
     # Gemma 3 has q/k norms: no Q/K rotation; everything else applies.
-    assert {"norm-diag", "up-down-diag", "vo-hadamard", "online-hadamard32"} <= used, used
+    assert expected <= used, used
     assert "qk-rope-rotation" not in used
     ids = np.random.default_rng(0).integers(0, 262144, size=(1, 64))
     ref = eval_quality.OrtLM(model).logits(ids)

@@ -53,13 +53,17 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     h = hessian(x, how.config.hessian)
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
     a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.post_normed)
-    best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
     dtype = layer.scale_dtypes[att.qkv or att.q or att.v]
     learned = learned_scaling(list(parts.values()), h, how.at(att.qkv or att.q), a, att.gain_foldable, "norm-diag", layer.post_normed, dtype)
-    if learned is not None:  # kept where the sublayer's sites round better with it
-        trial = _attention_with(layer, att, parts, x, h, *learned, how)
+    if learned is None:
+        best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
+    else:  # kept where the sublayer's sites round better with it; the V/O block is learned once, after
+        best = _attention_with(layer, att, parts, x, h, a, a_tags, how, learn_vo=False)
+        trial = _attention_with(layer, att, parts, x, h, *learned, how, learn_vo=False)
         if how.config.force_transforms or trial.error < best.error:
             best, (a, a_tags) = trial, learned
+        if how.config.learned_vo_steps and "v" in parts:
+            best.sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, a_tags, how, layer.scale_dtypes[att.qkv or att.v]))
     if a is not None:
         result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a
     names = {"q": att.q, "k": att.k, "v": att.v}
@@ -87,8 +91,9 @@ def _v_bias(layer: LayerWeights, att: AttentionGeometry) -> torch.Tensor | None:
     return layer.biases.get(att.v)
 
 
-def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Rounding) -> _Attention:
-    """Everything after the choice of the norm scaling a: Q/K rotations, the V/O pair."""
+def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Rounding, learn_vo: bool = True) -> _Attention:
+    """Everything after the choice of the norm scaling a: Q/K rotations, the V/O pair (its block
+    learned where `learn_vo` and the recipe say so)."""
     names = {"q": att.q, "k": att.k, "v": att.v}
     dtype_of = lambda role: layer.scale_dtypes[att.qkv or names[role]]  # noqa: E731
     sites: dict[str, SiteOutcome] = {}
@@ -101,7 +106,7 @@ def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Ro
         if role in parts:
             sites[role] = round_site(parts[role], h, dtype_of(role), how.at(att.qkv or names[role]), SiteTransform(row=a, col=rot), tags + qk_tags)
     if "v" in parts:
-        sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v")))
+        sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v"), learn_vo))
     return _Attention(sites, sum(o.error for o in sites.values()))
 
 

@@ -18,8 +18,9 @@ import torch
 from ..config import QuantFormat
 from . import grid, rounding
 
-CHECK_EVERY = 10  # steps between checks of the true proxy (a real rounding of every weight)
-STE_COLUMNS = 2048  # columns of a wide weight the straight-through loss sees (the checks see all)
+CHECK_EVERY = 25  # steps between checks of the true proxy (a real rounding of every weight)
+STE_COLUMNS = 512  # columns of a wide weight the straight-through loss sees (the checks see all)
+STE_O_COLUMNS = 128  # columns of O the V/O loss sees: its cost is the pair products over them
 CONDITION_LIMIT = 100.0  # a general invertible block above this condition number is refused
 
 
@@ -130,37 +131,39 @@ def well_conditioned(blocks: torch.Tensor) -> bool:
 def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat, fmt_o: QuantFormat, steps: int, lr: float, dtypes) -> Learned:
     """A general invertible T_g per KV head (V' = V T, O' = T^-1 O for its query heads), from
     `start` [kv, d, d], minimising the pair error E||z W_o - z^ O^||^2 of both rounded by
-    round-to-nearest; `row_scale` is the norm scaling already on V's rows (or None). A T whose
-    condition number passes CONDITION_LIMIT scores infinity: it is never returned."""
+    round-to-nearest; `row_scale` is the norm scaling already on V's rows (or None). The
+    straight-through loss sees STE_O_COLUMNS of O's columns in float32 (the error is a sum over
+    them); the checks see the whole pair in float64. A T whose condition number passes
+    CONDITION_LIMIT scores infinity: it is never returned."""
     v_dtype, o_dtype = dtypes
-    w_v = pair.w_v.to(torch.float32)
-    w_o = pair.w_o.to(torch.float32)
-    k, n = w_v.shape[0], w_o.shape[1]
-    kv, d, group = pair.kv, pair.d, pair.group
+    n = pair.w_o.shape[1]
+    sub = pair if n <= STE_O_COLUMNS else pair.columns(torch.linspace(0, n - 1, STE_O_COLUMNS, device=pair.w_o.device).long(), torch.float32)
     a = None if row_scale is None else row_scale.to(torch.float32).unsqueeze(1)
-    v_rows = w_v if a is None else w_v / a
+    v_rows = pair.w_v.to(torch.float32) if a is None else pair.w_v.to(torch.float32) / a
+    k = v_rows.shape[0]
+    kv, d, group = pair.kv, pair.d, pair.group
     t = start.to(torch.float32).clone().requires_grad_(True)
-    norm = pair.energy or 1.0
+    norm = sub.energy or 1.0
 
-    def rounded(tt: torch.Tensor, quant) -> tuple[torch.Tensor, torch.Tensor]:
+    def rounded(tt: torch.Tensor, w_o: torch.Tensor, quant) -> tuple[torch.Tensor, torch.Tensor]:
+        m = w_o.shape[1]
         v_t = (v_rows.reshape(k, kv, d).transpose(0, 1) @ tt).transpose(0, 1).reshape(k, kv * d)
-        v_back = torch.linalg.solve(tt.transpose(1, 2), quant(v_t, fmt_v, v_dtype).reshape(k, kv, d).transpose(0, 1).transpose(1, 2))
-        v_hat = v_back.transpose(1, 2).transpose(0, 1).reshape(k, kv * d)  # Q(V T) T^-1
+        q_cols = quant(v_t, fmt_v, v_dtype).reshape(k, kv, d).permute(1, 2, 0)  # [kv, d, K]
+        v_hat = torch.linalg.solve(tt.transpose(1, 2), q_cols).permute(2, 0, 1).reshape(k, kv * d)  # Q(V T) T^-1
         v_hat = v_hat if a is None else v_hat * a
         per_head = tt.repeat_interleave(group, 0)  # [heads, d, d]
-        o_t = torch.linalg.solve(per_head, w_o.reshape(-1, d, n)).reshape(-1, n)  # T^-1 O
-        o_hat = (per_head @ quant(o_t, fmt_o, o_dtype).reshape(-1, d, n)).reshape(-1, n)
+        o_t = torch.linalg.solve(per_head, w_o.to(torch.float32).reshape(-1, d, m)).reshape(-1, m)  # T^-1 O
+        o_hat = (per_head @ quant(o_t, fmt_o, o_dtype).reshape(-1, d, m)).reshape(-1, m)
         return v_hat, o_hat
 
     def loss() -> torch.Tensor:
-        v_hat, o_hat = rounded(t, lambda w, fmt, _dtype: ste_fake_quant(w, fmt))
-        return pair.error_tensor(v_hat, o_hat) / norm
+        v_hat, o_hat = rounded(t, sub.w_o, lambda w, fmt, _dtype: ste_fake_quant(w, fmt))
+        return sub.error_tensor(v_hat, o_hat) / norm
 
     def true_error() -> float:
         if not well_conditioned(t):
             return float("inf")
-        v_hat, o_hat = rounded(t.detach(), grid.fake_quant)
-        return pair.error(v_hat, o_hat)
+        return pair.error(*rounded(t.detach(), pair.w_o, grid.fake_quant))
 
     (best,), err, start_err = descend([t], loss, true_error, steps, lr)
     return Learned(best, err, start_err)
@@ -182,7 +185,7 @@ def learn_online(weights: list[torch.Tensor], h, fmt: QuantFormat, start: torch.
 
     def rounded(tt: torch.Tensor, w: torch.Tensor, quant) -> torch.Tensor:
         k, m = w.shape
-        inner = torch.linalg.solve(tt, w.reshape(n, b, m)).reshape(k, m)  # A^-1 W, block by block
+        inner = (torch.linalg.inv(tt) @ w.reshape(n, b, m)).reshape(k, m)  # A^-1 W, block by block (b x b inverses)
         return (tt @ quant(inner).reshape(n, b, m)).reshape(k, m)  # A Q(A^-1 W)
 
     def loss() -> torch.Tensor:

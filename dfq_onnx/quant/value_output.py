@@ -17,7 +17,7 @@ from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
 
 
 def value_output(
-    layer: LayerWeights, att: AttentionGeometry, w_v, bias, x, h, a, tags, how: Rounding, v_dtype
+    layer: LayerWeights, att: AttentionGeometry, w_v, bias, x, h, a, tags, how: Rounding, v_dtype, learn: bool = True
 ) -> dict[str, SiteOutcome]:
     """V and o as one pair: E||z W_o - z^ W_o^||^2, z the attention mix of x V.
 
@@ -59,7 +59,7 @@ def value_output(
             chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
     _, tf_v, tf_o, extra = chosen
     qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype)
-    learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype)
+    learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype) if learn else None
     if learned is not None:  # kept where the pair rounds better with it
         tf_v_l, tf_o_l = learned
         trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype)
@@ -183,17 +183,22 @@ class Pair:
     z W_o - z^ O^ carries b (W_o - O^).
     """
 
-    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int, bias=None):
-        self.x, self.w_v, self.w_o, self.heads, self.d = x, w_v, w_o, heads, d
-        self.bias = torch.zeros(w_v.shape[1], dtype=torch.float64, device=w_v.device) if bias is None else bias.to(torch.float64)
+    def __init__(self, x: stats.Moments, w_v: torch.Tensor, w_o: torch.Tensor, heads: int, d: int, bias=None, dtype=torch.float64):
+        self.x, self.w_v, self.w_o, self.heads, self.d, self.dtype = x, w_v, w_o, heads, d, dtype
+        self.bias = torch.zeros(w_v.shape[1], dtype=dtype, device=w_v.device) if bias is None else bias.to(dtype)
         self.kv = w_v.shape[1] // d
         self.group = heads // self.kv
-        self._cov = x.dense_cov()
-        self._cov_v = self._cov @ w_v.to(torch.float64)  # C V: every cross term reuses it
-        self._w_o = w_o.to(torch.float64)
+        self._cov = x.dense_cov().to(dtype)
+        self._mean = x.mean.to(dtype)
+        self._cov_v = self._cov @ w_v.to(dtype)  # C V: every cross term reuses it
+        self._w_o = w_o.to(dtype)
         self.h_true = self.second(w_v, w_v)
         self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
         self._last: tuple | None = None  # (V^, its E[z^^T z^], E[z^^T z]) for the V^ seen last
+
+    def columns(self, idx: torch.Tensor, dtype) -> "Pair":
+        """The same pair for O's columns `idx` only (the pair error is a sum over them), in `dtype`."""
+        return Pair(self.x, self.w_v, self.w_o[:, idx], self.heads, self.d, self.bias, dtype)
 
     def value_hessian(self) -> torch.Tensor:
         """E over the mix of x^T x: what weighs V's rounding error inside the pair."""
@@ -202,16 +207,16 @@ class Pair:
 
     def second(self, a: torch.Tensor, b: torch.Tensor) -> HeadMoments:
         """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
-        a64 = a.to(torch.float64)
-        cov_b = self._cov_v if b is self.w_v else self._cov @ b.to(torch.float64)
+        a64 = a.to(self.dtype)
+        cov_b = self._cov_v if b is self.w_v else self._cov @ b.to(self.dtype)
         k, kv, d = a64.shape[0], self.kv, self.d
         blocks = a64.reshape(k, kv, d).permute(1, 2, 0) @ cov_b.reshape(k, kv, d).permute(1, 0, 2)  # [kv, d, d]
         per_head = lambda m: m.reshape(kv, d).repeat_interleave(self.group, 0).reshape(-1)  # noqa: E731
-        mean = self.x.mean
+        mean = self._mean
         return HeadMoments(
             stats.ATTENTION_CONCENTRATION * blocks,
             per_head(mean @ a64 + self.bias),
-            per_head(mean @ b.to(torch.float64) + self.bias),
+            per_head(mean @ b.to(self.dtype) + self.bias),
             self.group,
         )
 
@@ -237,12 +242,12 @@ class Pair:
     def error_tensor(self, v_hat: torch.Tensor, o_hat: torch.Tensor) -> torch.Tensor:
         """The pair error as a differentiable tensor (the learners' loss): no caching, no floats."""
         h_hat, cross = self.second(v_hat, v_hat), self.second(v_hat, self.w_v)
-        oh = o_hat.to(torch.float64)
+        oh = o_hat.to(self.dtype)
         return self.energy - 2 * (oh * cross.times(self._w_o)).sum() + (oh * h_hat.times(oh)).sum()
 
     def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
         h_hat, cross = self.moments_of(v_hat)
-        oh = o_hat.to(torch.float64)
+        oh = o_hat.to(self.dtype)
         total = self.energy - 2 * float((oh * cross.times(self._w_o)).sum()) + h_hat.quad(oh, oh)
         return max(total, 0.0)
