@@ -14,7 +14,12 @@ Errors are measured in the original function space with the same statistics: tr(
 linear, E||z W_o - z^ W_o^||^2 for o. A site whose result is not better than round-to-nearest
 keeps round-to-nearest; a transform that does not lower its group's error is dropped.
 
-Where each step lives: site.py (one linear), attention.py (Q/K), value_output.py (V/O), mlp.py.
+4. Learned transforms (learn.py): from the searched ones, Adam through a straight-through round on
+   the same proxy refines the V/O block (by default), the diagonals and the online blocks (recipe
+   knobs); each is kept only where its sites' final rounding is better with it.
+
+Where each step lives: site.py (one linear), attention.py (Q/K), value_output.py (V/O), mlp.py,
+learn.py (the learners).
 """
 
 from __future__ import annotations
