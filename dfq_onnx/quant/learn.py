@@ -139,7 +139,8 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
     n = pair.w_o.shape[1]
     sub = pair if n <= STE_O_COLUMNS else pair.columns(torch.linspace(0, n - 1, STE_O_COLUMNS, device=pair.w_o.device).long(), torch.float32)
     a = None if row_scale is None else row_scale.to(torch.float32).unsqueeze(1)
-    v_rows = pair.w_v.to(torch.float32) if a is None else pair.w_v.to(torch.float32) / a
+    v_rows = pair.w_v.to(torch.float32)
+    v_rows = v_rows if a is None else v_rows / a
     k = v_rows.shape[0]
     kv, d, group = pair.kv, pair.d, pair.group
     t = start.to(torch.float32).clone().requires_grad_(True)

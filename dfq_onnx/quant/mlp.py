@@ -88,7 +88,10 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     ):
         if where in how.config.online:
             rows = SiteTransform(row=scaling)
-            learn_from = ([rows.forward(w) for w in group], rows.hessian(hh), dtype)
+
+            def learn_from(rows=rows, group=group, hh=hh, dtype=dtype):  # scaled copies only when learning
+                return [rows.forward(w) for w in group], rows.hessian(hh), dtype
+
             try_online(outcomes, make, k, device, how, result.online, learn_from)
     if a is not None:
         result.gains[mlp.gain] = layer.gain(mlp.gain).to(torch.float32) * a

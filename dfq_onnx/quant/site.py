@@ -257,7 +257,7 @@ def learned_scaling(weights, h, how: Rounding, start, foldable: bool, label: str
 
 def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Rounding, online: dict[str, torch.Tensor], learn_from=None) -> None:
     """Replace the sites `make` rounds by their rotated versions when the rotation pays (in place);
-    the rotation of each replaced site goes into `online`. `learn_from` = (weights as the rotation
+    the rotation of each replaced site goes into `online`. `learn_from()` -> (weights as the rotation
     sees them, their H, the activation dtype) lets a learned general block start from the rotation."""
     config = how.config
     b = transforms.online_block_size(k, config.online_block)
@@ -266,7 +266,7 @@ def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Roun
     t = how.block(b, device)
     rotated = make(t, f"online-{how.config.rotation.value}{b}")
     if learn_from is not None and config.learned_online_steps > 0:
-        weights, h, dtype = learn_from
+        weights, h, dtype = learn_from()
         start = t.expand(k // b, b, b)
         found = learn.learn_online(weights, h, how.fmt, start, config.learned_online_steps, config.learned_online_lr, dtype)
         if found.moved or config.force_transforms:

@@ -17,7 +17,7 @@ from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
 
 
 def value_output(
-    layer: LayerWeights, att: AttentionGeometry, w_v, bias, x, h, a, tags, how: Rounding, v_dtype, learn: bool = True
+    layer: LayerWeights, att: AttentionGeometry, w_v, bias, x, h, a, tags, how: Rounding, v_dtype, learn_vo: bool = True
 ) -> dict[str, SiteOutcome]:
     """V and o as one pair: E||z W_o - z^ W_o^||^2, z the attention mix of x V.
 
@@ -59,7 +59,7 @@ def value_output(
             chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
     _, tf_v, tf_o, extra = chosen
     qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype)
-    learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype) if learn else None
+    learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype) if learn_vo else None
     if learned is not None:  # kept where the pair rounds better with it
         tf_v_l, tf_o_l = learned
         trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype)
