@@ -159,3 +159,19 @@ def test_learned_online_blocks_beat_the_hadamard(fmt):
     tf = SiteTransform(online=found.value)
     true = sum(rounding.weighted_error(w, tf.backward(grid.fake_quant(tf.forward(w), fmt, torch.float16)), h) for w in ws)
     assert true == pytest.approx(found.error, rel=1e-4)
+
+
+def test_default_run_learns_the_vo_block_and_nothing_else(tiny, tmp_path):
+    """The README's default: the V/O block is learned (kept where the pair rounds better), the
+    diagonals and online blocks are the searched ones. The tiny Gemma 2 from the exporter's defaults."""
+    import json
+
+    from dfq_onnx.cli import main
+
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--bits", "3", "--quiet", "--verify", "none"]) == 0
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    used = {t for site in report["sites"] for t in site["transforms"]}
+    assert "vo-learned" in used, used
+    assert not {"norm-diag-learned", "up-down-diag-learned"} & used, used
+    assert not any(t.startswith("online-learned") for t in used), used
