@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from ..config import QuantFormat
-from . import grid, scales
+from . import grid, kernels, scales
 
 LAZY_ROWS = 128
 
@@ -56,10 +57,13 @@ def gptq(
     scale_dtype: torch.dtype = torch.float32,
     search_scales: bool = True,
     damp: float = 0.01,
+    compiled: bool | None = None,
 ) -> grid.Quantized:
-    """Quantize W[K, N] minimising tr(D^T H D); H is [K, K] (symmetric PSD) or a LowRank."""
+    """Quantize W[K, N] minimising tr(D^T H D); H is [K, K] (symmetric PSD) or a LowRank.
+    `compiled`: the row loops compiled (kernels.py; default on the CPU) or as torch ops (elsewhere)."""
+    compiled = w.device.type == "cpu" if compiled is None else compiled
     if isinstance(h, LowRank):
-        return _gptq_low_rank(w, h, fmt, scale_dtype, search_scales, damp)
+        return _gptq_low_rank(w, h, fmt, scale_dtype, search_scales, damp, compiled)
     k, n = w.shape
     bs = fmt.block_size
     kb = -(-k // bs)
@@ -81,6 +85,17 @@ def gptq(
     zero_code = 1 << (fmt.container_bits - 1)
 
     lazy = max(LAZY_ROWS, bs)  # a multiple of the block size: a block never spans two chunks
+    if compiled:
+        for i1 in range(0, kp, lazy):
+            i2 = min(i1 + lazy, kp)
+            rows = slice(i1, i2)
+            out = _Compiled(fmt, scale_dtype, search_scales, n, i2 - i1)
+            errors = wt[:, rows].contiguous()
+            kernels.gptq_chunk(errors.numpy(), hinv[rows, rows].contiguous().numpy(), importance[rows].contiguous().numpy(),
+                               *out.settings, out.codes, out.scales, out.zeros, errors.numpy())  # fmt: skip
+            out.write(codes[:, rows], scale_out[:, i1 // bs : i2 // bs], None if zp_out is None else zp_out[:, i1 // bs : i2 // bs])
+            wt[:, i2:].addmm_(errors, hinv[rows, i2:], alpha=-1.0)
+        return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
     for i1 in range(0, kp, lazy):
         i2 = min(i1 + lazy, kp)
         block_w = wt[:, i1:i2].clone()
@@ -105,7 +120,7 @@ def gptq(
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 
 
-def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp) -> grid.Quantized:
+def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compiled=False) -> grid.Quantized:
     """GPTQ for H = diag(d) + u u^T, exactly, without forming H.
 
     Rounding row i with error e_i changes each later row j by (u_j / d_j) * e_i u_i / (1 + s_{i+1}),
@@ -136,6 +151,12 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp) -> grid
     centre_code = float(1 << (fmt.container_bits - 1))
     grid_centre = float(1 << (fmt.bits - 1))
     qmax = grid.grid_max(fmt.bits)
+    if compiled:
+        out = _Compiled(fmt, scale_dtype, search_scales, n, kp)
+        kernels.gptq_low_rank(wt.t().contiguous().numpy(), ratio.numpy(), coef.numpy(), importance.numpy(),
+                              *out.settings, out.codes, out.scales, out.zeros)  # fmt: skip
+        out.write(codes, scale_out, zp_out)
+        return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
     for b in range(kb):
         rows = slice(b * bs, (b + 1) * bs)
         current = wt[rows] + ratio[rows].unsqueeze(1) * acc  # [bs, N] as the group starts
@@ -154,6 +175,32 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp) -> grid
             err = x - (q - zero) * s
             acc += err * coef[i]
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
+
+
+class _Compiled:
+    """The compiled loops' settings for one format and their output arrays (scales and zero points
+    per block, codes per row), copied into the Quantized tensors by `write`."""
+
+    def __init__(self, fmt: QuantFormat, scale_dtype: torch.dtype, search_scales: bool, n: int, rows: int):
+        if scale_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"scales of dtype {scale_dtype} are not supported: use float32 or float16")
+        offset = (1 << (fmt.container_bits - 1)) - (1 << (fmt.bits - 1)) if fmt.symmetric else 0
+        ratios = lambda r: np.asarray(r, dtype=np.float32)  # noqa: E731  (as scales.py holds them)
+        self.settings = (
+            fmt.block_size, np.float32(grid.grid_max(fmt.bits)), fmt.symmetric, np.float32(offset), scale_dtype == torch.float16,
+            search_scales, ratios(scales.SYMMETRIC_RATIOS), ratios(scales.ASYMMETRIC_RATIOS), scales.REFINE_STEPS,
+        )  # fmt: skip
+        blocks = rows // fmt.block_size
+        self.codes = np.empty((n, rows), dtype=np.uint8)
+        self.scales = np.empty((n, blocks), dtype=np.float32)
+        self.zeros = np.empty((n, blocks), dtype=np.float32)
+        self.symmetric = fmt.symmetric
+
+    def write(self, codes: torch.Tensor, scale_out: torch.Tensor, zp_out: torch.Tensor | None) -> None:
+        codes.copy_(torch.from_numpy(self.codes))
+        scale_out.copy_(torch.from_numpy(self.scales))
+        if zp_out is not None:
+            zp_out.copy_(torch.from_numpy(self.zeros).to(torch.uint8))
 
 
 def _group_params(group, importance, fmt, scale_dtype, search_scales):
