@@ -140,6 +140,10 @@ class MethodConfig:
     learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
     learned_online_lr: float = 0.001
 
+    def fast(self) -> "MethodConfig":
+        """The --fast trade: every transform searched, none learned (BENCHMARKS.md measures what it costs)."""
+        return dataclasses.replace(self, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0)
+
 
 # Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
@@ -227,6 +231,8 @@ class Recipe:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
+        if top.pop("fast", False):
+            method = method.fast()
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method

@@ -66,6 +66,7 @@ _OVERRIDE_TYPES: dict[str, tuple[Any, str]] = {
     "accuracy_level": (Optional[int], "MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU)"),
     "exclude": (Optional[list[str]], "linears kept in float: node names or roles"),
     "seed": (Optional[int], "seed of random rotations (recipe random-rotation): the same seed gives the same bytes"),
+    "fast": (Optional[bool], "True: every transform searched, none learned (about half the time, a few percent of KL)"),
 }
 
 

@@ -175,3 +175,25 @@ def test_default_run_learns_the_vo_block_and_nothing_else(tiny, tmp_path):
     assert "vo-learned" in used, used
     assert not {"norm-diag-learned", "up-down-diag-learned"} & used, used
     assert not any(t.startswith("online-learned") for t in used), used
+
+
+def test_fast_learns_nothing_and_writes_the_searched_transforms(tiny, tmp_path):
+    """--fast turns every learner off: no learned tag, and the bytes of the default recipe with its
+    learned V/O block off (the searched transforms, GPTQ and the scale search all still run)."""
+    import json
+
+    from dfq_onnx.cli import main
+
+    model = tiny("dynamo")
+    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
+    recipe = tmp_path / "no-learning.toml"
+    recipe.write_text('[recipe]\nname = "no-learning"\n[quant]\nbits = 3\nblock_size = 32\nsymmetric = false\n'
+                      '[method]\nname = "cafeq"\nlearned_vo_steps = 0\n')  # fmt: skip
+    common = ["--quiet", "--verify", "none"]
+    assert main(["optimize", str(model), "-o", str(fast), "--bits", "3", "--asymmetric", "--fast", *common]) == 0
+    assert main(["optimize", str(model), "-o", str(plain), "--recipe", str(recipe), *common]) == 0
+    report = json.loads((tmp_path / "fast.report.json").read_text())
+    used = {t for site in report["sites"] for t in site["transforms"]}
+    assert not any("learned" in t for t in used), used
+    assert {"gptq", "scale-search", "vo-pair"} <= used, used
+    assert (tmp_path / "fast.onnx.data").read_bytes() == (tmp_path / "plain.onnx.data").read_bytes()

@@ -8,6 +8,7 @@ windows of real text (tools/eval_quality.py): perplexity, KL to the fp32 model, 
 
     python tools/compare_peers.py --windows 16            # regenerates the table in BENCHMARKS.md
     python tools/compare_peers.py --model smollm2         # the same on SmolLM2-135M, its own section
+    python tools/compare_peers.py --before 134bad2        # also the method as it was at that commit, side by side
 
 Peers (onnxruntime.quantization.matmul_nbits_quantizer): DEFAULT (round-to-nearest, symmetric and
 asymmetric), HQQ (asymmetric, float zero points) and k_quant (asymmetric, 4-bit only). None of them
@@ -72,20 +73,34 @@ class Job:
     tool: str  # "ort" or "dfq"
     method: str  # ORT: default / hqq / kquant; dfq: rtn / cafeq
     symmetric: bool
+    before: str = ""  # dfq: a git revision whose code runs instead of the checkout's (see --before)
+    fast: bool = False  # dfq: with --fast
 
     @property
     def name(self) -> str:
         who = {"ort": "ORT", "dfq": "dfq-onnx"}[self.tool]
         kind = "" if self.method in ("hqq", "kquant") else (" sym" if self.symmetric else " asym")
-        return f"{who} {self.method.upper() if self.tool == 'ort' else self.method}{kind}"
+        at = f" (at {self.before})" if self.before else (" --fast" if self.fast else "")
+        return f"{who} {self.method.upper() if self.tool == 'ort' else self.method}{kind}{at}"
 
     @property
     def stem(self) -> str:
         s = self.setting
-        return f"{self.tool}-{self.method}-{'sym' if self.symmetric else 'asym'}-{s.bits}b-g{s.block}"
+        at = f"-{self.before}" if self.before else ("-fast" if self.fast else "")
+        return f"{self.tool}-{self.method}{at}-{'sym' if self.symmetric else 'asym'}-{s.bits}b-g{s.block}"
 
 
-def jobs_for(setting: Setting) -> list[Job]:
+def checkout_of(rev: str, work: Path) -> Path:
+    """The project's code at `rev` in a worktree under `work`, importable as it stands: the passes/
+    folder that setuptools maps to dfq_onnx.passes is linked where a plain import finds it."""
+    tree = work / f"at-{rev}"
+    if not tree.is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True)
+        (tree / "dfq_onnx" / "passes").symlink_to(tree / "passes", target_is_directory=True)
+    return tree
+
+
+def jobs_for(setting: Setting, before: str = "", fast: bool = False) -> list[Job]:
     jobs: list[Job] = []
     if setting.bits in (2, 4, 8):  # ORT writes 2, 4 and 8 bits; peers never 3
         jobs += [Job(setting, "ort", "default", True), Job(setting, "ort", "default", False)]
@@ -93,6 +108,10 @@ def jobs_for(setting: Setting) -> list[Job]:
         if setting.bits == 4:  # k_quant's node config is fixed at 4 bits
             jobs.append(Job(setting, "ort", "kquant", False))
     jobs += [Job(setting, "dfq", "rtn", setting.symmetric), Job(setting, "dfq", "cafeq", setting.symmetric)]
+    if fast:
+        jobs.append(Job(setting, "dfq", "cafeq", setting.symmetric, fast=True))
+    if before:
+        jobs.append(Job(setting, "dfq", "cafeq", setting.symmetric, before))
     return jobs
 
 
@@ -117,11 +136,11 @@ quant.model.save_model_to_file(out, True)
 """
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float | None, str]:
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float | None, str]:
     """Run one quantizer in its own process: (wall seconds, peak RSS in MiB, error or '')."""
     timer = ["/usr/bin/time", "-f", "MAXRSS_KB=%M"] if Path("/usr/bin/time").exists() else []
     t0 = time.perf_counter()
-    proc = subprocess.run(timer + cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(timer + cmd, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
     match = re.search(r"MAXRSS_KB=(\d+)", proc.stderr)
     rss = int(match.group(1)) / 1024 if match else None
@@ -138,6 +157,10 @@ def quantize(job: Job, model: Path, out_dir: Path, lm_head: str, head_policy: st
     """`lm_head` is its node, excluded from ORT's quantizers when `head_policy` keeps it in float."""
     out = out_dir / f"{job.stem}.onnx"
     s = job.setting
+    env = cwd = None
+    if job.before:  # the code of that revision first on the path (run from there: '' comes first), in its own process
+        cwd = checkout_of(job.before, out_dir)
+        env = {**os.environ, "PYTHONPATH": str(cwd)}
     if job.tool == "ort":
         exclude = lm_head if head_policy == "keep" else ""
         cmd = [sys.executable, "-c", ORT_SCRIPT, str(model), str(out), job.method, str(s.bits), str(s.block), "1" if job.symmetric else "0", exclude]
@@ -145,7 +168,8 @@ def quantize(job: Job, model: Path, out_dir: Path, lm_head: str, head_policy: st
         cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", str(s.bits),
                "--block-size", str(s.block), "--symmetric" if job.symmetric else "--asymmetric",
                "--method", job.method, "--lm-head", head_policy, "--verify", "none", "--quiet"]  # fmt: skip
-    wall, rss, error = run_measured(cmd)
+        cmd += ["--fast"] if job.fast else []
+    wall, rss, error = run_measured(cmd, env, cwd)
     return {"job": job, "path": str(out), "seconds": wall, "peak_rss_mib": rss, "error": error}
 
 
@@ -207,7 +231,7 @@ def render_proxy(rows: list[dict], meta: dict) -> str:
     reports = []
     for r in rows:
         job = r["job"]
-        if job.tool == "dfq" and job.method == "cafeq" and not r["error"]:
+        if job.tool == "dfq" and job.method == "cafeq" and not job.before and not job.fast and not r["error"]:
             path = Path(r["path"]).with_name(Path(r["path"]).stem + ".report.json")
             if path.exists():
                 reports.append((job.setting, json.loads(path.read_text()), r["seconds"]))
@@ -254,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="directory for the quantized models (default: a temporary one)")
     parser.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose table is replaced")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--before", default="", metavar="REV",
+                        help="also run the method as it was at this git revision (a worktree in --work), side by side")
+    parser.add_argument("--fast", action="store_true", help="also run the method with --fast")
     parser.add_argument("--lm-head", default="keep", choices=["keep", "int8", "int4"],
                         help="keep the lm_head in float (every quantizer), or quantize it: ORT's quantizers at the "
                         "setting's bits (they do not exclude it), dfq-onnx with --lm-head (default: keep)")
@@ -261,21 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = realmodel.spec(args.model)
     reference, tokenizer = eval_quality.model_paths(args.model)
-    model = Path(args.onnx) if args.onnx else reference
+    model = Path(args.onnx).resolve() if args.onnx else reference
     if not model.is_file():
         print(f"error: {model} not found; build it with python {realmodel.script(args.model)}", file=sys.stderr)
         return 2
     settings = SETTINGS
     if args.settings:
         settings = [Setting(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.settings.split(","))]
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="compare_peers_", dir=REPO / "models"))
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="compare_peers_", dir=REPO / "models"))
     work.mkdir(parents=True, exist_ok=True)
     lm_head = lm_head_node(model)
     text = eval_quality.load_text()
     rows, reference = [], None
     for setting in settings:
         batch = []
-        for job in jobs_for(setting):
+        for job in jobs_for(setting, args.before, args.fast):
             print(f"[{setting.label}] quantizing with {job.name} ...", file=sys.stderr, flush=True)
             batch.append(quantize(job, model, work, lm_head, args.lm_head))
         print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
@@ -284,10 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in batch:  # keep the disk small: a setting's models are not needed once evaluated
             for p in Path(r["path"]).parent.glob(Path(r["path"]).name + "*"):
                 p.unlink()
+    if args.before:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout_of(args.before, work))], capture_output=True)
     options = [f"--model {args.model}"] if args.model != realmodel.DEFAULT_MODEL else []
     options += [f"--windows {args.windows}"] if args.windows != 16 else []
     options += [f"--settings {args.settings}"] if args.settings else []
     options += [f"--lm-head {args.lm_head}"] if args.lm_head != "keep" else []
+    options += ["--fast"] if args.fast else []
+    options += [f"--before {args.before}"] if args.before else []
     kind = "compare_peers" if args.lm_head == "keep" else f"compare_peers_lm_head_{args.lm_head}"
     meta = {
         "name": args.model,

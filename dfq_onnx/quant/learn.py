@@ -152,9 +152,8 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
         q_cols = quant(v_t, fmt_v, v_dtype).reshape(k, kv, d).permute(1, 2, 0)  # [kv, d, K]
         v_hat = torch.linalg.solve(tt.transpose(1, 2), q_cols).permute(2, 0, 1).reshape(k, kv * d)  # Q(V T) T^-1
         v_hat = v_hat if a is None else v_hat * a
-        per_head = tt.repeat_interleave(group, 0)  # [heads, d, d]
-        o_t = torch.linalg.solve(per_head, w_o.to(torch.float32).reshape(-1, d, m)).reshape(-1, m)  # T^-1 O
-        o_hat = (per_head @ quant(o_t, fmt_o, o_dtype).reshape(-1, d, m)).reshape(-1, m)
+        o_t = _per_group(torch.linalg.solve, tt, w_o.to(torch.float32), group)  # T^-1 O: one solve per KV head
+        o_hat = _per_group(torch.matmul, tt, quant(o_t, fmt_o, o_dtype), group)
         return v_hat, o_hat
 
     def loss() -> torch.Tensor:
@@ -168,6 +167,15 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
 
     (best,), err, start_err = descend([t], loss, true_error, steps, lr)
     return Learned(best, err, start_err)
+
+
+def _per_group(op, t: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """op(T_g, O rows of the query heads of KV head g) for O[heads * d, M], with the heads of one
+    group side by side as columns: one factorisation per KV head, not one per query head."""
+    kv, d, _ = t.shape
+    m = w.shape[1]
+    cols = w.reshape(kv, group, d, m).transpose(1, 2).reshape(kv, d, group * m)
+    return op(t, cols).reshape(kv, d, group, m).transpose(1, 2).reshape(-1, m)
 
 
 # ----------------------------------------------------------------------------- online blocks

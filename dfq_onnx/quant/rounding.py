@@ -76,7 +76,7 @@ def gptq(
     dead = diag <= 0
     hp[dead, dead] = 1.0
     hp += damp * float(diag[~dead].mean() if (~dead).any() else 1.0) * torch.eye(kp, dtype=torch.float64, device=w.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).to(torch.float32)
+    hinv = inverse_cholesky(hp).to(torch.float32)
     importance = torch.diagonal(hp).to(torch.float32)
 
     codes = torch.zeros(n, kp, dtype=torch.uint8, device=w.device)
@@ -118,6 +118,14 @@ def gptq(
             errors[:, col] = err
         wt[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1.0)  # in place: no [N, K] temporary per chunk
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
+
+
+def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with U^T U = H^-1 (GPTQ's feedback factor) from one Cholesky and one
+    triangular inverse: with J the reversal, J H J = R R^T gives H^-1 = (J R^-1 J)^T (J R^-1 J)."""
+    r = torch.linalg.cholesky(h.flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(r, eye, upper=False).flip(0, 1)
 
 
 def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compiled=False) -> grid.Quantized:
