@@ -197,3 +197,35 @@ def test_fast_learns_nothing_and_writes_the_searched_transforms(tiny, tmp_path):
     assert not any("learned" in t for t in used), used
     assert {"gptq", "scale-search", "vo-pair"} <= used, used
     assert (tmp_path / "fast.onnx.data").read_bytes() == (tmp_path / "plain.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "value-bias"])
+def test_pair_loss_gradient_is_autograds(with_bias):
+    """The V/O learner's loss has its gradient written out (quant/pair_loss.py): its value equals
+    the pair error and its gradient the one autograd takes through the moments (GQA: 3 query heads
+    per KV head, a value bias shifting z's mean), to float64 round-off."""
+    from dfq_onnx.quant import stats
+    from dfq_onnx.quant.value_output import Pair
+
+    g = torch.Generator().manual_seed(4)
+    k, kv, d, heads, m = 48, 2, 8, 6, 5
+    a = torch.randn(k, k, generator=g, dtype=torch.float64)
+    x = stats.Moments(torch.randn(k, generator=g, dtype=torch.float64), a @ a.T / k)
+    w_v = torch.randn(k, kv * d, generator=g, dtype=torch.float64)
+    w_o = torch.randn(heads * d, m, generator=g, dtype=torch.float64)
+    bias = torch.randn(kv * d, generator=g, dtype=torch.float64) if with_bias else None
+    pair = Pair(x, w_v, w_o, heads, d, bias)
+
+    def by_moments(v, o):
+        h_hat, cross = pair.second(v, v), pair.second(v, pair.w_v)
+        return pair.energy - 2 * (o * cross.times(pair._w_o)).sum() + (o * h_hat.times(o)).sum()
+
+    v = (w_v + 0.1 * torch.randn(w_v.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    o = (w_o + 0.1 * torch.randn(w_o.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    want = by_moments(v, o)
+    got = pair.error_tensor(v, o)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    assert float(got) == pytest.approx(pair.error(v.detach(), o.detach()), rel=1e-12)
+    for w, h in zip(torch.autograd.grad(want, (v, o)), torch.autograd.grad(got, (v, o))):
+        assert torch.allclose(w, h, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+    assert torch.autograd.gradcheck(pair.error_tensor, (v, o))

@@ -147,12 +147,12 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
     norm = sub.energy or 1.0
 
     def rounded(tt: torch.Tensor, w_o: torch.Tensor, quant) -> tuple[torch.Tensor, torch.Tensor]:
-        m = w_o.shape[1]
-        v_t = (v_rows.reshape(k, kv, d).transpose(0, 1) @ tt).transpose(0, 1).reshape(k, kv * d)
-        q_cols = quant(v_t, fmt_v, v_dtype).reshape(k, kv, d).permute(1, 2, 0)  # [kv, d, K]
-        v_hat = torch.linalg.solve(tt.transpose(1, 2), q_cols).permute(2, 0, 1).reshape(k, kv * d)  # Q(V T) T^-1
+        by_group = lambda x: x.reshape(k, kv, d).transpose(0, 1)  # noqa: E731  [K, kv d] -> [kv, K, d]
+        back = lambda x: x.transpose(0, 1).reshape(k, kv * d)  # noqa: E731
+        t_inv = torch.linalg.inv(tt)  # well conditioned (CONDITION_LIMIT): one d x d inverse per KV head
+        v_hat = back(by_group(quant(back(by_group(v_rows) @ tt), fmt_v, v_dtype)) @ t_inv)  # Q(V T) T^-1
         v_hat = v_hat if a is None else v_hat * a
-        o_t = _per_group(torch.linalg.solve, tt, w_o.to(torch.float32), group)  # T^-1 O: one solve per KV head
+        o_t = _per_group(torch.matmul, t_inv, w_o.to(torch.float32), group)  # T^-1 O
         o_hat = _per_group(torch.matmul, tt, quant(o_t, fmt_o, o_dtype), group)
         return v_hat, o_hat
 

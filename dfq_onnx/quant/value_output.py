@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from . import grid, learn, rounding, stats, transforms
+from . import grid, learn, pair_loss, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerWeights
 from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
 
@@ -240,10 +240,8 @@ class Pair:
         return torch.cat(cols, dim=1).float()
 
     def error_tensor(self, v_hat: torch.Tensor, o_hat: torch.Tensor) -> torch.Tensor:
-        """The pair error as a differentiable tensor (the learners' loss): no caching, no floats."""
-        h_hat, cross = self.second(v_hat, v_hat), self.second(v_hat, self.w_v)
-        oh = o_hat.to(self.dtype)
-        return self.energy - 2 * (oh * cross.times(self._w_o)).sum() + (oh * h_hat.times(oh)).sum()
+        """The pair error as a differentiable tensor (the learners' loss), its gradient written out."""
+        return pair_loss.PairLoss.apply(v_hat, o_hat, self)
 
     def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
