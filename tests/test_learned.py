@@ -127,7 +127,7 @@ def test_recipe_rejects_bad_learning_knobs(key, value):
 
 def test_general_online_blocks_are_exact_and_their_hessian_measures_the_same_error():
     """x' = x blockdiag(A_0, A_1, ...) with distinct general blocks, W' = A^-1 W: the same product, and
-    the Hessian A^T H A gives the same weighted error (dense form, K within ONLINE_DENSE_LIMIT)."""
+    the Hessian A^T H A gives the same weighted error (its blocks + mean-direction form)."""
     g = torch.Generator().manual_seed(2)
     k, b = 128, 32
     blocks = torch.eye(b) + 0.3 * torch.randn(k // b, b, b, generator=g)

@@ -241,23 +241,22 @@ def test_statistics_match_monte_carlo():
     assert torch.allclose(u.variances(), sampled.var(0), rtol=0.05, atol=1e-3)
 
 
-@pytest.mark.parametrize("k", [256, site.ONLINE_DENSE_LIMIT + 64])
+@pytest.mark.parametrize("k", [256, 4160])
 def test_online_rotation_is_exact_and_its_hessian_measures_the_same_error(k):
-    """x' = x blockdiag(T), W' = T^T W: same product; the rotated H gives the same weighted error
-    (exactly for the dense form; for the large-K form whenever the variances are constant per block)."""
+    """x' = x blockdiag(T), W' = T^T W: same product; the rotated H (blocks + the mean direction,
+    never a K x K matrix) gives the same weighted error, at any K and any per-row scaling."""
     t = transforms.hadamard(64)
     w = planted(k, 48)
     x = torch.randn(7, k)
-    dense = k <= site.ONLINE_DENSE_LIMIT
-    row = torch.rand(k) + 0.5 if dense else torch.full((k,), 0.7)  # (large K: a per-row scaling breaks "constant per block")
+    row = torch.rand(k) + 0.5
     tf = SiteTransform(row=row, online=t)
     x_rot = transforms.block_rotate((x * row).t(), t.t()).t()  # x diag(a) blockdiag(T)
     assert torch.allclose(x_rot @ tf.forward(w), x @ w, atol=1e-4)
     g = torch.Generator().manual_seed(5)
-    per_block = torch.rand(k // 64, generator=g).repeat_interleave(64) + 0.5
-    h = rounding.LowRank(per_block if not dense else torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g))
+    h = rounding.LowRank(torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g))
     d_rot = torch.randn(k, 48, generator=g)
     want = rounding.weighted_error(tf.backward(d_rot), None, h)
+    assert isinstance(tf.hessian(h), rounding.BlockLowRank)
     assert rounding.weighted_error(d_rot, None, tf.hessian(h)) == pytest.approx(want, rel=1e-4)
 
 

@@ -244,3 +244,40 @@ def gptq_low_rank(w_cols, ratio, coef, importance, bs, qmax, symmetric, code_off
                 q = _round_clamped(F32(x * inv + zero), qmax)
                 codes[c, i] = np.uint8(q + code_offset)
                 acc += F32(F32(x - F32((q - zero) * s)) * coef[i])
+
+
+@njit(cache=True, parallel=True)
+def gptq_block_low_rank(w_cols, z, feedback, g, importance, b, bs, qmax, symmetric, code_offset, half_dtype, search,
+                        sym_ratios, asym_ratios, refine, codes, scales, zeros):  # fmt: skip
+    """GPTQ for H = blockdiag(B_0, B_1, ...) + u u^T (b x b blocks; rounding.BlockLowRank): inside a
+    block row p's error moves the later rows j of the block by feedback[block, p, j]; across blocks
+    every row j is read as w_j + z_j * acc and row i's error moves acc by -err * g_i."""
+    n, k = w_cols.shape
+    for c in prange(n):
+        col = w_cols[c]
+        acc = F32(0.0)
+        cur = np.empty(b, dtype=np.float32)
+        group = np.empty(bs, dtype=np.float32)
+        s = F32(0.0)
+        zero = F32(0.0)
+        for blk in range(k // b):
+            r0 = blk * b
+            for j in range(b):
+                cur[j] = col[r0 + j] + F32(z[r0 + j] * acc)
+            for p in range(b):
+                i = r0 + p
+                if i % bs == 0:  # the group's rows as they stand now: this block's, then later ones
+                    for t in range(bs):
+                        group[t] = cur[p + t] if p + t < b else col[i + t] + F32(z[i + t] * acc)
+                    s, zero = _block_params(group, importance[i : i + bs], qmax, symmetric, half_dtype, search,
+                                            sym_ratios, asym_ratios, refine)  # fmt: skip
+                    scales[c, i // bs] = s
+                    zeros[c, i // bs] = zero
+                inv = _inverse(s)
+                x = cur[p]
+                q = _round_clamped(F32(x * inv + zero), qmax)
+                codes[c, i] = np.uint8(q + code_offset)
+                err = F32(x - F32((q - zero) * s))
+                for j in range(p + 1, b):
+                    cur[j] -= F32(err * feedback[blk, p, j])
+                acc -= F32(err * g[i])

@@ -46,8 +46,24 @@ class LowRank:
         return cls(torch.ones(k, device=device), torch.zeros(k, device=device))
 
 
+@dataclasses.dataclass
+class BlockLowRank:
+    """H = blockdiag(B_0, B_1, ...) + u u^T with b x b blocks: the statistics of a LowRank seen
+    through an online block transform (T^T (diag(d) + u u^T) T). GPTQ under it needs no K x K
+    matrix: inside a block the error feedback is dense, across blocks it runs along one direction."""
+
+    blocks: torch.Tensor  # [K/b, b, b]
+    vec: torch.Tensor  # [K]
+
+    def diagonal(self) -> torch.Tensor:
+        return self.blocks.diagonal(dim1=1, dim2=2).reshape(-1) + self.vec * self.vec
+
+    def dense(self) -> torch.Tensor:
+        return torch.block_diag(*self.blocks) + torch.outer(self.vec, self.vec)
+
+
 def hessian_diagonal(h) -> torch.Tensor:
-    return h.diagonal() if isinstance(h, LowRank) else torch.diagonal(h)
+    return h.diagonal() if isinstance(h, (LowRank, BlockLowRank)) else torch.diagonal(h)
 
 
 def gptq(
@@ -64,6 +80,10 @@ def gptq(
     compiled = w.device.type == "cpu" if compiled is None else compiled
     if isinstance(h, LowRank):
         return _gptq_low_rank(w, h, fmt, scale_dtype, search_scales, damp, compiled)
+    if isinstance(h, BlockLowRank):
+        if compiled and w.shape[0] % fmt.block_size == 0:
+            return _gptq_block_low_rank(w, h, fmt, scale_dtype, search_scales, damp)
+        h = h.dense()
     k, n = w.shape
     bs = fmt.block_size
     kb = -(-k // bs)
@@ -185,6 +205,47 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compile
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 
 
+def _gptq_block_low_rank(w, h: BlockLowRank, fmt, scale_dtype, search_scales, damp) -> grid.Quantized:
+    """GPTQ for H = blockdiag(B) + u u^T (kernels.gptq_block_low_rank): the dense path's rounding, from
+    b x b factorisations instead of a K x K one.
+
+    GPTQ moves later rows by rows of U, the upper Cholesky factor of H^-1, whose part from block k on
+    is that of (H_{>=k})^-1 (the trailing H). By Sherman-Morrison its block-k rows are
+    [M_k, -z_k z_later^T / (1 + tau_k)] with z = B^-1 u, tau_k = sum over blocks l >= k of u_l . z_l and
+    M_k = B_k^-1 - z_k z_k^T / (1 + tau_k): so U_kk = chol(M_k) (the feedback inside the block) and
+    U_k,later = -(U_kk^-T z_k) z_later^T / (1 + tau_k) (one direction z across blocks)."""
+    k, n = w.shape
+    bs = fmt.block_size
+    nb, b, _ = h.blocks.shape
+    blocks = h.blocks.to(torch.float64).clone()
+    u = h.vec.to(torch.float64).reshape(nb, b)
+    diag = h.diagonal().to(torch.float64)
+    live = diag > 0
+    blocks.diagonal(dim1=1, dim2=2)[~live.reshape(nb, b)] = 1.0  # as the dense path: a dead row weighs 1
+    blocks.diagonal(dim1=1, dim2=2).add_(damp * float(diag[live].mean() if bool(live.any()) else 1.0))
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+    z = (inv @ u.unsqueeze(-1))[..., 0]  # B^-1 u per block
+    tau = torch.flip(torch.cumsum(torch.flip((u * z).sum(1), [0]), 0), [0])  # blocks l >= k
+    m = inv - z.unsqueeze(2) * z.unsqueeze(1) / (1.0 + tau).view(nb, 1, 1)
+    upper = torch.linalg.cholesky(m, upper=True)
+    pivots = upper.diagonal(dim1=1, dim2=2)
+    feedback = upper / pivots.unsqueeze(2)
+    across = -torch.linalg.solve_triangular(upper.transpose(1, 2), z.unsqueeze(-1), upper=False)[..., 0] / (1.0 + tau).unsqueeze(1)
+    g = across / pivots
+    importance = (blocks.diagonal(dim1=1, dim2=2).reshape(-1) + h.vec.to(torch.float64) ** 2).to(torch.float32)
+    out = _Compiled(fmt, scale_dtype, search_scales, n, k)
+    kernels.gptq_block_low_rank(
+        w.t().to(torch.float32).contiguous().numpy(), z.reshape(-1).to(torch.float32).numpy(), feedback.to(torch.float32).numpy(),
+        g.reshape(-1).to(torch.float32).numpy(), importance.numpy(), b, *out.settings, out.codes, out.scales, out.zeros,
+    )  # fmt: skip
+    kb = k // bs
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scale_out = torch.empty(n, kb, dtype=torch.float32)
+    zp_out = None if fmt.symmetric else torch.empty(n, kb, dtype=torch.uint8)
+    out.write(codes, scale_out, zp_out)
+    return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
+
+
 class _Compiled:
     """The compiled loops' settings for one format and their output arrays (scales and zero points
     per block, codes per row), copied into the Quantized tensors by `write`."""
@@ -222,6 +283,11 @@ def _group_params(group, importance, fmt, scale_dtype, search_scales):
 
 def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h) -> float:
     """tr((W - W_hat)^T H (W - W_hat)); W_hat None means zero; H None means identity, a vector diag(H)."""
+    if isinstance(h, BlockLowRank):
+        d = (w if w_hat is None else w - w_hat).to(torch.float64)
+        nb, b, _ = h.blocks.shape
+        rows = d.reshape(nb, b, -1)
+        return float((rows * (h.blocks.to(torch.float64) @ rows)).sum()) + float(((h.vec.double() @ d) ** 2).sum())
     if isinstance(h, LowRank):  # row norms and one product: no [K, N] temporaries beyond D itself
         d = (w if w_hat is None else w - w_hat).to(torch.float32)
         rows = torch.linalg.vector_norm(d, dim=1).double() ** 2

@@ -119,12 +119,14 @@ class SiteTransform:
     def hessian(self, h):
         """H' such that tr(D'^T H' D') = tr(D^T H D) for D = backward(D') (up to column weights)."""
         if self.row is not None:
-            if _is_vector(self.row):
-                h = h.scaled(self.row) if isinstance(h, rounding.LowRank) else h * torch.outer(self.row, self.row)
+            if isinstance(h, rounding.BlockLowRank) and isinstance(self.row, transforms.BlockDiagonal) and self.row.size == h.blocks.shape[-1]:
+                inv = self._row_inverse.blocks.to(h.blocks.dtype)  # per-block rows: the structure stays
+                h = rounding.BlockLowRank(inv.transpose(1, 2) @ h.blocks @ inv, self._row_inverse.t().times(h.vec.unsqueeze(1))[:, 0])
+            elif _is_vector(self.row) and isinstance(h, rounding.LowRank):
+                h = h.scaled(self.row)
             else:
-                dense = h.dense() if isinstance(h, rounding.LowRank) else h
-                inv = self._row_inverse
-                h = _right(_left(inv.t(), dense), inv)
+                dense = h.dense() if isinstance(h, (rounding.LowRank, rounding.BlockLowRank)) else h
+                h = dense * torch.outer(self.row, self.row) if _is_vector(self.row) else _right(_left(self._row_inverse.t(), dense), self._row_inverse)
         if self.online is not None:
             h = rotated_hessian(h, self._online_blocks)
         return h
@@ -142,23 +144,17 @@ def _right(w: torch.Tensor, m) -> torch.Tensor:
     return m.right_of(w) if isinstance(m, transforms.BlockDiagonal) else w @ m
 
 
-ONLINE_DENSE_LIMIT = 4096  # above this K, GPTQ under a rotated H uses its diagonal + mean direction
-
-
 def rotated_hessian(h, t: transforms.BlockDiagonal):
     """T^T H T for T = blockdiag(t). For H = diag(d) + u u^T the diagonal part becomes b x b blocks:
-    exact (dense) up to ONLINE_DENSE_LIMIT rows, beyond that their diagonal (the rank-1 part stays exact)."""
+    a rounding.BlockLowRank, exact at any K without a K x K matrix."""
     if not isinstance(h, rounding.LowRank):
         return t.t().times(t.t().times(h).t())  # T^T (T^T H)^T = T^T H T (H symmetric)
     k, b = h.diag.shape[0], t.size
     vec = t.t().times(h.vec.unsqueeze(1))[:, 0]
     d = h.diag.reshape(k // b, b, 1)
     blocks = t.blocks.to(d.dtype)
-    if k <= ONLINE_DENSE_LIMIT:
-        per_block = blocks.transpose(1, 2) @ (d * blocks)  # [k/b, b, b]
-        return torch.block_diag(*per_block.expand(k // b, b, b)) + torch.outer(vec, vec)
-    diag = ((blocks * blocks).transpose(1, 2) @ d).reshape(k)
-    return rounding.LowRank(diag, vec)
+    per_block = blocks.transpose(1, 2) @ (d * blocks)  # [k/b, b, b]
+    return rounding.BlockLowRank(per_block, vec)
 
 
 def _inverse(m):

@@ -131,12 +131,12 @@ def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dty
 def _round_o(pair: "Pair", v_hat, tf_o: SiteTransform, how: Rounding, dtype) -> grid.Quantized:
     h_hat, cross = pair.moments_of(v_hat)
     if not how.config.vo_pairs:
-        return round_weight(tf_o.forward(pair.w_o), tf_o.hessian(h_hat.dense().float()), dtype, how)
+        return round_weight(tf_o.forward(pair.w_o), tf_o.hessian(h_hat.hessian()), dtype, how)
     # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
     # The ridge keeps the solve defined for degenerate weights (an all-zero or rank-deficient V^).
     ridge = max(1e-6 * float(h_hat.diagonal().mean()), 1e-30)
     target = h_hat.solve(cross.times(pair.w_o.double()), ridge).float()
-    return round_weight(tf_o.forward(target), tf_o.hessian(h_hat.dense().float()), dtype, how)
+    return round_weight(tf_o.forward(target), tf_o.hessian(h_hat.hessian()), dtype, how)
 
 
 @dataclasses.dataclass
@@ -165,6 +165,11 @@ class HeadMoments:
 
     def dense(self) -> torch.Tensor:
         return torch.block_diag(*self.blocks.repeat_interleave(self.group, 0)) + torch.outer(self.mean_a, self.mean_b)
+
+    def hessian(self) -> rounding.BlockLowRank:
+        """E[z^T z] of one activation (mean_a = mean_b) as GPTQ takes it: a d x d block per query head
+        plus the mean direction, in float32, never K x K."""
+        return rounding.BlockLowRank(self.blocks.repeat_interleave(self.group, 0).float(), self.mean_a.float())
 
     def solve(self, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
         """(H + ridge I)^-1 RHS: per-block solves, the mean term by Sherman-Morrison."""
