@@ -140,10 +140,6 @@ class MethodConfig:
     learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
     learned_online_lr: float = 0.001
 
-    def fast(self) -> "MethodConfig":
-        """The --fast trade: every transform searched, none learned (BENCHMARKS.md measures what it costs)."""
-        return dataclasses.replace(self, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0)
-
 
 # Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
@@ -215,8 +211,7 @@ class Recipe:
     def with_overrides(self, **overrides: Any) -> "Recipe":
         """Apply CLI flags (None means 'not given') on top of the recipe."""
         quant_keys = {"bits", "block_size", "symmetric"}
-        if overrides.get("bits") == 16:
-            # Float output: transforms are planned for the recipe's own grid, weights stay float.
+        if overrides.get("bits") == 16:  # float output: transforms planned for the recipe's own grid, weights stay float
             overrides = {**overrides, "bits": None, "float_output": True}
         q = {k: v for k, v in overrides.items() if k in quant_keys and v is not None}
         top = {k: v for k, v in overrides.items() if k not in quant_keys and v is not None}
@@ -231,8 +226,8 @@ class Recipe:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
-        if top.pop("fast", False):
-            method = method.fast()
+        if top.pop("fast", False):  # every transform searched, none learned (BENCHMARKS.md: what it costs)
+            method = dataclasses.replace(method, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0)
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method
