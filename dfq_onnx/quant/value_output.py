@@ -100,22 +100,22 @@ def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dty
     """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair."""
     config = how_v.config
     w_v_t = tf_v.forward(pair.w_v)
-    qv = round_weight(w_v_t, tf_v.hessian(pair.value_hessian()), v_dtype, how_v)
+    h_v = tf_v.hessian(pair.value_hessian())
+    qv = round_weight(w_v_t, h_v, v_dtype, how_v)
     best = None
     for step in range(max(1, config.alternations)):
         v_hat = tf_v.backward(qv.dequantize())
         qo = _round_o(pair, v_hat, tf_o, how_o, o_dtype)
         err = pair.error(v_hat, tf_o.backward(qo.dequantize()))
         if best is None or err < best[2]:
-            best = (qv, qo, err)
+            best = (qv, qo, err, v_hat)
         if not config.vo_pairs or step + 1 >= config.alternations:
             break
         # V given O^: its least-squares target, rounded under the pair's input statistics.
         target = pair.value_target(tf_o.backward(qo.dequantize()))
-        qv = round_weight(tf_v.forward(target), tf_v.hessian(pair.value_hessian()), v_dtype, how_v)
-    # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate.
-    qv, qo, err = best
-    v_hat = tf_v.backward(qv.dequantize())
+        qv = round_weight(tf_v.forward(target), h_v, v_dtype, how_v)
+    # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate (its moments kept).
+    qv, qo, err, v_hat = best
     o_plain = grid.rtn(tf_o.forward(pair.w_o), how_o.fmt, o_dtype)
     plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
     if plain_err < err:
@@ -181,6 +181,9 @@ class HeadMoments:
         return p_rhs - torch.outer(p_u, (self.mean_b @ p_rhs) / (1.0 + self.mean_b @ p_u))
 
 
+MOMENTS_KEPT = 3  # rounded V^ whose moments a Pair keeps: one round_pair's alternations and its plain candidate
+
+
 class Pair:
     """Statistics of the attention output z = mix(x V) + b per query head, for V and a rounded V^.
 
@@ -199,7 +202,7 @@ class Pair:
         self._w_o = w_o.to(dtype)
         self.h_true = self.second(w_v, w_v)
         self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
-        self._last: tuple | None = None  # (V^, its E[z^^T z^], E[z^^T z]) for the V^ seen last
+        self._seen: list[tuple] = []  # (V^, its E[z^^T z^], E[z^^T z]), the V^ seen last first
 
     def columns(self, idx: torch.Tensor, dtype) -> "Pair":
         """The same pair for O's columns `idx` only (the pair error is a sum over them), in `dtype`."""
@@ -226,10 +229,12 @@ class Pair:
         )
 
     def moments_of(self, v_hat: torch.Tensor) -> tuple[HeadMoments, HeadMoments]:
-        """(E[z^^T z^], E[z^^T z]) for a rounded V^; kept for the next call with the same V^."""
-        if self._last is None or self._last[0] is not v_hat:
-            self._last = (v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v))
-        return self._last[1], self._last[2]
+        """(E[z^^T z^], E[z^^T z]) for a rounded V^; the last few are kept (the alternations come back to them)."""
+        for seen, h_hat, cross in self._seen:
+            if seen is v_hat:
+                return h_hat, cross
+        self._seen = [(v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v)), *self._seen[: MOMENTS_KEPT - 1]]
+        return self._seen[0][1], self._seen[0][2]
 
     def value_target(self, o_hat: torch.Tensor) -> torch.Tensor:
         """argmin over V of the pair error for fixed O^: per KV group, V_g (sum_h W_o,h O^_h^T) (sum_h O^_h O^_h^T)^-1."""
