@@ -229,3 +229,13 @@ def test_pair_loss_gradient_is_autograds(with_bias):
     for w, h in zip(torch.autograd.grad(want, (v, o)), torch.autograd.grad(got, (v, o))):
         assert torch.allclose(w, h, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
     assert torch.autograd.gradcheck(pair.error_tensor, (v, o))
+    # On a sample of V's rows, the rows outside it unrounded: the same pair error, its gradient autograd's.
+    from dfq_onnx.quant import pair_loss
+
+    rows = torch.tensor([0, 1, 2, 3, 16, 17, 18, 19, 40, 41])
+    sample = pair_loss.RowSample.of(pair, rows)
+    v_rows = v.detach()[rows].clone().requires_grad_(True)
+    full = pair.w_v.clone()
+    full[rows] = v_rows.detach()
+    assert float(pair.error_tensor(v_rows, o, sample)) == pytest.approx(pair.error(full, o.detach()), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda x, y: pair.error_tensor(x, y, sample), (v_rows, o))

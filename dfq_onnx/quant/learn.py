@@ -16,11 +16,12 @@ from collections.abc import Callable
 import torch
 
 from ..config import QuantFormat
-from . import grid, rounding
+from . import grid, pair_loss, rounding
 
 CHECK_EVERY = 25  # steps between checks of the true proxy (a real rounding of every weight)
 STE_COLUMNS = 512  # columns of a wide weight the straight-through loss sees (the checks see all)
 STE_O_COLUMNS = 128  # columns of O the V/O loss sees: its cost is the pair products over them
+STE_V_ROWS = 1024  # rows of V (whole quantization blocks) whose rounding the V/O loss sees: its cost grows as their square
 CONDITION_LIMIT = 100.0  # a general invertible block above this condition number is refused
 
 
@@ -141,24 +142,26 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
     a = None if row_scale is None else row_scale.to(torch.float32).unsqueeze(1)
     v_rows = pair.w_v.to(torch.float32)
     v_rows = v_rows if a is None else v_rows / a
-    k = v_rows.shape[0]
     kv, d, group = pair.kv, pair.d, pair.group
+    sample = pair_loss.RowSample.of(sub, _row_blocks(v_rows.shape[0], fmt_v.block_size, STE_V_ROWS, v_rows.device))
     t = start.to(torch.float32).clone().requires_grad_(True)
     norm = sub.energy or 1.0
 
-    def rounded(tt: torch.Tensor, w_o: torch.Tensor, quant) -> tuple[torch.Tensor, torch.Tensor]:
+    def rounded(tt: torch.Tensor, w_o: torch.Tensor, quant, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        v = v_rows if rows is None else v_rows[rows]  # whole quantization blocks: rounded as in the whole V
+        k = v.shape[0]
         by_group = lambda x: x.reshape(k, kv, d).transpose(0, 1)  # noqa: E731  [K, kv d] -> [kv, K, d]
         back = lambda x: x.transpose(0, 1).reshape(k, kv * d)  # noqa: E731
         t_inv = torch.linalg.inv(tt)  # well conditioned (CONDITION_LIMIT): one d x d inverse per KV head
-        v_hat = back(by_group(quant(back(by_group(v_rows) @ tt), fmt_v, v_dtype)) @ t_inv)  # Q(V T) T^-1
-        v_hat = v_hat if a is None else v_hat * a
+        v_hat = back(by_group(quant(back(by_group(v) @ tt), fmt_v, v_dtype)) @ t_inv)  # Q(V T) T^-1
+        v_hat = v_hat if a is None else v_hat * (a if rows is None else a[rows])
         o_t = _per_group(torch.matmul, t_inv, w_o.to(torch.float32), group)  # T^-1 O
         o_hat = _per_group(torch.matmul, tt, quant(o_t, fmt_o, o_dtype), group)
         return v_hat, o_hat
 
     def loss() -> torch.Tensor:
-        v_hat, o_hat = rounded(t, sub.w_o, lambda w, fmt, _dtype: ste_fake_quant(w, fmt))
-        return sub.error_tensor(v_hat, o_hat) / norm
+        v_hat, o_hat = rounded(t, sub.w_o, lambda w, fmt, _dtype: ste_fake_quant(w, fmt), sample.rows)
+        return sub.error_tensor(v_hat, o_hat, sample) / norm
 
     def true_error() -> float:
         if not well_conditioned(t):
@@ -167,6 +170,15 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
 
     (best,), err, start_err = descend([t], loss, true_error, steps, lr)
     return Learned(best, err, start_err)
+
+
+def _row_blocks(k: int, block: int, most: int, device) -> torch.Tensor:
+    """Rows of whole quantization blocks, evenly spaced, at most `most` of them (all rows when K fits)."""
+    blocks = k // block
+    if k <= most or blocks == 0:
+        return torch.arange(k, device=device)
+    chosen = torch.linspace(0, blocks - 1, max(1, most // block), device=device).round().long().unique()
+    return (chosen.unsqueeze(1) * block + torch.arange(block, device=device)).reshape(-1)
 
 
 def _per_group(op, t: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:

@@ -249,9 +249,11 @@ class Pair:
             cols.append(self.w_v[:, g * d : (g + 1) * d].double() @ torch.linalg.solve(m, oh @ wo.t()).t())
         return torch.cat(cols, dim=1).float()
 
-    def error_tensor(self, v_hat: torch.Tensor, o_hat: torch.Tensor) -> torch.Tensor:
-        """The pair error as a differentiable tensor (the learners' loss), its gradient written out."""
-        return pair_loss.PairLoss.apply(v_hat, o_hat, self)
+    def error_tensor(self, v_hat: torch.Tensor, o_hat: torch.Tensor, sample: "pair_loss.RowSample | None" = None) -> torch.Tensor:
+        """The pair error as a differentiable tensor (the learners' loss, its gradient written out); with a
+        `sample` of V's rows, `v_hat` holds those rows only and the rest count as unrounded."""
+        sample = sample or pair_loss.RowSample.of(self, torch.arange(self.w_v.shape[0], device=self.w_v.device))
+        return pair_loss.PairLoss.apply(v_hat - self.w_v[sample.rows].to(v_hat.dtype), o_hat, sample)
 
     def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
