@@ -263,7 +263,6 @@ class _Compiled:
         self.codes = np.empty((n, rows), dtype=np.uint8)
         self.scales = np.empty((n, blocks), dtype=np.float32)
         self.zeros = np.empty((n, blocks), dtype=np.float32)
-        self.symmetric = fmt.symmetric
 
     def write(self, codes: torch.Tensor, scale_out: torch.Tensor, zp_out: torch.Tensor | None) -> None:
         codes.copy_(torch.from_numpy(self.codes))
