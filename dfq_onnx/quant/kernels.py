@@ -65,16 +65,20 @@ def _error(x, w, s, zero, qmax):
     return total
 
 
+@njit(cache=True, inline="always")
+def _minmax_symmetric(x, centre, half_dtype):
+    """grid.rtn_params for one symmetric block: the signed value of largest magnitude maps to -centre
+    (an all-zero block keeps MLAS' signed zero: its first element)."""
+    mx, mn = x.max(), x.min()
+    signed_max = x[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
+    return _to_scale_dtype(F32(-signed_max / centre), half_dtype)
+
+
 @njit(cache=True)
 def _search_symmetric(x, w, qmax, half_dtype, ratios, refine):
     """scales._search_symmetric for one block: the min/max scale times each ratio, then least squares."""
     centre = F32((qmax + 1) // 2)
-    mx, mn = x.max(), x.min()
-    if mx == 0 and mn == 0:
-        signed_max = x[0]
-    else:
-        signed_max = mx if abs(mx) > abs(mn) else mn
-    base = _to_scale_dtype(F32(-signed_max / centre), half_dtype)
+    base = _minmax_symmetric(x, centre, half_dtype)
     best_s, best_e = base, _error(x, w, base, centre, qmax)
     for r in range(1, ratios.shape[0]):
         s = _to_scale_dtype(F32(base * ratios[r]), half_dtype)
@@ -185,9 +189,7 @@ def _block_params(x, w, qmax, symmetric, half_dtype, search, sym_ratios, asym_ra
         centre = F32((qmax + 1) // 2)
         if search:
             return _search_symmetric(x, w, qmax, half_dtype, sym_ratios, refine), centre
-        mx, mn = x.max(), x.min()
-        signed_max = x[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
-        return _to_scale_dtype(F32(-signed_max / centre), half_dtype), centre
+        return _minmax_symmetric(x, centre, half_dtype), centre
     if search:
         return _search_asymmetric(x, w, qmax, half_dtype, asym_ratios, refine)
     return _minmax_asymmetric(x, qmax, half_dtype)
