@@ -27,14 +27,15 @@ MANIFEST = "checkpoint.json"
 FORMAT = 2
 
 
-def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str) -> str:
-    """What the finished units depend on: the input's bytes (graph hashed, data by size and time), recipe, device."""
+def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str, threads: int) -> str:
+    """What the finished units depend on: the input's bytes (graph hashed, data by size and time),
+    recipe, device and torch's thread count (threads.py)."""
     h = hashlib.sha256()
     h.update(Path(input_path).read_bytes())
     for path in sorted(data_files):
         st = path.stat()
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    settings = {"recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "version": __version__}
+    settings = {"recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "threads": threads, "version": __version__}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -57,7 +58,23 @@ def save_plan(work: Path, index: int, unit_plan: plan.UnitPlan) -> None:
 
 
 def load_plans(work: Path, count: int) -> list[plan.UnitPlan]:
-    return [plan.load(plan_path(work, i)) for i in range(count)]
+    return [load_plan(work, i) for i in range(count)]
+
+
+def load_plan(work: Path, index: int) -> plan.UnitPlan:
+    return plan.load(plan_path(work, index))
+
+
+def has_plan(work: Path, index: int) -> bool:
+    """A plan file is written whole and renamed, so one that exists is finished (a distributed run
+    finishes units out of order: those past `units_done` are picked up too)."""
+    return plan_path(work, index).is_file()
+
+
+def plans_kept(work: Path, expected: str) -> int:
+    """How many finished units an unfinished run in `work` holds (0 when it cannot be resumed)."""
+    state, _ = load(work, expected)
+    return 0 if state is None else len(list(work.glob("plan-*.npz")))
 
 
 def load(work: Path, expected: str) -> tuple[State | None, str | None]:

@@ -144,6 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run (Ctrl-C, kill) of the same command from its last finished layer; "
         "the result is byte-identical to an uninterrupted run",
     )
+    o.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the optimisation; the bytes depend on it (float sums are split per thread), so the "
+        "same count gives the same bytes on any machine and in a Ray run [all cores]",
+    )
+    ray = o.add_argument_group(
+        "distributed (Ray)",
+        "Spread the layers over a Ray cluster (pip install -e '.[ray]'): the driver (this command) runs the "
+        "statistics pass and writes the output; each layer is one Ray task that reads only its own weights from the "
+        "input path, so EVERY NODE MUST SEE THE MODEL AT THE SAME PATH (a shared filesystem) and have dfq-onnx "
+        "installed. The output is byte-identical to a local run with the same --threads; --resume redoes only the "
+        "layers whose results were not kept.",
+    )
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="auto (the cluster `ray start` made, or RAY_ADDRESS), local (a cluster of this machine's cores for this "
+        "run), or a cluster address (host:port, ray://host:port). Each task computes with --threads threads "
+        "(default: the driver's) and asks Ray for as many CPUs",
+    )
+    ray.add_argument("--ray-gpus", type=float, default=None, help="GPUs per task [1 with --device cuda, else 0]")
+    ray.add_argument(
+        "--ray-in-flight",
+        type=int,
+        default=None,
+        help="layers submitted ahead of the one written next; bounds the driver's memory [twice the tasks the cluster "
+        "runs at once, at most 16]",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser
 
@@ -202,6 +233,10 @@ def _optimize(args) -> int:
         exclude=args.exclude,
         seed=args.seed,
         fast=args.fast,
+        threads=args.threads,
+        ray=args.ray,
+        ray_gpus=args.ray_gpus,
+        ray_in_flight=args.ray_in_flight,
     )
     if not args.quiet:
         from .table import result_table

@@ -7,3 +7,8 @@ class DfqError(Exception):
 
 class Interrupted(Exception):
     """The run was stopped (Ctrl-C, SIGTERM); the message says what was kept and how to resume."""
+
+
+class Resumable(DfqError):
+    """The run stopped for a reason outside the model (a lost cluster node); its finished units are
+    kept and the message says how to resume."""

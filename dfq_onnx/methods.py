@@ -18,7 +18,7 @@ from .config import Method, MethodConfig, QuantFormat
 from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
 from .quant import grid, site, stats
 from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
-from .quant.layer import optimise_layer
+from .quant.layer import optimise_layer, propagate_layer
 
 
 @dataclasses.dataclass
@@ -101,21 +101,14 @@ def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: Meth
 def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
     if unit.is_head:
         return _head(unit, data, fmt, config)
-    layer = LayerWeights(
-        weights=data.weights,
-        scale_dtypes=data.scale_dtypes,
-        gains=data.gains,
-        biases=data.biases,
-        attention=_attention_geometry(unit, data),
-        mlp=_mlp_geometry(unit, data),
-    )
+    layer = _layer_weights(unit, data)
     try:
         result = optimise_layer(
             layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats, index=unit.layer or 0
         )
     except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
         out = round_to_nearest(unit, data, fmt, config)
-        out.residual = data.residual
+        out.residual = propagate_layer(layer, config, data.residual)  # the statistics never depend on the rounding
         out.notes.append(f"{unit.label}: the method fell back to round-to-nearest ({str(exc).splitlines()[0][:120]})")
         return out
     out = UnitResult(quantized={}, residual=result.residual, online=result.online, biases=result.biases, changed=result.gains)
@@ -126,6 +119,25 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
         if site.float_weight is not None:
             out.float_weights[name] = site.float_weight
     return out
+
+
+def statistics(unit: Unit, data: UnitInput, config: MethodConfig) -> stats.Moments | None:
+    """The residual statistics after `unit` that its method returns, computed without rounding:
+    they follow from the float weights alone (the statistics pass of a distributed run)."""
+    if config.name != Method.CAFEQ or unit.is_head:
+        return None
+    return propagate_layer(_layer_weights(unit, data), config, data.residual)
+
+
+def _layer_weights(unit: Unit, data: UnitInput) -> LayerWeights:
+    return LayerWeights(
+        weights=data.weights,
+        scale_dtypes=data.scale_dtypes,
+        gains=data.gains,
+        biases=data.biases,
+        attention=_attention_geometry(unit, data),
+        mlp=_mlp_geometry(unit, data),
+    )
 
 
 def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:

@@ -7,6 +7,7 @@ the largest layer, not the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from . import checkpoint, genai_folder, memory, mirror, planner
+from . import checkpoint, distributed, genai_folder, memory, mirror, planner, threads
 from .config import ROLES, Method, OutputFormat, Recipe
-from .errors import DfqError, Interrupted
+from .errors import DfqError, Interrupted, Resumable
 from .graph import load, save
 from .graph.sites import ModelSites, find_sites
 from .graph.store import TensorStore
@@ -37,10 +38,14 @@ class RunOptions:
     device: str = "cpu"
     verify: str = "auto"  # "compare" logits with the input, "run" the output only, "none"; "auto": by size
     resume: bool = False  # continue an interrupted run from its last finished layer
+    threads: int | None = None  # torch threads of the optimisation (the bytes depend on it); None: torch's
+    ray: distributed.Settings | None = None  # spread the units over a Ray cluster (distributed.py)
 
     def __post_init__(self) -> None:
         if self.verify not in ("auto", "compare", "run", "none"):
             raise DfqError(f"unknown verify mode '{self.verify}': use auto, compare, run or none")
+        if self.threads is not None and self.threads < 1:
+            raise DfqError(f"--threads {self.threads}: give a positive number of threads")
 
 
 def default_output_path(input_path: Path, recipe: Recipe) -> Path:
@@ -71,7 +76,8 @@ def optimize(
     check_exclude(recipe, sites)
     if load.weight_bytes(model) <= VERIFY_AUTO_LIMIT:  # larger models are checked as each weight is read
         load.check_finite(model, _float_tensors(sites))
-    with save.OutputLock(output_path):
+    options = dataclasses.replace(options, threads=threads.resolved(options.threads))
+    with save.OutputLock(output_path), threads.computing_with(options.threads):
         try:
             return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {})
         except OSError as exc:  # the disk, not the model: one line, nothing published
@@ -92,7 +98,7 @@ def _float_tensors(sites: ModelSites) -> list[str]:
 def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions) -> Report:
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
-    key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device)
+    key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads)
     state, notes = _start(work, key, options.resume)
     verify_mode = _verify_mode(options.verify, model, notes)  # sized on the input's weights, before rewriting
     writer = save.ExternalDataWriter(work, location)  # a resumed run writes its finished plans again
@@ -104,8 +110,12 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     mirrors: dict[str, Mirror] = {}
     plans: list[UnitPlan] = []
     context = PlanContext(sites, TensorStore(model.graph, writer), recipe.accuracy_level)
+    cluster = distributed.Cluster(options.ray, options.threads) if options.ray else contextlib.nullcontext()
+    driver = None
     try:
-        mirrors = _mirrors(input_path, work, recipe, verify_mode, resumed, notes)
+        # a Ray run also takes up plans its predecessor finished out of order: no mirror follows those
+        kept_ahead = options.ray is not None and any(checkpoint.has_plan(work, i) for i in range(resumed, len(units)))
+        mirrors = _mirrors(input_path, work, recipe, verify_mode, resumed or kept_ahead, notes)
         make = planner.Planner(model.graph, sites, recipe, options.device, keep_float="exact" in mirrors)
         for plan in checkpoint.load_plans(work, resumed):
             apply_plan(model, plan, recipe.output_format, context)
@@ -113,18 +123,23 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         residual = _on(state.residual, options.device) if resumed else make.initial_statistics()
         if progress:
             progress(f"resumed after {units[resumed - 1].label}" if resumed else "start", _sites(plans), total)
-        for index, unit in enumerate(units[resumed:], start=resumed):
-            planned = make.plan(unit, residual)
-            residual = planned.residual
-            checkpoint.save_plan(work, index, planned.plan)
-            apply_plan(model, planned.plan, recipe.output_format, context)
-            notes += mirror.follow(mirrors, planned.plan, sites, planned.rounded_float)
-            plans.append(planned.plan)
-            checkpoint.save(work, checkpoint.State(key, index + 1, residual))
-            del planned
-            memory.release()  # hand the unit's freed buffers back to the OS before the next one
-            if progress:
-                progress(unit.label, _sites(plans), total)
+        with cluster:
+            if options.ray:
+                job = distributed.Job(str(input_path.resolve()), key, recipe, options.device, make.keep_float, options.threads)
+                driver = distributed.Driver(cluster, job, make, units, work)
+                checkpoint.save(work, checkpoint.State(key, resumed, residual))  # plans may finish out of order
+                planned_units = driver.plans(resumed, residual, progress, _sites(plans), total)
+            else:
+                planned_units = _local_plans(make, units, resumed, residual, work)
+            for index, planned in planned_units:
+                apply_plan(model, planned.plan, recipe.output_format, context)
+                notes += mirror.follow(mirrors, planned.plan, sites, planned.rounded_float)
+                plans.append(planned.plan)
+                checkpoint.save(work, checkpoint.State(key, index + 1, planned.residual))
+                del planned
+                memory.release()  # hand the unit's freed buffers back to the OS before the next one
+                if progress and driver is None:
+                    progress(units[index].label, _sites(plans), total)
         notes += finish(model, recipe, {s.container_bits for p in plans for s in p.sites if "excluded" not in s.transforms})
         save.externalize_remaining(model, writer, keep_names=context.store.written)
         writer.close()
@@ -139,12 +154,12 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         save.publish(work, output_path, location, extra=list(companions))
     except KeyboardInterrupt:
         _close(writer, mirrors)
-        done = _units_done(work, key)
+        done = checkpoint.plans_kept(work, key)
         if not done:  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
         raise Interrupted(_interrupted_message(work, output_path, done, len(units))) from None
-    except VerificationFailed:
-        _close(writer, mirrors)  # the work directory stays, for inspection
+    except (VerificationFailed, Resumable):
+        _close(writer, mirrors)  # the work directory stays: for inspection, or to resume
         raise
     except BaseException:
         _close(writer, mirrors)
@@ -164,7 +179,9 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     )
     report.verification = {"verified": True, **verification} if verification else {"verified": False, "why": f"--verify {verify_mode}"}
     report.online = [_rotation_entry(r) for p in plans for r in p.online]
-    report.resumed_units = resumed
+    report.resumed_units = resumed + (driver.reused if driver else 0)
+    if driver is not None:
+        report.distributed = driver.summary(options.ray.address)
     report.write_json(report_path_for(output_path))
     return report
 
@@ -177,9 +194,13 @@ def _on(x: stats.Moments | None, device: str) -> stats.Moments | None:
     return None if x is None else stats.Moments(x.mean.to(device), x.cov.to(device))
 
 
-def _units_done(work: Path, key: str) -> int:
-    state, _ = checkpoint.load(work, key)
-    return state.units_done if state is not None else 0
+def _local_plans(make: planner.Planner, units, start: int, residual, work: Path):
+    """(index, Planned) in unit order, one after the other in this process, each saved as it ends."""
+    for index in range(start, len(units)):
+        planned = make.plan(units[index], residual)
+        residual = planned.residual
+        checkpoint.save_plan(work, index, planned.plan)
+        yield index, planned
 
 
 def _rotation_entry(r) -> dict:

@@ -143,8 +143,8 @@ class Planner:
         data = methods.UnitInput(
             weights=device_weights,
             scale_dtypes=scale_dtypes,
-            gains={name: g.to(self.device) for name, g in self.gains(unit).items()},
-            biases={lin.node: b.to(self.device) for lin in unit.linears if (b := self.bias(lin)) is not None},
+            gains=self._device_gains(unit),
+            biases=self._device_biases(unit),
             residual=residual,
             keep_float=self.recipe.float_output or self.keep_float or bool(excluded),
             formats={name: f for name, f in formats.items() if f != fmt},
@@ -178,6 +178,26 @@ class Planner:
         plan.biases = {name: _numpy(b) for name, b in result.biases.items()}
         plan.online = self._online(result.online, dtypes)
         return Planned(plan, result.residual, rounded_float)
+
+    def statistics(self, unit: methods.Unit, residual: stats.Moments | None) -> stats.Moments | None:
+        """The statistics after `unit`, equal to the residual `plan(unit, residual)` returns, without
+        optimising it (the driver of a distributed run chains these ahead of the workers)."""
+        if residual is None or unit.is_head:
+            return None
+        data = methods.UnitInput(
+            weights={lin.node: self.weight(lin).to(self.device) for lin in unit.linears},
+            scale_dtypes={},
+            gains=self._device_gains(unit),
+            biases=self._device_biases(unit),
+            residual=residual,
+        )
+        return methods.statistics(unit, data, self.recipe.method)
+
+    def _device_gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
+        return {name: g.to(self.device) for name, g in self.gains(unit).items()}
+
+    def _device_biases(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
+        return {lin.node: b.to(self.device) for lin in unit.linears if (b := self.bias(lin)) is not None}
 
     def _format(self, head: bool) -> QuantFormat:
         quant = self.recipe.quant

@@ -78,6 +78,7 @@ class Report:
     verification: dict[str, Any] | None = None
     resumed_units: int = 0  # layers taken from an interrupted run's checkpoint (--resume)
     online: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # inserted rotations: nodes, k, block, layer
+    distributed: dict[str, Any] | None = None  # a Ray run: the cluster, threads per task, the node each unit ran on
 
     @classmethod
     def build(
@@ -153,6 +154,7 @@ class Report:
             "verification": self.verification,
             "resumed_units": self.resumed_units,
             "online": {**self.online_cost(), "inserted": self.online},
+            "distributed": self.distributed,
             "notes": self.notes,
         }
 

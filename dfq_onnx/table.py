@@ -148,6 +148,8 @@ def result_table(report: Report) -> str:
             lines.append("(a smoke test on random ids, not a quality measure: tools/eval_quality.py measures quality on real text)")
         else:
             lines.append(f"verified: ONNX Runtime (CPU) loads and runs the output ({v['tokens']} random ids)")
+    if report.distributed:
+        lines.append(_ray_line(report.distributed))
     lines.append(f"optimised and written in {report.seconds:.1f}s")
     for note in report.notes:
         lines.append(f"note: {note}")
@@ -166,3 +168,13 @@ def _fast_path_line(report: Report) -> str:
     if reasons:
         line += "; the others: " + ", ".join(f"{why} ({n})" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
     return line
+
+
+def _ray_line(run: dict) -> str:
+    """Where a Ray run's units were computed: per node, how many and in how many seconds."""
+    per_node: dict[str, list[float]] = {}
+    for unit in run["units"]:
+        per_node.setdefault(f"{unit['node'][:8]} ({unit['address']})", []).append(unit["seconds"])
+    nodes = ", ".join(f"{node}: {len(s)} in {sum(s):.1f}s" for node, s in sorted(per_node.items()))
+    reused = f"; {run['reused_units']} taken from the unfinished run" if run["reused_units"] else ""
+    return f"ray ({run['ray']}): {len(run['units'])} units on {len(per_node)} node(s), {run['threads_per_task']} thread(s) each: {nodes}{reused}"

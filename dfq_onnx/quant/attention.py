@@ -76,10 +76,20 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
             if role in best.sites:
                 result.sites[names[role]] = best.sites[role]
 
-    if residual is None or not (att.o and "v" in parts and att.head_dim and att.num_heads):
+    return residual_after_attention(layer, residual, x)
+
+
+def residual_after_attention(layer: LayerWeights, residual: stats.Moments | None, x: stats.Moments | None = None):
+    """The residual statistics after the attention sublayer: from the float weights alone (the
+    rounding never enters), so a statistics pass gets them without optimising; `x` is the norm's
+    output when the caller has it."""
+    att = layer.attention
+    v = _split_qkv(layer, att).get("v")
+    if residual is None or not (att.o and v is not None and att.head_dim and att.num_heads):
         return residual
+    x = stats.rms_norm(residual, layer.gain(att.gain)) if x is None else x
     # Attention weights sum to one, so a value bias reaches o's input unchanged: it shifts the mean.
-    z = stats.attention_output(stats.with_bias(stats.linear(x, parts["v"]), _v_bias(layer, att)), att.num_heads, att.head_dim)
+    z = stats.attention_output(stats.with_bias(stats.linear(x, v), _v_bias(layer, att)), att.num_heads, att.head_dim)
     y = stats.with_bias(stats.linear(z, layer.weights[att.o]), layer.biases.get(att.o))
     return residual + stats.sublayer_output(y, layer.gain(att.post_gain), att.post_norm)
 

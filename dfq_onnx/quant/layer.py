@@ -28,9 +28,9 @@ import torch
 
 from ..config import MethodConfig, Prior, QuantFormat, Rotation
 from . import rounding, stats
-from .attention import optimise_attention
+from .attention import optimise_attention, residual_after_attention
 from .geometry import LayerResult, LayerWeights
-from .mlp import optimise_mlp
+from .mlp import optimise_mlp, residual_after_mlp
 from .site import Rounding, round_site
 
 
@@ -68,6 +68,19 @@ def optimise_layer(
         if site is not None and site.columns is not None:
             result.biases[name] = site.columns(bias.to(torch.float32))
     return result
+
+
+def propagate_layer(layer: LayerWeights, config: MethodConfig, residual: stats.Moments | None) -> stats.Moments | None:
+    """The residual statistics after the layer without rounding anything: the `residual` that
+    optimise_layer returns, by the same functions on the same float weights (so a statistics pass
+    ahead of the optimisation feeds every layer exactly what a sequential run would)."""
+    if config.prior != Prior.PROPAGATED or residual is None:
+        return None
+    if layer.attention is not None and (layer.attention.q or layer.attention.qkv):
+        residual = residual_after_attention(layer, residual)
+    if layer.mlp is not None:
+        residual = residual_after_mlp(layer, residual)
+    return residual
 
 
 def never_worse_than_rtn(optimise, layer: LayerWeights, how: Rounding, result: LayerResult, residual):

@@ -24,14 +24,8 @@ from .site import (
 def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
     """Round gate/up/down of one layer into `result`; the residual statistics after the MLP sublayer."""
     mlp = layer.mlp
-    if mlp.fused:  # one linear holds gate and up as column ranges
-        w = layer.weights[mlp.gate]
-        w_gate, w_up = (w[:, a:b] for a, b in (mlp.gate_columns, mlp.up_columns))
-        gate_key, up_key = f"{mlp.gate}#gate", f"{mlp.up}#up"
-    else:
-        w_gate, w_up = layer.weights[mlp.gate], layer.weights[mlp.up]
-        gate_key, up_key = mlp.gate, mlp.up
-    w_down = layer.weights[mlp.down]
+    w_gate, w_up, w_down = _weights(layer)
+    gate_key, up_key = (f"{mlp.gate}#gate", f"{mlp.up}#up") if mlp.fused else (mlp.gate, mlp.up)
     device = w_gate.device
     x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
     h = hessian(x, how.config.hessian)
@@ -103,8 +97,29 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
                 result.online[mlp.gate] = result.online.pop(key)
     result.sites.update(outcomes)
 
+    return residual_after_mlp(layer, residual, u)
+
+
+def _weights(layer: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_gate, W_up, W_down; a fused gate/up linear holds the first two as column ranges."""
+    mlp = layer.mlp
+    if mlp.fused:
+        w = layer.weights[mlp.gate]
+        w_gate, w_up = (w[:, a:b] for a, b in (mlp.gate_columns, mlp.up_columns))
+    else:
+        w_gate, w_up = layer.weights[mlp.gate], layer.weights[mlp.up]
+    return w_gate, w_up, layer.weights[mlp.down]
+
+
+def residual_after_mlp(layer: LayerWeights, residual: stats.Moments | None, u: stats.Moments | None = None):
+    """The residual statistics after the MLP sublayer, from the float weights alone; `u` is the
+    hidden units' statistics when the caller has them."""
     if residual is None:
         return residual
+    mlp = layer.mlp
+    w_gate, w_up, w_down = _weights(layer)
+    if u is None:
+        u = stats.gated_mlp_hidden(stats.rms_norm(residual, layer.gain(mlp.gain)), w_gate, w_up, mlp.activation)
     y = stats.with_bias(stats.linear(u, w_down), layer.biases.get(mlp.down))
     return residual + stats.sublayer_output(y, layer.gain(mlp.post_gain), mlp.post_norm)
 

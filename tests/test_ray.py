@@ -1,0 +1,188 @@
+"""A run spread over a Ray cluster: the bytes of a local run, through a lost node, a driver that
+stops and resumes, and a unit that fails.
+
+The clusters are real multi-node Ray clusters simulated on this machine (ray.cluster_utils.Cluster):
+a head that runs no tasks and two worker nodes of 1 CPU each, so every unit is computed in another
+process on another node than the driver's. Runs use one thread (`threads=1`): a 1-CPU node's task
+computes with the driver's thread count, and the bytes depend on it (dfq_onnx/threads.py).
+The test without Ray installed runs everywhere; the others need the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import dfq_onnx
+from dfq_onnx import pipeline
+from dfq_onnx.cli import main
+from dfq_onnx.errors import DfqError, Interrupted
+
+SETTINGS = {"threads": 1, "lm_head": "int8"}  # the head is a unit of its own: 3 units on the tiny model
+OBJECT_STORE = 80 << 20  # bytes per node: the tiny model's plans are kilobytes
+
+
+def model_in(tiny, directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    src = tiny("genai-fp32")
+    for name in (src.name, src.name + ".data"):
+        shutil.copy(src.parent / name, directory / name)
+    return directory / src.name
+
+
+def model_bytes(output: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(output.parent.iterdir()) if p.name.startswith(output.name)}
+
+
+@pytest.fixture(scope="module")
+def local_bytes(tiny, tmp_path_factory):
+    """The bytes of a plain local run with the same settings (file name model.q4.onnx in every run)."""
+    root = tmp_path_factory.mktemp("local")
+    model = model_in(tiny, root / "in")
+    out = root / "out" / "model.q4.onnx"
+    out.parent.mkdir()
+    dfq_onnx.quantize(model, out, **SETTINGS)
+    return model_bytes(out)
+
+
+def start_cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False},
+    )
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
+    return ray, cluster, workers
+
+
+def stop_cluster(ray, cluster) -> None:
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def cluster():
+    ray, c, workers = start_cluster()
+    yield c, workers
+    stop_cluster(ray, c)
+
+
+def ray_run(model: Path, out: Path, address: str, progress=None):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return dfq_onnx.quantize(model, out, ray=address, progress=progress, **SETTINGS)
+
+
+def test_cluster_run_writes_the_bytes_of_a_local_run(tiny, tmp_path, cluster, local_bytes):
+    c, workers = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+    report = ray_run(model, out, c.address)
+    assert model_bytes(out) == local_bytes
+    run = report.distributed
+    assert sorted(u["unit"] for u in run["units"]) == ["layer 0", "layer 1", "lm_head/embedding"]
+    # two 1-CPU nodes take the first two units at once; the head (0 CPUs) runs none
+    assert set(run["nodes"]) == {w.node_id for w in workers}
+    assert json.loads(out.with_name("model.q4.report.json").read_text())["distributed"]["units"] == run["units"]
+    assert not (out.parent / ".model.q4.onnx.partial").exists()
+
+
+def test_run_survives_a_lost_node_with_the_same_bytes(tiny, tmp_path, cluster, local_bytes):
+    c, workers = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+    removed = []
+
+    def remove_the_other_node(label, done, total):
+        # the first unit is back from one node: the other one is computing its unit (or has just
+        # been given the next); take it away with its worker, as a machine that dies would
+        if " on " in label and not removed:
+            finished_on = label.split(" on ")[1]
+            victim = next(w for w in workers if not w.node_id.startswith(finished_on))
+            c.remove_node(victim, allow_graceful=False)
+            removed.append(victim.node_id)
+
+    report = ray_run(model, out, c.address, progress=remove_the_other_node)
+    assert removed
+    assert model_bytes(out) == local_bytes
+    units = report.distributed["units"]
+    assert sorted(u["unit"] for u in units) == ["layer 0", "layer 1", "lm_head/embedding"]
+    # The lost node had taken a unit at the start; its result never came back from it: Ray ran it
+    # again on the survivor, which computed every unit the run used.
+    survivor = next(w.node_id for w in workers if w.node_id != removed[0])
+    assert {u["node"] for u in units} == {survivor}
+
+
+def test_driver_stopped_then_resumed_redoes_only_missing_units(tiny, tmp_path, cluster, local_bytes):
+    c, _ = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+
+    def stop_after_first_unit(label, done, total):
+        if " on " in label:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="--resume"):
+        ray_run(model, out, c.address, progress=stop_after_first_unit)
+    assert not out.exists()
+    kept = sorted(p.name for p in (out.parent / ".model.q4.onnx.partial").glob("plan-*.npz"))
+    assert kept, "the finished unit's plan is the checkpoint"
+
+    out.parent.mkdir(exist_ok=True)
+    report = dfq_onnx.quantize(model, out, ray=c.address, resume=True, **SETTINGS)
+    assert model_bytes(out) == local_bytes
+    assert report.resumed_units == len(kept)
+    assert len(report.distributed["units"]) == 3 - len(kept)  # only the missing units were computed
+
+
+def test_a_failing_unit_fails_the_run_with_its_error(tiny, tmp_path, cluster, monkeypatch):
+    """A NaN in the lm_head of a model too large for the up-front check: only the head's task reads
+    it; its error ends the run, names the unit and the weight, and nothing is left behind."""
+    c, _ = cluster
+    src = model_in(tiny, tmp_path / "src")
+    sites = dfq_onnx.inspect(src)
+    name = sites.linears[sites.lm_head].weight.initializer
+    m = onnx.load(str(src))
+    tensor = next(t for t in m.graph.initializer if t.name == name)
+    values = numpy_helper.to_array(tensor).copy()
+    values[3, 5] = np.nan
+    tensor.CopyFrom(numpy_helper.from_array(values, name))
+    (tmp_path / "in").mkdir()
+    model = tmp_path / "in" / "model.onnx"
+    onnx.save_model(m, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 0)  # the large-model path: weights checked as read
+
+    out = tmp_path / "out" / "model.q4.onnx"
+    with pytest.raises(DfqError, match=rf"lm_head/embedding: weight '{name}' contains NaN"):
+        ray_run(model, out, c.address)
+    assert list(out.parent.iterdir()) == []  # no model, no report, no work directory
+
+
+def test_threads_that_fit_no_node_are_refused(tiny, tmp_path, cluster):
+    c, _ = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+    out.parent.mkdir()
+    with pytest.raises(DfqError, match="--threads 1"):
+        dfq_onnx.quantize(model, out, ray=c.address, threads=2, lm_head="int8")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_without_ray_the_flag_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as it does without the extra
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model), "-o", str(out), "--ray", "auto", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e '.[ray]'" in err[0], err
+    assert not out.exists() and not (tmp_path / ".out.onnx.partial").exists()
