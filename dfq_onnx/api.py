@@ -37,6 +37,7 @@ def quantize(
     progress: bool | ProgressFn | None = None,
     threads: int | None = None,
     ray: str | None = None,
+    ray_cpus: int | None = None,
     ray_gpus: float | None = None,
     ray_in_flight: int | None = None,
     **overrides,
@@ -50,18 +51,24 @@ def quantize(
     in float), fast (True: the transforms searched, none learned; about half the time). `output` defaults to `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai
     folder. `progress` is a callable (label, done, total), or True for a bar on stderr.
     `verify` is "auto", "compare", "run" or "none" (see `dfq-onnx optimize --help`).
-    `threads`: torch threads of the optimisation (default: torch's); the bytes depend on it.
+    `threads`: torch threads of the optimisation (default: torch's); the bytes depend on it. It is
+    fixed when torch starts: a process that already runs torch must have been started with it
+    (OMP_NUM_THREADS), or a DfqError says so.
 
     `ray` spreads the layers over a Ray cluster ("auto", "local" or an address; needs the `ray`
     extra; this process's own connection when it has called ray.init): every node must see the
-    model at the same path and have dfq-onnx installed. Each task computes with `threads` threads
-    and asks Ray for as many CPUs, and for `ray_gpus` GPUs (default: 1 with a CUDA device);
+    model at the same path and have dfq-onnx installed. Each task computes with the driver's
+    thread count and asks Ray for `ray_cpus` CPUs (default: as many) and `ray_gpus` GPUs (default:
+    1 with a CUDA device);
     `ray_in_flight` bounds the layers submitted ahead of the one written next. The bytes equal a
     local run's with the same `threads`.
 
     Returns the run's `Report` (also written as JSON beside the output). Raises `DfqError` for a
     bad request or input, `Interrupted` when stopped by Ctrl-C or SIGTERM (resume with resume=True).
     """
+    from . import threads as thread_count
+
+    thread_count.use(threads)  # before torch starts, where it has not: the count is fixed then
     from . import memory
     from .distributed import Settings, import_ray
     from .pipeline import RunOptions, default_output_path, optimize
@@ -74,9 +81,9 @@ def quantize(
     if ray is not None:
         import_ray()  # before anything is read or written
         gpus = ray_gpus if ray_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
-        cluster = Settings(address=ray, gpus=gpus, in_flight=ray_in_flight)
-    elif ray_gpus is not None or ray_in_flight is not None:
-        raise DfqError("ray_gpus and ray_in_flight apply to a Ray run: pass ray='auto', 'local' or a cluster address")
+        cluster = Settings(address=ray, cpus=ray_cpus, gpus=gpus, in_flight=ray_in_flight)
+    elif ray_cpus is not None or ray_gpus is not None or ray_in_flight is not None:
+        raise DfqError("ray_cpus, ray_gpus and ray_in_flight apply to a Ray run: pass ray='auto', 'local' or a cluster address")
     options = RunOptions(device=check_device(device), verify=verify, resume=resume, threads=threads, ray=cluster)
     source, target, companions = _paths(Path(model), None if output is None else Path(output), chosen)
     if target is None:

@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         default=None,
         help="auto (the cluster `ray start` made, or RAY_ADDRESS), local (a cluster of this machine's cores for this "
-        "run), or a cluster address (host:port, ray://host:port). Each task computes with --threads threads "
-        "(default: the driver's) and asks Ray for as many CPUs",
+        "run), or a cluster address (host:port, ray://host:port). Each task computes with the driver's --threads "
+        "and asks Ray for --ray-cpus CPUs",
     )
+    ray.add_argument("--ray-cpus", type=int, default=None, help="CPUs Ray reserves per task [the driver's --threads]")
     ray.add_argument("--ray-gpus", type=float, default=None, help="GPUs per task [1 with --device cuda, else 0]")
     ray.add_argument(
         "--ray-in-flight",
@@ -235,6 +236,7 @@ def _optimize(args) -> int:
         fast=args.fast,
         threads=args.threads,
         ray=args.ray,
+        ray_cpus=args.ray_cpus,
         ray_gpus=args.ray_gpus,
         ray_in_flight=args.ray_in_flight,
     )

@@ -7,7 +7,8 @@ applies the plans it gets back in layer order, as a local run does:
 
 - each task reads only its unit's weights, by positioned reads from the input path (every node
   must see that path: a shared filesystem), and checks that the file is the one the driver read;
-- each task computes with the driver's torch thread count (threads.py), so its bytes are the
+- each task computes with the driver's torch thread count (its worker is started with it:
+  threads.py), so its bytes are the
   local run's;
 - at most `in_flight` units are submitted ahead of the next one to apply: the driver holds that
   many statistics and plans, whatever the model's depth;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,11 +65,13 @@ class Finished:
     node: str
     address: str
     seconds: float
+    peak_rss_mib: float = 0.0  # the worker process's peak so far
 
 
 @dataclasses.dataclass
 class Settings:
     address: str  # "auto", "local", or a cluster address
+    cpus: int | None = None  # CPUs Ray reserves per task; None: the driver's thread count
     gpus: float = 0.0  # GPUs per task
     in_flight: int | None = None  # units submitted ahead; None: twice the tasks the cluster runs at once, at most 16
 
@@ -84,9 +88,9 @@ class Cluster:
     """The connection for one run: joins the cluster `address` names (or starts a private one for
     "local"), checks that a task fits on some node, and disconnects afterwards if it connected."""
 
-    def __init__(self, settings: Settings, cpus: int):
+    def __init__(self, settings: Settings, threads: int):
         self.ray = import_ray()
-        self.settings, self.cpus = settings, cpus
+        self.settings, self.cpus = settings, settings.cpus or threads
         self._connected_here = False
 
     def __enter__(self) -> Cluster:
@@ -115,9 +119,9 @@ class Cluster:
         most_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
         if most_cpus < self.cpus:
             raise DfqError(
-                f"each task computes with {self.cpus} threads and asks Ray for as many CPUs, but no node of the "
-                f"cluster has more than {most_cpus:g}; pass --threads {max(int(most_cpus), 1)} (the same --threads "
-                "locally gives the same bytes)"
+                f"each task asks Ray for {self.cpus} CPUs (by default as many as the driver's threads), but no node of "
+                f"the cluster has more than {most_cpus:g}; pass --ray-cpus {max(int(most_cpus), 1)}, or a smaller "
+                "--threads (a local run with the same --threads gives the same bytes)"
             )
         if most_gpus < self.settings.gpus:
             raise DfqError(f"each task asks for {self.settings.gpus:g} GPU(s), but no node of the cluster has more than {most_gpus:g}")
@@ -140,10 +144,18 @@ class Driver:
         self.cluster, self.job, self.make, self.units, self.work = cluster, job, make, units, work
         self.placements: list[dict] = []
         self.reused = 0
+        self.statistics_seconds = 0.0  # the driver's statistics pass
+        self.apply_seconds = 0.0  # the driver writing plans into the output (the caller's time between units)
 
     def plans(self, start: int, residual: stats.Moments | None, progress: ProgressFn | None, done_sites: int, total: int) -> Iterator[tuple[int, planner.Planned]]:
         ray, job = self.cluster.ray, self.job
-        task = ray.remote(plan_unit).options(num_cpus=job.threads, num_gpus=self.cluster.settings.gpus, max_retries=RETRIES, retry_exceptions=False)
+        task = ray.remote(plan_unit).options(
+            num_cpus=self.cluster.cpus,
+            num_gpus=self.cluster.settings.gpus,
+            max_retries=RETRIES,
+            retry_exceptions=False,
+            runtime_env={"env_vars": threads.environment(job.threads)},  # workers started with the driver's count
+        )
         window = self.cluster.in_flight()
         pending: dict = {}  # ObjectRef -> unit index
         ready: dict[int, Finished] = {}
@@ -159,11 +171,15 @@ class Driver:
                         done_sites += len(ready[i].plan.sites)
                     else:
                         pending[task.remote(job, i, unit.label, _portable(residual))] = i
+                    t0 = time.perf_counter()
                     residual = after[i] = self.make.statistics(unit, residual)  # while the tasks run
+                    self.statistics_seconds += time.perf_counter() - t0
                     next_stats += 1
                 if next_apply in ready:
                     finished = ready.pop(next_apply)
+                    t0 = time.perf_counter()
                     yield next_apply, planner.Planned(finished.plan, after.pop(next_apply), finished.rounded_float)
+                    self.apply_seconds += time.perf_counter() - t0
                     next_apply += 1
                     continue
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -172,7 +188,13 @@ class Driver:
                 checkpoint.save_plan(self.work, i, finished.plan)
                 ready[i] = finished
                 self.placements.append(
-                    {"unit": self.units[i].label, "node": finished.node, "address": finished.address, "seconds": round(finished.seconds, 3)}
+                    {
+                        "unit": self.units[i].label,
+                        "node": finished.node,
+                        "address": finished.address,
+                        "seconds": round(finished.seconds, 3),
+                        "worker_peak_rss_mib": round(finished.peak_rss_mib, 1),
+                    }
                 )
                 done_sites += len(finished.plan.sites)
                 if progress:
@@ -201,7 +223,22 @@ class Driver:
         nodes: dict[str, int] = {}
         for p in self.placements:
             nodes[p["node"]] = nodes.get(p["node"], 0) + 1
-        return {"ray": address, "threads_per_task": self.job.threads, "nodes": nodes, "units": self.placements, "reused_units": self.reused}
+        return {
+            "ray": address,
+            "threads_per_task": self.job.threads,
+            "cpus_per_task": self.cluster.cpus,
+            "nodes": nodes,
+            "units": self.placements,
+            "reused_units": self.reused,
+            "driver_statistics_seconds": round(self.statistics_seconds, 3),
+            "driver_apply_seconds": round(self.apply_seconds, 3),
+            "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+        }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _portable(x: stats.Moments | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -219,7 +256,11 @@ def plan_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.n
     import ray
 
     started = time.perf_counter()
-    threads.set_threads(job.threads)
+    if torch.get_num_threads() != job.threads:
+        raise DfqError(
+            f"this worker computes with {torch.get_num_threads()} torch threads, the driver with {job.threads}: the bytes "
+            "would differ; start the workers without OMP_NUM_THREADS set"
+        )
     make, units = _planner(job)
     unit = units[index]
     if unit.label != label:
@@ -229,7 +270,8 @@ def plan_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.n
     rounded = {name: np.asarray(w) for name, w in planned.rounded_float.items()}
     node = ray.get_runtime_context().get_node_id()
     memory.release()
-    return Finished(index, planned.plan, rounded, node, ray.util.get_node_ip_address(), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Finished(index, planned.plan, rounded, node, ray.util.get_node_ip_address(), seconds, peak_rss_mib())
 
 
 def _planner(job: Job) -> tuple[planner.Planner, list[methods.Unit]]:

@@ -44,8 +44,6 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.verify not in ("auto", "compare", "run", "none"):
             raise DfqError(f"unknown verify mode '{self.verify}': use auto, compare, run or none")
-        if self.threads is not None and self.threads < 1:
-            raise DfqError(f"--threads {self.threads}: give a positive number of threads")
 
 
 def default_output_path(input_path: Path, recipe: Recipe) -> Path:
@@ -76,8 +74,8 @@ def optimize(
     check_exclude(recipe, sites)
     if load.weight_bytes(model) <= VERIFY_AUTO_LIMIT:  # larger models are checked as each weight is read
         load.check_finite(model, _float_tensors(sites))
-    options = dataclasses.replace(options, threads=threads.resolved(options.threads))
-    with save.OutputLock(output_path), threads.computing_with(options.threads):
+    options = dataclasses.replace(options, threads=threads.use(options.threads))
+    with save.OutputLock(output_path):
         try:
             return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {})
         except OSError as exc:  # the disk, not the model: one line, nothing published

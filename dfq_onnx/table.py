@@ -177,4 +177,4 @@ def _ray_line(run: dict) -> str:
         per_node.setdefault(f"{unit['node'][:8]} ({unit['address']})", []).append(unit["seconds"])
     nodes = ", ".join(f"{node}: {len(s)} in {sum(s):.1f}s" for node, s in sorted(per_node.items()))
     reused = f"; {run['reused_units']} taken from the unfinished run" if run["reused_units"] else ""
-    return f"ray ({run['ray']}): {len(run['units'])} units on {len(per_node)} node(s), {run['threads_per_task']} thread(s) each: {nodes}{reused}"
+    return f"ray ({run['ray']}): {len(run['units'])} units on {len(per_node)} node(s), {run['threads_per_task']} thread(s) each on {run['cpus_per_task']} CPU(s): {nodes}{reused}"

@@ -3,8 +3,8 @@ stops and resumes, and a unit that fails.
 
 The clusters are real multi-node Ray clusters simulated on this machine (ray.cluster_utils.Cluster):
 a head that runs no tasks and two worker nodes of 1 CPU each, so every unit is computed in another
-process on another node than the driver's. Runs use one thread (`threads=1`): a 1-CPU node's task
-computes with the driver's thread count, and the bytes depend on it (dfq_onnx/threads.py).
+process on another node than the driver's. Each task reserves the node's one CPU (`ray_cpus=1`) and
+computes with the driver's torch thread count, which the bytes depend on (dfq_onnx/threads.py).
 The test without Ray installed runs everywhere; the others need the `ray` extra.
 """
 
@@ -25,7 +25,7 @@ from dfq_onnx import pipeline
 from dfq_onnx.cli import main
 from dfq_onnx.errors import DfqError, Interrupted
 
-SETTINGS = {"threads": 1, "lm_head": "int8"}  # the head is a unit of its own: 3 units on the tiny model
+SETTINGS = {"lm_head": "int8"}  # the head is a unit of its own: 3 units on the tiny model
 OBJECT_STORE = 80 << 20  # bytes per node: the tiny model's plans are kilobytes
 
 
@@ -80,7 +80,7 @@ def cluster():
 
 def ray_run(model: Path, out: Path, address: str, progress=None):
     out.parent.mkdir(parents=True, exist_ok=True)
-    return dfq_onnx.quantize(model, out, ray=address, progress=progress, **SETTINGS)
+    return dfq_onnx.quantize(model, out, ray=address, ray_cpus=1, progress=progress, **SETTINGS)
 
 
 def test_cluster_run_writes_the_bytes_of_a_local_run(tiny, tmp_path, cluster, local_bytes):
@@ -139,7 +139,7 @@ def test_driver_stopped_then_resumed_redoes_only_missing_units(tiny, tmp_path, c
     assert kept, "the finished unit's plan is the checkpoint"
 
     out.parent.mkdir(exist_ok=True)
-    report = dfq_onnx.quantize(model, out, ray=c.address, resume=True, **SETTINGS)
+    report = dfq_onnx.quantize(model, out, ray=c.address, ray_cpus=1, resume=True, **SETTINGS)
     assert model_bytes(out) == local_bytes
     assert report.resumed_units == len(kept)
     assert len(report.distributed["units"]) == 3 - len(kept)  # only the missing units were computed
@@ -168,14 +168,25 @@ def test_a_failing_unit_fails_the_run_with_its_error(tiny, tmp_path, cluster, mo
     assert list(out.parent.iterdir()) == []  # no model, no report, no work directory
 
 
-def test_threads_that_fit_no_node_are_refused(tiny, tmp_path, cluster):
+def test_tasks_that_fit_no_node_are_refused(tiny, tmp_path, cluster):
     c, _ = cluster
     model = model_in(tiny, tmp_path / "in")
     out = tmp_path / "out" / "model.q4.onnx"
     out.parent.mkdir()
-    with pytest.raises(DfqError, match="--threads 1"):
-        dfq_onnx.quantize(model, out, ray=c.address, threads=2, lm_head="int8")
+    with pytest.raises(DfqError, match="--ray-cpus 1"):
+        dfq_onnx.quantize(model, out, ray=c.address, ray_cpus=2, **SETTINGS)
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_thread_count_torch_cannot_take_is_refused(tiny, tmp_path):
+    """torch runs in this process: its thread count is fixed, and another one is refused up front."""
+    import torch
+
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    with pytest.raises(DfqError, match="OMP_NUM_THREADS"):
+        dfq_onnx.quantize(model, out, threads=torch.get_num_threads() + 1)
+    assert not out.exists()
 
 
 def test_without_ray_the_flag_says_how_to_install_it(tiny, tmp_path, monkeypatch, capsys):

@@ -27,7 +27,10 @@ sys.path.insert(0, str(REPO / "tools"))
 import compare_peers  # noqa: E402
 import make_synthetic  # noqa: E402
 
-RUNS = ("ort-default", "rtn", "cafeq")
+RUNS = ("ort-default", "rtn", "cafeq", "cafeq-1thread", "cafeq-ray")
+# the method with one torch thread, and spread over a private Ray cluster of this machine's cores (one
+# task per core, one thread each): the two write the same bytes (a run's bytes depend on its thread count)
+RAY_FLAGS = {"cafeq-1thread": ["--threads", "1"], "cafeq-ray": ["--threads", "1", "--ray", "local"]}
 BEGIN, END = "<!-- bench_large:{key}:begin -->", "<!-- bench_large:{key}:end -->"  # one table per shape and set of runs
 
 
@@ -51,20 +54,43 @@ def run_one(kind: str, model: Path, work: Path, lm_head: str, device: str) -> di
     if kind == "ort-default":
         cmd = [sys.executable, "-c", compare_peers.ORT_SCRIPT, str(model), str(out), "default", "4", "32", "1", lm_head]
     else:
+        method = "rtn" if kind == "rtn" else "cafeq"
         cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", "4",
-               "--block-size", "32", "--symmetric", "--method", kind, "--verify", "none", "--quiet", "--device", device]  # fmt: skip
+               "--block-size", "32", "--symmetric", "--method", method, "--verify", "none", "--quiet", "--device", device,
+               *RAY_FLAGS.get(kind, [])]  # fmt: skip
     print(f"running {kind} ...", file=sys.stderr, flush=True)
     wall, rss, error = compare_peers.run_measured(cmd)
     size = sum(p.stat().st_size for p in work.glob(f"{kind}.onnx*")) if not error else 0
+    report = work / f"{kind}.report.json"
+    distributed = json.loads(report.read_text()).get("distributed") if report.is_file() else None
+    digest = _digest(work / f"{kind}.onnx.data") if not error and kind in RAY_FLAGS else None
     for p in work.glob(f"{kind}.*"):
         p.unlink()
     print(f"  {kind}: {wall:.0f}s, peak RSS {rss or 0:.0f} MiB{', FAILED: ' + error if error else ''}", file=sys.stderr)
-    return {"kind": kind, "seconds": wall, "peak_rss_mib": rss, "error": error, "output_bytes": size}
+    return {"kind": kind, "seconds": wall, "peak_rss_mib": rss, "error": error, "output_bytes": size, "distributed": distributed, "data_sha256": digest}
+
+
+def _digest(path: Path) -> str | None:
+    import hashlib
+
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def render(rows: list[dict], meta: dict) -> str:
     ort = next((r for r in rows if r["kind"] == "ort-default" and not r["error"]), None)
-    names = {"ort-default": "ORT MatMulNBitsQuantizer DEFAULT", "rtn": "dfq-onnx rtn", "cafeq": "dfq-onnx method (cafeq)"}
+    names = {
+        "ort-default": "ORT MatMulNBitsQuantizer DEFAULT",
+        "rtn": "dfq-onnx rtn",
+        "cafeq": "dfq-onnx method (cafeq)",
+        "cafeq-1thread": "dfq-onnx method, --threads 1",
+        "cafeq-ray": "dfq-onnx method, --threads 1 --ray local",
+    }
     lines = [
         BEGIN.format(key=meta["key"]),
         f"Model: synthetic {meta['shape']} ({meta['layers']} layers, dynamo export graph), "
@@ -86,8 +112,34 @@ def render(rows: list[dict], meta: dict) -> str:
             f"| {names[r['kind']]} | {r['seconds']:.0f} s | {rss / 1024:.2f} GiB | {rss * 2**20 / meta['weight_bytes']:.3f} | "
             f"{r['seconds'] / (meta['params'] / 1e9):.0f} | {rel_t} | {rel_m} |"
         )
+    lines += _ray_lines(rows, meta)
     lines.append(END.format(key=meta["key"]))
     return "\n".join(lines)
+
+
+def _ray_lines(rows: list[dict], meta: dict) -> list[str]:
+    """For a Ray run: its time against the single-process runs, the driver's share, the bytes check."""
+    by = {r["kind"]: r for r in rows if not r["error"]}
+    ray = by.get("cafeq-ray")
+    if not ray or not ray["distributed"]:
+        return []
+    run = ray["distributed"]
+    layers = [u for u in run["units"] if u["unit"].startswith("layer")]
+    lines = ["", f"Ray run: {len(run['units'])} units on {len(run['nodes'])} node(s), {run['threads_per_task']} thread each; "
+             f"driver peak RSS {run['driver_peak_rss_mib'] / 1024:.2f} GiB (workers at most {max(u['worker_peak_rss_mib'] for u in run['units']) / 1024:.2f} GiB each); "
+             f"a layer's task {sum(u['seconds'] for u in layers) / max(len(layers), 1):.1f} s on average; the driver's statistics pass "
+             f"{run['driver_statistics_seconds']:.0f} s and writing {run['driver_apply_seconds']:.0f} s in all."]  # fmt: skip
+    for base in ("cafeq", "cafeq-1thread"):
+        if base in by:
+            lines.append(f"Wall time of the single-process run `{names_of(base)}` / the Ray run: **{by[base]['seconds'] / ray['seconds']:.2f}x**.")
+    if "cafeq-1thread" in by:
+        same = by["cafeq-1thread"]["data_sha256"] == ray["data_sha256"]
+        lines.append(f"Output data of the Ray run and of the local `--threads 1` run: {'identical' if same else 'DIFFERENT'} (sha256).")
+    return lines
+
+
+def names_of(kind: str) -> str:
+    return " ".join(RAY_FLAGS.get(kind, [])) or "default threads"
 
 
 def main(argv: list[str] | None = None) -> int:
