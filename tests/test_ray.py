@@ -11,6 +11,7 @@ The test without Ray installed runs everywhere; the others need the `ray` extra.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -197,3 +198,17 @@ def test_without_ray_the_flag_says_how_to_install_it(tiny, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install -e '.[ray]'" in err[0], err
     assert not out.exists() and not (tmp_path / ".out.onnx.partial").exists()
+
+
+def test_cli_threads_fixes_the_count_before_torch_starts(tiny, tmp_path):
+    """`--threads 1`: the command line starts torch with one thread before anything imports it
+    (a count set after torch started would be refused, exit 2)."""
+    import subprocess
+
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out.onnx"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--threads", "1", "--verify", "none", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
