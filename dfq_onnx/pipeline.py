@@ -199,6 +199,7 @@ def _local_plans(make: planner.Planner, units, start: int, residual, work: Path)
         residual = planned.residual
         checkpoint.save_plan(work, index, planned.plan)
         yield index, planned
+        del planned  # not held while the next unit is computed
 
 
 def _rotation_entry(r) -> dict:
