@@ -201,7 +201,10 @@ class Driver:
                     progress(f"{self.units[i].label} on {finished.node[:8]}", done_sites, total)
         finally:
             for ref in pending:  # an error or an interrupt: nothing more is computed for this run
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 (a task that ended meanwhile; the run's own error comes first)
+                    pass
 
     def _result(self, ray, ref, index: int) -> Finished:
         label = self.units[index].label
