@@ -117,7 +117,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         make = planner.Planner(model.graph, sites, recipe, options.device, keep_float="exact" in mirrors)
         for plan in checkpoint.load_plans(work, resumed):
             apply_plan(model, plan, recipe.output_format, context)
-            plans.append(plan)
+            plans.append(plan.summary())
         residual = _on(state.residual, options.device) if resumed else make.initial_statistics()
         if progress:
             progress(f"resumed after {units[resumed - 1].label}" if resumed else "start", _sites(plans), total)
@@ -132,7 +132,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
             for index, planned in planned_units:
                 apply_plan(model, planned.plan, recipe.output_format, context)
                 notes += mirror.follow(mirrors, planned.plan, sites, planned.rounded_float)
-                plans.append(planned.plan)
+                plans.append(planned.plan.summary())
                 checkpoint.save(work, checkpoint.State(key, index + 1, planned.residual))
                 del planned
                 memory.release()  # hand the unit's freed buffers back to the OS before the next one

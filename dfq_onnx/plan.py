@@ -68,6 +68,11 @@ class UnitPlan:
     sites: list[SiteResult] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
+    def summary(self) -> "UnitPlan":
+        """What the report needs once the plan is applied: sites, notes and rotations, no weights
+        (a run keeps one per unit: holding the rounded weights would grow with the model)."""
+        return dataclasses.replace(self, quantized={}, float_weights={}, gains={}, biases={}, embedding=None)
+
 
 def save(plan: UnitPlan, path: Path) -> None:
     """One .npz: the arrays, and a JSON header that names them (written whole, then renamed)."""
