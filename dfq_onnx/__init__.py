@@ -3,7 +3,7 @@
     import dfq_onnx
     report = dfq_onnx.quantize("model.onnx", "model.q4.onnx", bits=4, block_size=32)
 
-`quantize`, `inspect`, `Report`, `Recipe`, `load_recipe`, `DfqError` and `Interrupted` are
+`quantize`, `inspect`, `plan_budget`, `Report`, `Recipe`, `load_recipe`, `DfqError` and `Interrupted` are
 imported on first use, so `import dfq_onnx` stays cheap.
 """
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": "api",
     "inspect": "api",
+    "plan_budget": "api",
     "Report": "report",
     "SiteResult": "report",
     "Recipe": "config",

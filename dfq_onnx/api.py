@@ -40,6 +40,10 @@ def quantize(
     ray_cpus: int | None = None,
     ray_gpus: float | None = None,
     ray_in_flight: int | None = None,
+    target_bits: float | None = None,
+    target_size: int | str | None = None,
+    target_formats: str | None = None,
+    target_weighting: str = "residual",
     **overrides,
 ) -> Report:
     """Quantize `model` (an .onnx file, or an onnxruntime-genai model folder) and write `output`.
@@ -63,6 +67,12 @@ def quantize(
     `ray_in_flight` bounds the layers submitted ahead of the one written next. The bytes equal a
     local run's with the same `threads`.
 
+    `target_bits` (stored bits per quantized weight, as the report counts them) or `target_size`
+    (bytes of the written model, or a string such as "1.5GB") chooses a format per linear within
+    that budget from the weights alone (`target_formats`: the candidates as "bits:block:sym|asym,...";
+    default: 2/4/8 bits at blocks 32/64/128, only the CUDA layouts for a CUDA-layout recipe); the
+    choice is in `report.allocation`. `plan_budget` shows it without writing a model.
+
     Returns the run's `Report` (also written as JSON beside the output). Raises `DfqError` for a
     bad request or input, `Interrupted` when stopped by Ctrl-C or SIGTERM (resume with resume=True).
     """
@@ -84,7 +94,8 @@ def quantize(
         cluster = Settings(address=ray, cpus=ray_cpus, gpus=gpus, in_flight=ray_in_flight)
     elif ray_cpus is not None or ray_gpus is not None or ray_in_flight is not None:
         raise DfqError("ray_cpus, ray_gpus and ray_in_flight apply to a Ray run: pass ray='auto', 'local' or a cluster address")
-    options = RunOptions(device=check_device(device), verify=verify, resume=resume, threads=threads, ray=cluster)
+    allocation = _budget(target_bits, target_size, target_formats, target_weighting)
+    options = RunOptions(device=check_device(device), verify=verify, resume=resume, threads=threads, ray=cluster, budget=allocation)
     source, target, companions = _paths(Path(model), None if output is None else Path(output), chosen)
     if target is None:
         target = default_output_path(source, chosen)
@@ -109,6 +120,48 @@ def inspect(model: str | Path) -> ModelSites:
     path = Path(model)
     folder = genai_folder.find(path) if path.exists() else None
     return find(folder.model if folder else path)
+
+
+def plan_budget(
+    model: str | Path,
+    *,
+    target_bits: float | None = None,
+    target_size: int | str | None = None,
+    target_formats: str | None = None,
+    target_weighting: str = "residual",
+    recipe: str | Path | Recipe | None = None,
+    device: str = "cpu",
+    **overrides,
+):
+    """The format `quantize` would choose per linear for this budget (a `budget.Plan`), without
+    writing a model: what `dfq-onnx inspect --plan --target-bits B` prints."""
+    from . import budget
+    from .graph import load
+    from .graph.sites import find_sites
+
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise DfqError(f"unknown setting(s) {', '.join(unknown)}: use {', '.join(OVERRIDES)}")
+    chosen = _recipe(recipe).with_overrides(**overrides)
+    wanted = _budget(target_bits, target_size, target_formats, target_weighting)
+    if wanted is None:
+        raise DfqError("give a budget: target_bits (e.g. 3.5) or target_size (e.g. '1.5GB')")
+    path = Path(model)
+    folder = genai_folder.find(path) if path.exists() else None
+    source = folder.model if folder else path
+    graph = load.load_model(source)
+    return budget.plan(graph, find_sites(graph), chosen, wanted, check_device(device), graph_bytes=source.stat().st_size)
+
+
+def _budget(bits: float | None, size: int | str | None, formats: str | None, weighting: str):
+    from . import budget
+
+    if bits is None and size is None:
+        if formats is not None:
+            raise DfqError("--target-formats needs a budget: --target-bits B or --target-size SIZE")
+        return None
+    size = budget.parse_size(size) if isinstance(size, str) else size
+    return budget.Budget(bits, size, budget.parse_formats(formats) if formats else (), weighting)
 
 
 def _recipe(recipe: str | Path | Recipe | None) -> Recipe:

@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="the .onnx file (external data beside it), or an onnxruntime-genai model folder")
     p.add_argument("--json", action="store_true", help="print the full structure as JSON")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="show the format a size budget gives each linear (with --target-bits or --target-size; --recipe as "
+        "optimize's) without writing a model",
+    )
+    p.add_argument("--recipe", default=None, help="the recipe the plan is for [cafeq-int4-cuda]")
+    p.add_argument("--device", default="cpu", help="torch device for the estimates [cpu]")
+    _budget_arguments(p)
 
     o = sub.add_parser(
         "optimize",
@@ -176,8 +185,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers submitted ahead of the one written next; bounds the driver's memory [twice the tasks the cluster "
         "runs at once, at most 16]",
     )
+    _budget_arguments(o.add_argument_group(
+        "mixed precision under a budget",
+        "Choose a format per linear of the decoder layers so that the model fits a budget, from the weights alone: "
+        "each candidate format's error is estimated per linear under the propagated statistics, a knapsack solver "
+        "picks the formats of least total estimated loss, and the method then runs once on them. The lm_head, "
+        "excluded linears and linears outside the layers keep their format and count towards the budget.",
+    ))  # fmt: skip
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return parser
+
+
+def _budget_arguments(group) -> None:
+    group.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        metavar="B",
+        help="stored bits per quantized weight (codes, scales and zero points, as the report counts them), e.g. 3.5",
+    )
+    group.add_argument("--target-size", default=None, metavar="SIZE", help="bytes of the written model, e.g. 1.5GB, 800MiB")
+    group.add_argument(
+        "--target-formats",
+        default=None,
+        metavar="LIST",
+        help="candidate formats as bits:block:sym|asym, comma-separated, e.g. 2:64:asym,4:128:asym,8:128:sym [2-, 4- and "
+        "8-bit at blocks 32/64/128, symmetric and asymmetric; with a CUDA-layout recipe (the default) only the layouts "
+        "ORT's CUDA GEMM runs: 2:64:sym, 4:32:sym, 8:32:sym]",
+    )
+    group.add_argument(
+        "--target-weighting",
+        choices=["residual", "relative"],
+        default="residual",
+        help="how a linear's relative error counts: times the share of the residual stream its sublayer writes, or "
+        "alone [residual]",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +244,8 @@ def _inspect(args) -> int:
     from .api import inspect
     from .report import structure_summary
 
+    if args.plan or args.target_bits is not None or args.target_size is not None:
+        return _inspect_plan(args)
     sites = inspect(args.model)
     if args.json:
         print(json.dumps(structure_summary(sites), indent=2))
@@ -209,6 +253,23 @@ def _inspect(args) -> int:
         from .table import structure_table
 
         print(structure_table(sites, args.model))
+    return 0
+
+
+def _inspect_plan(args) -> int:
+    from .api import plan_budget
+    from .table import plan_table
+
+    found = plan_budget(
+        args.model,
+        target_bits=args.target_bits,
+        target_size=args.target_size,
+        target_formats=args.target_formats,
+        target_weighting=args.target_weighting,
+        recipe=args.recipe,
+        device=args.device,
+    )
+    print(json.dumps(found.to_dict(), indent=2) if args.json else plan_table(found))
     return 0
 
 
@@ -239,6 +300,10 @@ def _optimize(args) -> int:
         ray_cpus=args.ray_cpus,
         ray_gpus=args.ray_gpus,
         ray_in_flight=args.ray_in_flight,
+        target_bits=args.target_bits,
+        target_size=args.target_size,
+        target_formats=args.target_formats,
+        target_weighting=args.target_weighting,
     )
     if not args.quiet:
         from .table import result_table

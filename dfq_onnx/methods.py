@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from .config import Method, MethodConfig, QuantFormat
+from .config import Method, MethodConfig, Prior, QuantFormat
 from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
-from .quant import grid, site, stats
+from .quant import grid, sensitivity, site, stats
 from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
 from .quant.layer import optimise_layer, propagate_layer
 
@@ -127,6 +127,13 @@ def statistics(unit: Unit, data: UnitInput, config: MethodConfig) -> stats.Momen
     if config.name != Method.CAFEQ or unit.is_head:
         return None
     return propagate_layer(_layer_weights(unit, data), config, data.residual)
+
+
+def site_statistics(unit: Unit, data: UnitInput, config: MethodConfig):
+    """({linear: sensitivity.SiteStatistics}, residual after the unit): what weighs each linear's
+    rounding error, under the method's statistics (identity ones for another prior or method)."""
+    propagated = config.name == Method.CAFEQ and config.prior == Prior.PROPAGATED
+    return sensitivity.layer_sites(_layer_weights(unit, data), data.residual if propagated else None)
 
 
 def _layer_weights(unit: Unit, data: UnitInput) -> LayerWeights:

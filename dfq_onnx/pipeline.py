@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from . import checkpoint, distributed, genai_folder, memory, mirror, planner, threads
+from . import budget, checkpoint, distributed, genai_folder, memory, mirror, planner, threads
 from .config import ROLES, Method, OutputFormat, Recipe
 from .errors import DfqError, Interrupted, Resumable
 from .graph import load, save
@@ -40,6 +40,7 @@ class RunOptions:
     resume: bool = False  # continue an interrupted run from its last finished layer
     threads: int | None = None  # torch threads of the optimisation (the bytes depend on it); None: torch's
     ray: distributed.Settings | None = None  # spread the units over a Ray cluster (distributed.py)
+    budget: budget.Budget | None = None  # choose a format per linear within this size (budget.py)
 
     def __post_init__(self) -> None:
         if self.verify not in ("auto", "compare", "run", "none"):
@@ -76,8 +77,12 @@ def optimize(
         load.check_finite(model, _float_tensors(sites))
     options = dataclasses.replace(options, threads=threads.use(options.threads))
     with save.OutputLock(output_path):
+        allocation = None
+        if options.budget is not None:  # the formats become per-site overrides: the checkpoint's key covers them
+            allocation = budget.plan(model, sites, recipe, options.budget, options.device, progress, input_path.stat().st_size)
+            recipe = dataclasses.replace(recipe, overrides=recipe.overrides + allocation.overrides())
         try:
-            return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {})
+            return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {}, allocation)
         except OSError as exc:  # the disk, not the model: one line, nothing published
             raise save.write_error(exc, output_path) from None
 
@@ -93,7 +98,7 @@ def _float_tensors(sites: ModelSites) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions) -> Report:
+def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions, allocation=None) -> Report:
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads)
@@ -180,6 +185,9 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     report.resumed_units = resumed + (driver.reused if driver else 0)
     if driver is not None:
         report.distributed = driver.summary(options.ray.address)
+    if allocation is not None:
+        report.allocation = allocation.to_dict() | {"written_bits_per_weight": report.totals()["bits_per_weight"]}
+        report.allocation["written_bytes"] = save.written_bytes(output_path)
     report.write_json(report_path_for(output_path))
     return report
 

@@ -126,7 +126,7 @@ class Planner:
         t0 = time.perf_counter()
         head = unit.is_head
         fmt = self._format(head)
-        formats = {lin.node: self._site_format(lin, head) for lin in unit.linears}
+        formats = {lin.node: self.site_format(lin, head) for lin in unit.linears}
         excluded = {lin.node for lin in unit.linears if not head and self.recipe.excludes(lin.node, lin.role.value)}
         # RTN reads blocks in any layout and dtype; the head is read in float32 like ORT's quantizer does.
         as_stored = self.recipe.method.name == Method.RTN and not head
@@ -193,6 +193,18 @@ class Planner:
         )
         return methods.statistics(unit, data, self.recipe.method)
 
+    def site_statistics(self, unit: methods.Unit, residual: stats.Moments | None):
+        """Each linear of `unit` with the statistics that weigh its rounding error, and the residual
+        statistics after it (what a budget allocation estimates its losses from; nothing is rounded)."""
+        data = methods.UnitInput(
+            weights={lin.node: self.weight(lin).to(self.device) for lin in unit.linears},
+            scale_dtypes={lin.node: _torch_dtype(self.activation_dtype(lin)) for lin in unit.linears},
+            gains=self._device_gains(unit),
+            biases=self._device_biases(unit),
+            residual=residual,
+        )
+        return methods.site_statistics(unit, data, self.recipe.method)
+
     def _device_gains(self, unit: methods.Unit) -> dict[str, torch.Tensor]:
         return {name: g.to(self.device) for name, g in self.gains(unit).items()}
 
@@ -203,7 +215,7 @@ class Planner:
         quant = self.recipe.quant
         return QuantFormat(self.recipe.lm_head.bits, quant.block_size, quant.symmetric) if head else quant
 
-    def _site_format(self, lin: Linear, head: bool) -> QuantFormat:
+    def site_format(self, lin: Linear, head: bool) -> QuantFormat:
         return self._format(True) if head else self.recipe.format_for(lin.role.value, lin.layer, len(self.sites.layers()))
 
     def _embedding_quantizable(self, unit: methods.Unit, fmt: QuantFormat, notes: list[str]) -> bool:

@@ -79,6 +79,7 @@ class Report:
     resumed_units: int = 0  # layers taken from an interrupted run's checkpoint (--resume)
     online: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # inserted rotations: nodes, k, block, layer
     distributed: dict[str, Any] | None = None  # a Ray run: the cluster, threads per task, the node each unit ran on
+    allocation: dict[str, Any] | None = None  # a size budget: the format chosen per site, estimated and written bits
 
     @classmethod
     def build(
@@ -155,6 +156,7 @@ class Report:
             "resumed_units": self.resumed_units,
             "online": {**self.online_cost(), "inserted": self.online},
             "distributed": self.distributed,
+            "allocation": self.allocation,
             "notes": self.notes,
         }
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .graph.sites import ModelSites
-from .report import Report
+from .report import ROLE_ORDER, Report
 
 
 def render(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -150,6 +150,8 @@ def result_table(report: Report) -> str:
             lines.append(f"verified: ONNX Runtime (CPU) loads and runs the output ({v['tokens']} random ids)")
     if report.distributed:
         lines.append(_ray_line(report.distributed))
+    if report.allocation:
+        lines.append(_budget_line(report.allocation))
     lines.append(f"optimised and written in {report.seconds:.1f}s")
     for note in report.notes:
         lines.append(f"note: {note}")
@@ -178,3 +180,39 @@ def _ray_line(run: dict) -> str:
     nodes = ", ".join(f"{node}: {len(s)} in {sum(s):.1f}s" for node, s in sorted(per_node.items()))
     reused = f"; {run['reused_units']} taken from the unfinished run" if run["reused_units"] else ""
     return f"ray ({run['ray']}): {len(run['units'])} units on {len(per_node)} node(s), {run['threads_per_task']} thread(s) each on {run['cpus_per_task']} CPU(s): {nodes}{reused}"
+
+
+def _budget_line(allocation: dict) -> str:
+    counts: dict[str, int] = {}
+    for site in allocation["sites"]:
+        counts[site["format"]] = counts.get(site["format"], 0) + 1
+    mix = ", ".join(f"{n} x {fmt}" for fmt, n in sorted(counts.items()))
+    return (
+        f"budget {allocation['target']}: written {allocation['written_bits_per_weight']:.3f} bits/weight, "
+        f"{allocation['written_bytes'] / 2**20:.1f} MiB; formats chosen per linear ({mix}); estimated loss within "
+        f"{allocation['gap']:.3g} of the optimum of the estimate (report JSON: allocation)"
+    )
+
+
+def plan_table(plan) -> str:
+    """A budget's allocation (budget.Plan): the format of every linear, layer by layer."""
+    from .budget import format_label
+
+    short = lambda f: f"{f.bits}/{f.block_size}{'s' if f.symmetric else 'a'}"  # noqa: E731
+    roles = [r for r in ROLE_ORDER if any(s.role == r for s in plan.sites)]
+    layers = sorted({s.layer for s in plan.sites})
+    cell = {(s.layer, s.role): short(s.format) for s in plan.sites}
+    rows = [[str(layer)] + [cell.get((layer, r), "-") for r in roles] for layer in layers]
+    sol = plan.solution
+    lines = [
+        f"budget {plan.budget.describe()} ({plan.budget.weighting} weighting): {plan.bits_per_weight:.3f} bits/weight "
+        f"estimated; {len(plan.sites)} linears chosen in {plan.seconds:.1f}s",
+        "",
+        render(["layer", *roles], rows, right=set(range(1, len(roles) + 1))),
+        "",
+        "cells: bits/block, s symmetric, a asymmetric. Mix: " + ", ".join(f"{n} x {f}" for f, n in plan.counts().items()),
+        f"estimated loss {sol.loss:.4g}; no allocation within the budget estimates below {sol.bound:.4g} "
+        f"(the knapsack's relaxation), so this one is within {sol.gap:.3g} of the optimum",
+        "candidates: " + ", ".join(format_label(f) for f in plan.formats),
+    ]
+    return "\n".join(lines)

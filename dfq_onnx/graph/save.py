@@ -27,6 +27,12 @@ def work_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.partial"
 
 
+def written_bytes(output: Path) -> int:
+    """Bytes of a published model: the graph and its external data file."""
+    data = output.with_name(data_location_for(output))
+    return output.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def data_location_for(output: Path) -> str:
     return f"{output.name}.data"
 

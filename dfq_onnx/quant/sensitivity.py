@@ -1,0 +1,97 @@
+"""How much each site's rounding error costs, per candidate format, from the weights alone.
+
+A site's error is its proxy relative to its output's energy, tr(D^T H D) / tr(W^T H W), under the
+statistics propagated to its input (the method's own). A relative error of the sublayer's output
+reaches the residual stream in proportion to the share of the stream that sublayer writes,
+E||added||^2 / E||residual after||^2: a sublayer whose (post-normalised) output is small against
+the stream perturbs it little. The estimate of a site under a format is that share times the
+relative error of round-to-nearest, times the method's measured reduction at that bit width
+(REDUCTION): the method then runs once, on the chosen format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import QuantFormat
+from . import grid, rounding, stats
+from .attention import _split_qkv, _v_bias, residual_after_attention
+from .geometry import LayerWeights
+from .mlp import _weights as _mlp_weights
+from .mlp import residual_after_mlp
+from .site import hessian, identity_moments
+
+# Relative proxy of the method over that of round-to-nearest at the same format, by bit width
+# (the median over the decoder sites of Gemma 3 270M, dynamo export, lm_head kept; the reports of
+# `dfq-onnx optimize ... --bits B --block-size G`, BENCHMARKS.md "Mixed precision under a budget").
+REDUCTION = {2: 0.18, 3: 0.27, 4: 0.30, 8: 0.60}
+WEIGHTINGS = ("residual", "relative")
+
+
+@dataclasses.dataclass
+class SiteStatistics:
+    weight: torch.Tensor  # W[K, N] (a fused linear whole)
+    hessian: object  # E[x^T x] at its input (rounding.LowRank)
+    scale_dtype: torch.dtype
+    share: float  # the share of the residual stream its sublayer writes (1 without statistics)
+
+
+def layer_sites(layer: LayerWeights, residual: stats.Moments | None) -> tuple[dict[str, SiteStatistics], stats.Moments | None]:
+    """Every linear of the layer with the statistics that weigh its error, and the residual
+    statistics after the layer (by the method's own propagation)."""
+    out: dict[str, SiteStatistics] = {}
+    att, mlp = layer.attention, layer.mlp
+    dt = layer.scale_dtypes
+    if att is not None and (att.q or att.qkv):
+        parts = _split_qkv(layer, att)
+        first = next(iter(parts.values()))
+        x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
+        sites = {name: (layer.weights[name], hessian(x)) for name in ([att.qkv] if att.qkv else [n for n in (att.q, att.k, att.v) if n])}
+        v = parts.get("v")
+        if att.o and v is not None and att.head_dim and att.num_heads:
+            z = stats.attention_output(stats.with_bias(stats.linear(x, v), _v_bias(layer, att)), att.num_heads, att.head_dim)
+            sites[att.o] = (layer.weights[att.o], hessian(z))
+        after = residual_after_attention(layer, residual, x)
+        share = _share(residual, after)
+        out.update({name: SiteStatistics(w, h, dt[name], share) for name, (w, h) in sites.items()})
+        residual = after
+    if mlp is not None:
+        w_gate, w_up, w_down = _mlp_weights(layer)
+        x = identity_moments(w_gate.shape[0], w_gate.device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
+        u = identity_moments(w_down.shape[0], w_down.device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
+        after = residual_after_mlp(layer, residual, u)
+        share = _share(residual, after)
+        out.update({name: SiteStatistics(layer.weights[name], hessian(x), dt[name], share) for name in dict.fromkeys((mlp.gate, mlp.up))})
+        out[mlp.down] = SiteStatistics(w_down, hessian(u), dt[mlp.down], share)
+        residual = after
+    return out, residual
+
+
+def _share(before: stats.Moments | None, after: stats.Moments | None) -> float:
+    """E||added||^2 / E||after||^2 for after = before + added (independent): 1 without statistics."""
+    if before is None or after is None:
+        return 1.0
+    added = float((after.variances() - before.variances()).sum() + ((after.mean - before.mean) ** 2).sum())
+    total = float(after.variances().sum() + (after.mean**2).sum())
+    return max(added, 0.0) / max(total, 1e-30)
+
+
+ESTIMATE_COLUMNS = 256  # evenly spaced columns the estimate rounds (each column rounds on its own)
+
+
+def relative_errors(site: SiteStatistics, formats: list[QuantFormat]) -> list[float]:
+    """Round-to-nearest's relative proxy of the site at each format, on ESTIMATE_COLUMNS of its
+    columns (the proxy is a sum over columns; a column's rounding does not depend on the others)."""
+    w = site.weight
+    if w.shape[1] > ESTIMATE_COLUMNS:
+        w = w[:, torch.linspace(0, w.shape[1] - 1, ESTIMATE_COLUMNS, device=w.device).long()]
+    ref = rounding.weighted_error(w, None, site.hessian) or 1.0
+    return [rounding.weighted_error(w, grid.fake_quant(w, f, site.scale_dtype), site.hessian) / ref for f in formats]
+
+
+def estimated_loss(site: SiteStatistics, fmt: QuantFormat, relative_error: float, weighting: str = "residual") -> float:
+    """The site's estimated contribution to the model's loss at `fmt` (see the module's docstring)."""
+    share = site.share if weighting == "residual" else 1.0
+    return share * relative_error * REDUCTION[fmt.bits]
