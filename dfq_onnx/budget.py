@@ -4,7 +4,7 @@ A budget is stored bits per quantized weight (`--target-bits`, counted as the re
 codes, scales and zero points) or the written model's bytes (`--target-size`). Every linear of
 the decoder layers is a site; each candidate format gets an estimated loss (quant/sensitivity.py:
 round-to-nearest's proxy under the propagated statistics, weighted by the share of the residual
-stream its sublayer writes, times the method's measured reduction at that bit width) and a cost;
+stream its sublayer writes, times the method's measured reduction for the role) and a cost;
 quant/allocate.py chooses the formats (a multiple-choice knapsack with a bound on its distance to
 the optimum). The choice becomes per-site overrides of the recipe, and the method then runs once,
 on the chosen formats. The lm_head, linears outside the layers and excluded linears keep their
@@ -20,7 +20,7 @@ import time
 import onnx_ir as ir
 
 from . import fast_path, planner
-from .config import OutputFormat, QuantFormat, Recipe, SiteOverride
+from .config import Method, OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
 from .graph.sites import Linear, ModelSites
@@ -142,7 +142,7 @@ class Plan:
             "seconds": self.seconds,
             "candidates": [format_label(f) for f in self.formats],
             "estimated": "per site and format: round-to-nearest's relative proxy under the propagated statistics, "
-            "times the sublayer's share of the residual stream, times the method's reduction at that bit width",
+            "times the sublayer's share of the residual stream, times the method's measured reduction for the role",
             "measured": "the method's proxy on the chosen format (sites[].rel_error) and the written bits",
             "sites": [
                 {"name": s.name, "role": s.role, "layer": s.layer, "format": format_label(s.format),
@@ -193,7 +193,7 @@ def plan(
             progress(f"estimate {unit.label}", len(choices), total)
     scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
     groups = [
-        [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, f, e, budget)) for f, e in zip(fits, errs)]
+        [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, lin.role.value, e, budget)) for f, e in zip(fits, errs)]
         for lin, st, fits, errs in choices
     ]
     if budget.bits is not None:
@@ -222,9 +222,8 @@ def plan(
     return Plan(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates)
 
 
-def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, fmt: QuantFormat, rel: float, budget: Budget) -> float:
-    loss = sensitivity.estimated_loss(st, fmt, rel, budget.weighting)
-    return loss if recipe.method.name.value == "cafeq" else loss / sensitivity.REDUCTION[fmt.bits]
+def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, rel: float, budget: Budget) -> float:
+    return sensitivity.estimated_loss(st, role, rel, budget.weighting, method=recipe.method.name == Method.CAFEQ)
 
 
 def _reported(lin: Linear, recipe: Recipe, sites: ModelSites) -> bool:

@@ -136,3 +136,27 @@ def test_report_json_has_the_allocation(tiny, tmp_path):
     assert alloc["written_bits_per_weight"] <= 3.5 + 1e-9
     assert np.isclose(alloc["estimated_bits_per_weight"], alloc["written_bits_per_weight"])
     assert {s["name"] for s in alloc["sites"]} == {s["name"] for s in data["sites"]}
+
+
+def test_default_recipe_mixes_only_cuda_fast_path_layouts(tiny):
+    """The default recipe is the CUDA fast-path layout, so its budget keeps every linear on a layout
+    that kernel runs; another recipe gets every 2/4/8-bit layout."""
+    from dfq_onnx import fast_path
+    from dfq_onnx.config import DEFAULT_RECIPE, load_recipe
+    from dfq_onnx.graph import load
+    from dfq_onnx.graph.sites import find_sites
+
+    cuda = budget.default_formats(load_recipe(DEFAULT_RECIPE))
+    assert set(cuda) == {QuantFormat(2, 64, True), QuantFormat(4, 32, True), QuantFormat(8, 32, True)}
+    assert len(budget.default_formats(load_recipe("cafeq-int4"))) == 18
+    model = load.load_model(tiny("dynamo"))
+    sites = find_sites(model)
+    found = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0))
+    assert {s.format for s in found.sites} <= set(cuda)
+    assert all(not fast_path.cuda_gemm_misses(s.format, s.format.block_size, 64, True) for s in found.sites)
+    relative = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="relative"))
+    shares = {s.name: s.share for s in found.sites}
+    assert all(0 < v < 1 for v in shares.values())  # the propagated residual: each sublayer writes part of it
+    for s in relative.sites:  # the relative weighting is the residual one without the share
+        for label, loss in relative.estimates[s.name].items():
+            assert loss * shares[s.name] == pytest.approx(found.estimates[s.name][label], rel=1e-9)

@@ -5,7 +5,7 @@ statistics propagated to its input (the method's own). A relative error of the s
 reaches the residual stream in proportion to the share of the stream that sublayer writes,
 E||added||^2 / E||residual after||^2: a sublayer whose (post-normalised) output is small against
 the stream perturbs it little. The estimate of a site under a format is that share times the
-relative error of round-to-nearest, times the method's measured reduction at that bit width
+relative error of round-to-nearest, times the method's measured reduction for that role
 (REDUCTION): the method then runs once, on the chosen format.
 """
 
@@ -23,10 +23,12 @@ from .mlp import _weights as _mlp_weights
 from .mlp import residual_after_mlp
 from .site import hessian, identity_moments
 
-# Relative proxy of the method over that of round-to-nearest at the same format, by bit width
-# (the median over the decoder sites of Gemma 3 270M, dynamo export, lm_head kept; the reports of
-# `dfq-onnx optimize ... --bits B --block-size G`, BENCHMARKS.md "Mixed precision under a budget").
-REDUCTION = {2: 0.18, 3: 0.27, 4: 0.30, 8: 0.60}
+# The method's relative proxy over round-to-nearest's at the same format, by role: the median over
+# Gemma 3 270M's 18 layers (dynamo export) of the reports of `dfq-onnx optimize ... --recipe cafeq-int4`
+# at int2 g64 asym, int4 g128 asym and int4 g32 sym (per role 0.14-0.16 for v/o/down, 0.33-0.42 for q/k:
+# the V/O pairing and the online rotations gain most; the bit width moves it less, 0.25-0.30 overall).
+REDUCTION = {"q": 0.37, "k": 0.36, "v": 0.15, "o": 0.15, "gate": 0.30, "up": 0.32, "down": 0.15, "qkv": 0.30, "gate_up": 0.31}
+OTHER_REDUCTION = 0.30
 WEIGHTINGS = ("residual", "relative")
 
 
@@ -91,7 +93,8 @@ def relative_errors(site: SiteStatistics, formats: list[QuantFormat]) -> list[fl
     return [rounding.weighted_error(w, grid.fake_quant(w, f, site.scale_dtype), site.hessian) / ref for f in formats]
 
 
-def estimated_loss(site: SiteStatistics, fmt: QuantFormat, relative_error: float, weighting: str = "residual") -> float:
-    """The site's estimated contribution to the model's loss at `fmt` (see the module's docstring)."""
+def estimated_loss(site: SiteStatistics, role: str, relative_error: float, weighting: str = "residual", method: bool = True) -> float:
+    """The site's estimated contribution to the model's loss at a format whose round-to-nearest
+    relative error is `relative_error` (see the module's docstring); `method` False: round-to-nearest runs."""
     share = site.share if weighting == "residual" else 1.0
-    return share * relative_error * REDUCTION[fmt.bits]
+    return share * relative_error * (REDUCTION.get(role, OTHER_REDUCTION) if method else 1.0)

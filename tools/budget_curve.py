@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""KL against size: the budget allocation (--target-bits) against uniform formats, on a real model.
+
+    python tools/budget_curve.py --budgets 2.75,3.25,3.75,4.5,5.5 \\
+        --uniform 2:64:asym,2:32:asym,4:128:asym,4:64:asym,4:32:sym,8:128:sym --png docs/budget_kl.png
+
+Quantizes the model (Gemma 3 270M's dynamo export by default, lm_head kept) once per budget and
+once per uniform format with the method (recipe cafeq-int4, whose candidate formats are every
+2/4/8-bit block 32/64/128 layout), reuses models already in --work, measures each on the same text
+windows (eval_quality.py; Pride and Prejudice by default: the weighting was chosen on Persuasion),
+prints a markdown table, writes the plot, and with --benchmarks replaces its section there.
+Evaluation side only: the quantizer reads no text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+
+import eval_quality  # noqa: E402
+
+BEGIN, END = "<!-- budget_curve:begin -->", "<!-- budget_curve:end -->"
+
+
+def quantize(model: Path, out: Path, args: list[str]) -> dict:
+    """Run dfq-onnx once (skipped when `out` and its report exist); its report plus the wall seconds."""
+    report = out.with_name(out.stem + ".report.json")
+    if not (out.exists() and report.exists()):
+        t0 = time.perf_counter()
+        cmd = ["dfq-onnx", "optimize", str(model), "-o", str(out), "--verify", "none", "--quiet", "--recipe", "cafeq-int4", *args]
+        subprocess.run(cmd, check=True)
+        data = json.loads(report.read_text())
+        data["wall_seconds"] = time.perf_counter() - t0
+        report.write_text(json.dumps(data))
+    return json.loads(report.read_text())
+
+
+def uniform_args(spec: str) -> list[str]:
+    bits, block, sym = spec.split(":")
+    return ["--bits", bits, "--block-size", block, "--symmetric" if sym == "sym" else "--asymmetric"]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker, color in (("uniform", "s", "tab:gray"), ("budget", "o", "tab:blue")):
+        pts = sorted((r["bits"], r["kl"], r["label"]) for r in rows if r["kind"] == kind)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if kind == "budget" else "none",
+                label="dfq-onnx --target-bits (allocation)" if kind == "budget" else "dfq-onnx, one format for every linear")  # fmt: skip
+        for b, kl, label in pts:
+            ax.annotate(label, (b, kl), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per quantized weight (codes + scales + zero points)")
+    ax.set_ylabel("KL to the fp32 model (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | bits/weight | size MiB | KL | PPL | top-1 | quantize s | formats |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["bits"]):
+        lines.append(
+            f"| {r['label']} | {r['bits']:.3f} | {r['mib']:.1f} | {r['kl']:.4f} | {r['ppl']:.3f} | {r['top1']:.4f} | "
+            f"{r['seconds']:.0f} | {r['formats']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "gemma3-270m" / "dynamo" / "model.onnx")
+    parser.add_argument("--budgets", default="2.75,3.25,3.75,4.5,5.5", help="--target-bits values")
+    parser.add_argument("--uniform", default="2:64:asym,2:32:asym,4:128:asym,4:64:asym,4:32:sym,8:128:sym")
+    parser.add_argument("--weighting", default="residual", choices=["residual", "relative"])
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--novel", default="prideprejudice")
+    parser.add_argument("--work", type=Path, default=REPO / "models" / "budget-curve")
+    parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--benchmarks", type=Path, default=None, help="replace the budget_curve section of this file")
+    parser.add_argument("--group", type=int, default=5, help="models held by ONNX Runtime at once [5]")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    jobs = []  # (kind, label, path, dfq-onnx args)
+    for b in filter(None, args.budgets.split(",")):
+        extra = [] if args.weighting == "residual" else ["--target-weighting", args.weighting]
+        jobs.append(("budget", f"budget {b}", args.work / f"budget-{b}-{args.weighting}.onnx", ["--target-bits", b, *extra]))
+    for spec in filter(None, args.uniform.split(",")):
+        jobs.append(("uniform", spec.replace(":", " "), args.work / f"uniform-{spec.replace(':', '-')}.onnx", uniform_args(spec)))
+    reports = {str(path): quantize(args.model, path, extra) for _, _, path, extra in jobs}
+
+    text = eval_quality.load_text(novel=args.novel)
+    results = {}
+    paths = [str(path) for _, _, path, _ in jobs]
+    for i in range(0, len(paths), args.group):
+        chunk = paths[i : i + args.group]
+        out = eval_quality.evaluate(str(args.model), chunk, args.windows, text=text)
+        results.update({c["path"]: c for c in out["candidates"]})
+    rows = []
+    for kind, label, path, _ in jobs:
+        rep, res = reports[str(path)], results[str(path)]
+        alloc = rep.get("allocation") or {}
+        counts: dict[str, int] = {}
+        for s in alloc.get("sites", []):
+            counts[s["format"]] = counts.get(s["format"], 0) + 1
+        formats = ", ".join(f"{n}x {f}" for f, n in sorted(counts.items())) or "all " + label
+        size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
+        rows.append({"kind": kind, "label": label, "bits": rep["totals"]["bits_per_weight"], "mib": size / 2**20, "kl": res["kl"],
+                     "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep["seconds"]), "formats": formats})  # fmt: skip
+    md = table(rows)
+    print(md)
+    meta = (f"Model: {args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model} (lm_head kept). "
+            f"Text: {args.novel}, {args.windows} windows of BOS + 511 tokens, ONNX Runtime CPU. Weighting: {args.weighting}. "
+            f"Machine: {platform.machine()}, 2 CPU cores. Date: {time.strftime('%Y-%m-%d')}. "
+            f"Command: `python tools/budget_curve.py {' '.join(argv if argv is not None else sys.argv[1:])}`")  # fmt: skip
+    if args.png:
+        plot(rows, args.png, f"{args.model.parent.parent.name}: KL against stored bits ({args.novel}, {args.windows} windows)")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.benchmarks:
+        text_md = args.benchmarks.read_text()
+        block = f"{BEGIN}\n{meta}\n\n{md}\n{END}"
+        if BEGIN in text_md:
+            text_md = text_md[: text_md.index(BEGIN)] + block + text_md[text_md.index(END) + len(END) :]
+        else:
+            text_md += f"\n## Mixed precision under a budget (Gemma 3 270M)\n\n{block}\n"
+        args.benchmarks.write_text(text_md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
