@@ -7,8 +7,8 @@ round-to-nearest's proxy under the propagated statistics, weighted by the share 
 stream its sublayer writes, times the method's measured reduction for the role) and a cost;
 quant/allocate.py chooses the formats (a multiple-choice knapsack with a bound on its distance to
 the optimum). The choice becomes per-site overrides of the recipe, and the method then runs once,
-on the chosen formats. The lm_head, linears outside the layers and excluded linears keep their
-format and count as fixed cost.
+on the chosen formats. With --lm-head int4|int8 the lm_head takes part (at 4 bits up to the
+policy's); linears outside the layers and excluded linears keep their format and count as fixed cost.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def stored_bits(fmt: QuantFormat, k: int, n: int, scale_bits: int) -> float:
 class SiteChoice:
     name: str
     role: str
-    layer: int
+    layer: int | None  # None: the lm_head
     k: int
     n: int
     format: QuantFormat
@@ -129,7 +129,8 @@ class Plan:
         return (self.solution.cost + self.fixed_bits) / max(self.weights, 1)
 
     def overrides(self) -> tuple[SiteOverride, ...]:
-        return tuple(SiteOverride((s.role,), (s.layer,), s.format.bits, s.format.block_size, s.format.symmetric) for s in self.sites)
+        layers = lambda s: () if s.layer is None else (s.layer,)  # noqa: E731  the lm_head has no layer
+        return tuple(SiteOverride((s.role,), layers(s), s.format.bits, s.format.block_size, s.format.symmetric) for s in self.sites)
 
     def to_dict(self) -> dict:
         return {
@@ -174,6 +175,11 @@ def plan(
     formats = budget.formats or default_formats(recipe)
     units = [u for u in planner.plan_units(sites, model.graph) if u.layer is not None]
     allocated = {lin.node for u in units for lin in u.linears if not recipe.excludes(lin.node, lin.role.value)}
+    head = planner.head_unit(sites, recipe)
+    head_formats = [f for f in formats if 4 <= f.bits <= recipe.lm_head.bits] if head else []  # --lm-head bounds its bits
+    head_formats = [f for f in head_formats if head.linears[0].k % f.block_size == 0]
+    if head_formats:
+        allocated.add(head.linears[0].node)
     reported = [lin for lin in sites.linears.values() if _reported(lin, recipe, sites)]
     fixed = sum(_fixed_bits(lin, recipe, make, sites) for lin in reported if lin.node not in allocated)
     weights = sum(lin.k * lin.n for lin in reported)
@@ -191,6 +197,11 @@ def plan(
             choices.append((lin, stats_of[lin.node], fits, sensitivity.relative_errors(stats_of[lin.node], fits)))
         if progress:
             progress(f"estimate {unit.label}", len(choices), total)
+    if head_formats:  # the statistics at the final norm weigh the lm_head's error; it writes the logits (share 1)
+        lin = head.linears[0]
+        gain = make.gains(head).get(head.head_norm.initializer) if head.head_norm else None
+        st = sensitivity.head_site(make.weight(lin), residual, gain, _torch_dtype(make, lin))
+        choices.append((lin, st, head_formats, sensitivity.relative_errors(st, head_formats)))
     scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
     groups = [
         [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, lin.role.value, e, budget)) for f, e in zip(fits, errs)]
@@ -236,6 +247,12 @@ def _fixed_bits(lin: Linear, recipe: Recipe, make: planner.Planner, sites: Model
         return float(lin.k * lin.n * (16 if lin.weight.dtype == "FLOAT16" else 32))
     head = lin.node == sites.lm_head
     return stored_bits(make.site_format(lin, head), lin.k, lin.n, _scale_bits(make, lin))
+
+
+def _torch_dtype(make: planner.Planner, lin: Linear):
+    import torch
+
+    return torch.float16 if make.activation_dtype(lin).itemsize == 2 else torch.float32
 
 
 def _scale_bits(make: planner.Planner, lin: Linear) -> int:

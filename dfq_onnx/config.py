@@ -141,8 +141,8 @@ class MethodConfig:
     learned_online_lr: float = 0.001
 
 
-# Roles a recipe may name (the lm_head follows its own policy, `lm_head`).
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
+# Roles a recipe may name; an override naming lm_head changes the format its policy (`lm_head`) gives it.
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)

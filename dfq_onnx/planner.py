@@ -213,7 +213,12 @@ class Planner:
 
     def _format(self, head: bool) -> QuantFormat:
         quant = self.recipe.quant
-        return QuantFormat(self.recipe.lm_head.bits, quant.block_size, quant.symmetric) if head else quant
+        if not head:
+            return quant
+        fmt = QuantFormat(self.recipe.lm_head.bits, quant.block_size, quant.symmetric)
+        for override in self.recipe.overrides:  # only those naming the lm_head: the policy sets its bits
+            fmt = override.apply(fmt) if "lm_head" in override.roles else fmt
+        return fmt
 
     def site_format(self, lin: Linear, head: bool) -> QuantFormat:
         return self._format(True) if head else self.recipe.format_for(lin.role.value, lin.layer, len(self.sites.layers()))

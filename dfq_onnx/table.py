@@ -200,9 +200,9 @@ def plan_table(plan) -> str:
 
     short = lambda f: f"{f.bits}/{f.block_size}{'s' if f.symmetric else 'a'}"  # noqa: E731
     roles = [r for r in ROLE_ORDER if any(s.role == r for s in plan.sites)]
-    layers = sorted({s.layer for s in plan.sites})
+    layers = sorted({s.layer for s in plan.sites}, key=lambda x: (x is None, x or 0))
     cell = {(s.layer, s.role): short(s.format) for s in plan.sites}
-    rows = [[str(layer)] + [cell.get((layer, r), "-") for r in roles] for layer in layers]
+    rows = [["head" if layer is None else str(layer)] + [cell.get((layer, r), "-") for r in roles] for layer in layers]
     sol = plan.solution
     lines = [
         f"budget {plan.budget.describe()} ({plan.budget.weighting} weighting): {plan.bits_per_weight:.3f} bits/weight "

@@ -160,3 +160,20 @@ def test_default_recipe_mixes_only_cuda_fast_path_layouts(tiny):
     for s in relative.sites:  # the relative weighting is the residual one without the share
         for label, loss in relative.estimates[s.name].items():
             assert loss * shares[s.name] == pytest.approx(found.estimates[s.name][label], rel=1e-9)
+
+
+def test_lm_head_takes_part_when_its_policy_quantizes_it(tiny, tmp_path):
+    """With --lm-head int8 the head is one more site of the budget (4 or 8 bits); with keep it is not."""
+    out = tmp_path / "head.onnx"
+    report = dfq_onnx.quantize(tiny("dynamo"), out, recipe="cafeq-int4", lm_head="int8", target_bits=4.0, target_formats=FORMATS,
+                               verify="none", fast=True)  # fmt: skip
+    head = next(s for s in report.sites if s.role == "lm_head")
+    chosen = {s["name"]: s for s in report.allocation["sites"]}
+    assert chosen[head.name]["format"] == budget.format_label(QuantFormat(head.bits, head.block_size, head.symmetric))
+    assert head.bits in (4, 8)
+    nodes, written, padding = _written_bits(out)
+    assert sum(s.bits_per_weight * s.weights for s in report.sites) == pytest.approx(written, abs=padding + 1e-6)
+    assert report.totals()["bits_per_weight"] <= 4.0 + 1e-9
+    kept = dfq_onnx.quantize(tiny("dynamo"), tmp_path / "kept.onnx", recipe="cafeq-int4", target_bits=4.0, target_formats=FORMATS,
+                             verify="none", fast=True)  # fmt: skip
+    assert all(s["role"] != "lm_head" for s in kept.allocation["sites"])

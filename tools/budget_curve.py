@@ -49,6 +49,54 @@ def uniform_args(spec: str) -> list[str]:
     return ["--bits", bits, "--block-size", block, "--symmetric" if sym == "sym" else "--asymmetric"]
 
 
+# ORT's quantizer as a peer: k_quant at 4 bits (block 32), optionally with int8 for the linears that
+# onnxruntime-genai's k_quant_mixed promotes (llama.cpp's rule: attention V and FFN down of the first and
+# last eighth of the layers and of every third layer between). lm_head kept in float, as ours.
+ORT_SCRIPT = r"""
+import json, sys, onnx
+from onnxruntime.quantization import matmul_nbits_quantizer as q
+src, out, exclude, upgraded = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+cfg = q.KQuantWeightOnlyQuantConfig(customized_weight_config={n: {"bits": 8} for n in upgraded})
+quant = q.MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=False, algo_config=cfg, nodes_to_exclude=[exclude])
+quant.process()
+quant.model.save_model_to_file(out, True)
+"""
+
+
+def k_quant_mixed_nodes(model: Path) -> tuple[str, list[str]]:
+    """(lm_head node, the v and down nodes k_quant_mixed gives 8 bits) of `model`."""
+    from dfq_onnx.graph.load import load_model
+    from dfq_onnx.graph.sites import find_sites
+
+    sites = find_sites(load_model(model))
+    layers = len(sites.layers())
+    upgrade = {i for i in range(layers) if i < layers / 8 or i >= 7 * layers / 8 or (i - round(layers / 8)) % 3 == 2}
+    nodes = [lin.node for lin in sites.linears.values() if lin.layer in upgrade and lin.role.value in ("v", "qkv", "down")]
+    return sites.lm_head or "", nodes
+
+
+def ort_peer(model: Path, out: Path, mixed: bool) -> dict:
+    """Quantize with ORT's k_quant (skipped when `out` exists); bits per weight counted from the file."""
+    import onnx
+
+    head, upgraded = k_quant_mixed_nodes(model)
+    meta = out.with_name(out.stem + ".peer.json")
+    if not (out.exists() and meta.exists()):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", ORT_SCRIPT, str(model), str(out), head, json.dumps(upgraded if mixed else [])], check=True)
+        m = onnx.load(str(out))
+        inits = {t.name: t for t in m.graph.initializer}
+        stored = weights = 0
+        for node in m.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            weights += attrs["K"] * attrs["N"]
+            stored += sum(onnx.numpy_helper.to_array(inits[n], base_dir=str(out.parent)).nbytes * 8 for n in node.input[1:4] if n in inits)
+        meta.write_text(json.dumps({"bits": stored / weights, "seconds": time.perf_counter() - t0, "upgraded": len(upgraded) if mixed else 0}))
+    return json.loads(meta.read_text())
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -56,10 +104,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker, color in (("uniform", "s", "tab:gray"), ("budget", "o", "tab:blue")):
+    kinds = (("uniform", "s", "tab:gray", "dfq-onnx, one format for every linear"),
+             ("budget", "o", "tab:blue", "dfq-onnx --target-bits (allocation)"),
+             ("ort", "^", "tab:red", "ORT k_quant 4-bit, plain and with k_quant_mixed's int8"))  # fmt: skip
+    for kind, marker, color, legend in kinds:
         pts = sorted((r["bits"], r["kl"], r["label"]) for r in rows if r["kind"] == kind)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if kind == "budget" else "none",
-                label="dfq-onnx --target-bits (allocation)" if kind == "budget" else "dfq-onnx, one format for every linear")  # fmt: skip
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, linestyle="-" if kind == "budget" else "none", label=legend)
         for b, kl, label in pts:
             ax.annotate(label, (b, kl), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set_yscale("log")
@@ -95,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--benchmarks", type=Path, default=None, help="replace the budget_curve section of this file")
     parser.add_argument("--group", type=int, default=5, help="models held by ONNX Runtime at once [5]")
+    parser.add_argument("--peers", action="store_true", help="also ORT's k_quant, plain and with k_quant_mixed's int8 linears")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -105,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     for spec in filter(None, args.uniform.split(",")):
         jobs.append(("uniform", spec.replace(":", " "), args.work / f"uniform-{spec.replace(':', '-')}.onnx", uniform_args(spec)))
     reports = {str(path): quantize(args.model, path, extra) for _, _, path, extra in jobs}
+    if args.peers:
+        for mixed in (False, True):
+            path = args.work / f"ort-kquant{'-mixed' if mixed else ''}.onnx"
+            peer = ort_peer(args.model, path, mixed)
+            label = f"ORT k_quant int4 g32{' + int8 (k_quant_mixed: ' + str(peer['upgraded']) + ' linears)' if mixed else ''}"
+            jobs.append(("ort", label, path, []))
+            reports[str(path)] = {"totals": {"bits_per_weight": peer["bits"]}, "wall_seconds": peer["seconds"], "ort": True}
 
     text = eval_quality.load_text(novel=args.novel)
     results = {}
@@ -120,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         counts: dict[str, int] = {}
         for s in alloc.get("sites", []):
             counts[s["format"]] = counts.get(s["format"], 0) + 1
-        formats = ", ".join(f"{n}x {f}" for f, n in sorted(counts.items())) or "all " + label
+        formats = ", ".join(f"{n}x {f}" for f, n in sorted(counts.items())) or ("-" if rep.get("ort") else "all " + label)
         size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
         rows.append({"kind": kind, "label": label, "bits": rep["totals"]["bits_per_weight"], "mib": size / 2**20, "kl": res["kl"],
                      "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep["seconds"]), "formats": formats})  # fmt: skip

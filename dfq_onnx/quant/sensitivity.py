@@ -71,6 +71,12 @@ def layer_sites(layer: LayerWeights, residual: stats.Moments | None) -> tuple[di
     return out, residual
 
 
+def head_site(weight: torch.Tensor, residual: stats.Moments | None, gain: torch.Tensor | None, scale_dtype) -> SiteStatistics:
+    """The lm_head under the statistics at the final norm's output; it writes the logits (share 1)."""
+    x = identity_moments(weight.shape[0], weight.device) if residual is None else stats.rms_norm(residual, gain)
+    return SiteStatistics(weight, hessian(x), scale_dtype, 1.0)
+
+
 def _share(before: stats.Moments | None, after: stats.Moments | None) -> float:
     """E||added||^2 / E||after||^2 for after = before + added (independent): 1 without statistics."""
     if before is None or after is None:
