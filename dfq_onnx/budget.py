@@ -204,7 +204,7 @@ def plan(
         choices.append((lin, st, head_formats, sensitivity.relative_errors(st, head_formats)))
     scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
     groups = [
-        [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, lin.role.value, e, budget)) for f, e in zip(fits, errs)]
+        [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, lin.role.value, f, e, budget)) for f, e in zip(fits, errs)]
         for lin, st, fits, errs in choices
     ]
     if budget.bits is not None:
@@ -233,8 +233,8 @@ def plan(
     return Plan(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates)
 
 
-def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, rel: float, budget: Budget) -> float:
-    return sensitivity.estimated_loss(st, role, rel, budget.weighting, method=recipe.method.name == Method.CAFEQ)
+def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, fmt: QuantFormat, rel: float, budget: Budget) -> float:
+    return sensitivity.estimated_loss(st, role, fmt, rel, budget.weighting, method=recipe.method.name == Method.CAFEQ)
 
 
 def _reported(lin: Linear, recipe: Recipe, sites: ModelSites) -> bool:

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in alloc.get("sites", []):
             counts[s["format"]] = counts.get(s["format"], 0) + 1
         formats = ", ".join(f"{n}x {f}" for f, n in sorted(counts.items())) or ("-" if rep.get("ort") else "all " + label)
-        size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
+        real = path.resolve()  # a model linked in from an earlier run keeps its own data file name
+        size = real.stat().st_size + real.with_name(real.name + ".data").stat().st_size
         rows.append({"kind": kind, "label": label, "bits": rep["totals"]["bits_per_weight"], "mib": size / 2**20, "kl": res["kl"],
                      "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep["seconds"]), "formats": formats})  # fmt: skip
     md = table(rows)

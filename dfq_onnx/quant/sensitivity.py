@@ -23,12 +23,16 @@ from .mlp import _weights as _mlp_weights
 from .mlp import residual_after_mlp
 from .site import hessian, identity_moments
 
-# The method's relative proxy over round-to-nearest's at the same format, by role: the median over
-# Gemma 3 270M's 18 layers (dynamo export) of the reports of `dfq-onnx optimize ... --recipe cafeq-int4`
-# at int2 g64 asym, int4 g128 asym and int4 g32 sym (per role 0.14-0.16 for v/o/down, 0.33-0.42 for q/k:
-# the V/O pairing and the online rotations gain most; the bit width moves it less, 0.25-0.30 overall).
-REDUCTION = {"q": 0.37, "k": 0.36, "v": 0.15, "o": 0.15, "gate": 0.30, "up": 0.32, "down": 0.15, "qkv": 0.30, "gate_up": 0.31}
-OTHER_REDUCTION = 0.30
+# The method's relative proxy over round-to-nearest's at the same format, by role, at 2-4 bits and at
+# 8 bits: the median over Gemma 3 270M's 18 layers (dynamo export) of the reports of `dfq-onnx optimize
+# ... --recipe cafeq-int4` at int2 g32/g64 asym, int4 g128 asym and int4 g32 sym (2-4 bits; they agree
+# within 0.05 per role) and int8 g128 sym. The V/O pairing and the online rotations gain most (v/o/down).
+REDUCTION = {
+    "q": (0.37, 0.62), "k": (0.36, 0.60), "v": (0.15, 0.20), "o": (0.15, 0.20),
+    "gate": (0.30, 0.51), "up": (0.34, 0.56), "down": (0.16, 0.14),
+    "qkv": (0.30, 0.47), "gate_up": (0.32, 0.53),
+}  # fmt: skip
+OTHER_REDUCTION = (0.30, 0.45)
 WEIGHTINGS = ("residual", "relative")
 
 
@@ -86,7 +90,7 @@ def _share(before: stats.Moments | None, after: stats.Moments | None) -> float:
     return max(added, 0.0) / max(total, 1e-30)
 
 
-ESTIMATE_COLUMNS = 256  # evenly spaced columns the estimate rounds (each column rounds on its own)
+ESTIMATE_COLUMNS = 128  # evenly spaced columns the estimate rounds (each column rounds on its own)
 
 
 def relative_errors(site: SiteStatistics, formats: list[QuantFormat]) -> list[float]:
@@ -99,8 +103,9 @@ def relative_errors(site: SiteStatistics, formats: list[QuantFormat]) -> list[fl
     return [rounding.weighted_error(w, grid.fake_quant(w, f, site.scale_dtype), site.hessian) / ref for f in formats]
 
 
-def estimated_loss(site: SiteStatistics, role: str, relative_error: float, weighting: str = "residual", method: bool = True) -> float:
-    """The site's estimated contribution to the model's loss at a format whose round-to-nearest
-    relative error is `relative_error` (see the module's docstring); `method` False: round-to-nearest runs."""
+def estimated_loss(site: SiteStatistics, role: str, fmt: QuantFormat, relative_error: float, weighting: str = "residual", method: bool = True) -> float:
+    """The site's estimated contribution to the model's loss at `fmt`, whose round-to-nearest relative
+    error is `relative_error` (see the module's docstring); `method` False: round-to-nearest runs."""
     share = site.share if weighting == "residual" else 1.0
-    return share * relative_error * (REDUCTION.get(role, OTHER_REDUCTION) if method else 1.0)
+    low, eight = REDUCTION.get(role, OTHER_REDUCTION)
+    return share * relative_error * ((eight if fmt.bits == 8 else low) if method else 1.0)
