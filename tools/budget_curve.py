@@ -28,7 +28,6 @@ sys.path.insert(0, str(TOOLS))
 
 import eval_quality  # noqa: E402
 
-BEGIN, END = "<!-- budget_curve:begin -->", "<!-- budget_curve:end -->"
 
 
 def quantize(model: Path, out: Path, args: list[str]) -> dict:
@@ -136,7 +135,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "gemma3-270m" / "dynamo" / "model.onnx")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "gemma3-270m" / "dynamo" / "model.onnx",
+                        help="a real model's dynamo export (its tokenizer in ../hf, as tools/build_*.py write it)")
     parser.add_argument("--budgets", default="2.75,3.25,3.75,4.5,5.5", help="--target-bits values")
     parser.add_argument("--uniform", default="2:64:asym,2:32:asym,4:128:asym,4:64:asym,4:32:sym,8:128:sym")
     parser.add_argument("--weighting", default="residual", choices=["residual", "relative"])
@@ -167,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             reports[str(path)] = {"totals": {"bits_per_weight": peer["bits"]}, "wall_seconds": peer["seconds"], "ort": True}
 
     text = eval_quality.load_text(novel=args.novel)
-    results = {}
-    paths = [str(path) for _, _, path, _ in jobs]
+    cache = args.work / f"eval-{args.novel}-{args.windows}.json"  # measured models survive a failure later on
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    paths = [str(path) for _, _, path, _ in jobs if str(path) not in results]
     for i in range(0, len(paths), args.group):
         chunk = paths[i : i + args.group]
-        out = eval_quality.evaluate(str(args.model), chunk, args.windows, text=text)
+        out = eval_quality.evaluate(str(args.model), chunk, args.windows, text=text, tokenizer_dir=args.model.parent.parent / "hf")
         results.update({c["path"]: c for c in out["candidates"]})
+        cache.write_text(json.dumps(results))
     rows = []
     for kind, label, path, _ in jobs:
         rep, res = reports[str(path)], results[str(path)]
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         real = path.resolve()  # a model linked in from an earlier run keeps its own data file name
         size = real.stat().st_size + real.with_name(real.name + ".data").stat().st_size
         rows.append({"kind": kind, "label": label, "bits": rep["totals"]["bits_per_weight"], "mib": size / 2**20, "kl": res["kl"],
-                     "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep["seconds"]), "formats": formats})  # fmt: skip
+                     "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep.get("seconds", 0.0)), "formats": formats})  # fmt: skip
     md = table(rows)
     print(md)
     meta = (f"Model: {args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model} (lm_head kept). "
@@ -196,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.benchmarks:
+        name = args.model.parent.parent.name
+        BEGIN, END = f"<!-- budget_curve:{name}:begin -->", f"<!-- budget_curve:{name}:end -->"  # noqa: N806
         text_md = args.benchmarks.read_text()
         block = f"{BEGIN}\n{meta}\n\n{md}\n{END}"
         if BEGIN in text_md:
             text_md = text_md[: text_md.index(BEGIN)] + block + text_md[text_md.index(END) + len(END) :]
         else:
-            text_md += f"\n## Mixed precision under a budget (Gemma 3 270M)\n\n{block}\n"
+            text_md += f"\n## Mixed precision under a budget ({name})\n\n{block}\n"
         args.benchmarks.write_text(text_md)
     return 0
 
