@@ -19,7 +19,7 @@ import time
 
 import onnx_ir as ir
 
-from . import fast_path, planner
+from . import fast_path, planner, report
 from .config import Method, OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
@@ -91,10 +91,8 @@ def _cuda_layout(fmt: QuantFormat) -> bool:
 
 
 def stored_bits(fmt: QuantFormat, k: int, n: int, scale_bits: int) -> float:
-    """Bits of a quantized W[K, N] as the report counts them: codes, scales, zero points."""
-    blocks = -(-k // fmt.block_size)
-    extra = scale_bits + (0 if fmt.symmetric else fmt.container_bits)
-    return float(n * blocks * (fmt.container_bits * fmt.block_size + extra))
+    """Bits of a quantized W[K, N] as the report counts them (report.stored_bits)."""
+    return report.stored_bits(fmt.container_bits, fmt.block_size, fmt.symmetric, k, n, scale_bits)
 
 
 @dataclasses.dataclass
@@ -200,7 +198,7 @@ def plan(
     if head_formats:  # the statistics at the final norm weigh the lm_head's error; it writes the logits (share 1)
         lin = head.linears[0]
         gain = make.gains(head).get(head.head_norm.initializer) if head.head_norm else None
-        st = sensitivity.head_site(make.weight(lin), residual, gain, _torch_dtype(make, lin))
+        st = sensitivity.head_site(make.weight(lin), residual, gain, planner._torch_dtype(make.activation_dtype(lin)))
         choices.append((lin, st, head_formats, sensitivity.relative_errors(st, head_formats)))
     scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
     groups = [
@@ -247,12 +245,6 @@ def _fixed_bits(lin: Linear, recipe: Recipe, make: planner.Planner, sites: Model
         return float(lin.k * lin.n * (16 if lin.weight.dtype == "FLOAT16" else 32))
     head = lin.node == sites.lm_head
     return stored_bits(make.site_format(lin, head), lin.k, lin.n, _scale_bits(make, lin))
-
-
-def _torch_dtype(make: planner.Planner, lin: Linear):
-    import torch
-
-    return torch.float16 if make.activation_dtype(lin).itemsize == 2 else torch.float32
 
 
 def _scale_bits(make: planner.Planner, lin: Linear) -> int:

@@ -49,9 +49,14 @@ class SiteResult:
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per weight: container codes plus scale (and zero point) per block."""
-        k_blocks = -(-self.k // self.block_size)
-        extra = self.scale_bits + (0 if self.symmetric else self.container_bits)
-        return (self.container_bits * k_blocks * self.block_size + extra * k_blocks) / self.k
+        return stored_bits(self.container_bits, self.block_size, self.symmetric, self.k, 1, self.scale_bits) / self.k
+
+
+def stored_bits(container_bits: int, block_size: int, symmetric: bool, k: int, n: int, scale_bits: int) -> float:
+    """Bits of a quantized W[K, N] as the report counts them: container codes, scales, zero points per block."""
+    blocks = -(-k // block_size)
+    extra = scale_bits + (0 if symmetric else container_bits)
+    return float(n * blocks * (container_bits * block_size + extra))
 
 
 @dataclasses.dataclass
