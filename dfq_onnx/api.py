@@ -43,7 +43,7 @@ def quantize(
     target_bits: float | None = None,
     target_size: int | str | None = None,
     target_formats: str | None = None,
-    target_weighting: str = "residual",
+    target_weighting: str = "relative",
     **overrides,
 ) -> Report:
     """Quantize `model` (an .onnx file, or an onnxruntime-genai model folder) and write `output`.
@@ -128,7 +128,7 @@ def plan_budget(
     target_bits: float | None = None,
     target_size: int | str | None = None,
     target_formats: str | None = None,
-    target_weighting: str = "residual",
+    target_weighting: str = "relative",
     recipe: str | Path | Recipe | None = None,
     device: str = "cpu",
     **overrides,

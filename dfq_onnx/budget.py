@@ -36,7 +36,7 @@ class Budget:
     bits: float | None = None  # stored bits per quantized weight
     size: int | None = None  # bytes of the written model (graph and data)
     formats: tuple[QuantFormat, ...] = ()  # the candidates; empty: default_formats(recipe)
-    weighting: str = "residual"  # sensitivity.WEIGHTINGS
+    weighting: str = "relative"  # sensitivity.WEIGHTINGS
 
     def __post_init__(self) -> None:
         if (self.bits is None) == (self.size is None):

@@ -215,10 +215,10 @@ def _budget_arguments(group) -> None:
     )
     group.add_argument(
         "--target-weighting",
-        choices=["residual", "relative"],
-        default="residual",
-        help="how a linear's relative error counts: times the share of the residual stream its sublayer writes, or "
-        "alone [residual]",
+        choices=["relative", "residual"],
+        default="relative",
+        help="how a linear's relative error counts: alone (it tracks each linear's measured KL best), or times the "
+        "share of the residual stream its sublayer writes [relative]",
     )
 
 

@@ -146,6 +146,8 @@ def test_default_recipe_mixes_only_cuda_fast_path_layouts(tiny):
     from dfq_onnx.graph import load
     from dfq_onnx.graph.sites import find_sites
 
+    from dfq_onnx.quant import sensitivity
+
     cuda = budget.default_formats(load_recipe(DEFAULT_RECIPE))
     assert set(cuda) == {QuantFormat(2, 64, True), QuantFormat(4, 32, True), QuantFormat(8, 32, True)}
     assert len(budget.default_formats(load_recipe("cafeq-int4"))) == 18
@@ -157,9 +159,12 @@ def test_default_recipe_mixes_only_cuda_fast_path_layouts(tiny):
     relative = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="relative"))
     shares = {s.name: s.share for s in found.sites}
     assert all(0 < v < 1 for v in shares.values())  # the propagated residual: each sublayer writes part of it
-    for s in relative.sites:  # the relative weighting is the residual one without the share
+    residual = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="residual"))
+    for s in relative.sites:  # the default (relative) weighs by the role's factor where residual weighs by the share
+        factor = sensitivity.ROLE_SENSITIVITY[s.role]
         for label, loss in relative.estimates[s.name].items():
-            assert loss * shares[s.name] == pytest.approx(found.estimates[s.name][label], rel=1e-9)
+            assert loss / factor * shares[s.name] == pytest.approx(residual.estimates[s.name][label], rel=1e-9)
+            assert loss == found.estimates[s.name][label]
 
 
 def test_lm_head_takes_part_when_its_policy_quantizes_it(tiny, tmp_path):
