@@ -217,8 +217,8 @@ def _budget_arguments(group) -> None:
         "--target-weighting",
         choices=["relative", "residual"],
         default="relative",
-        help="how a linear's relative error counts: alone (it tracks each linear's measured KL best), or times the "
-        "share of the residual stream its sublayer writes [relative]",
+        help="how a linear's relative error counts: times its role's measured KL per unit of error (it tracks each "
+        "linear's measured KL best), or times the share of the residual stream its sublayer writes [relative]",
     )
 
 

@@ -182,3 +182,24 @@ def test_lm_head_takes_part_when_its_policy_quantizes_it(tiny, tmp_path):
     kept = dfq_onnx.quantize(tiny("dynamo"), tmp_path / "kept.onnx", recipe="cafeq-int4", target_bits=4.0, target_formats=FORMATS,
                              verify="none", fast=True)  # fmt: skip
     assert all(s["role"] != "lm_head" for s in kept.allocation["sites"])
+
+
+def test_estimate_leaves_out_the_mean_direction():
+    """Round-to-nearest's errors cancel along one direction, so a large input mean would make a site look
+    nearly free: the estimate's relative error is the same with the mean direction removed, and the
+    mean-kept error differs (a site whose energy is mostly along its mean)."""
+    import torch
+
+    from dfq_onnx.quant import rounding, sensitivity
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 64, generator=gen)
+    diag = torch.rand(256, generator=gen) + 0.5
+    mean = torch.full((256,), 8.0)  # the mean term carries most of tr(W^T H W)
+    fmts = [QuantFormat(2, 64, True), QuantFormat(4, 128, False)]
+    site = sensitivity.SiteStatistics(w, rounding.LowRank(diag, mean), torch.float32, 0.5)
+    bare = sensitivity.SiteStatistics(w, rounding.LowRank(diag, torch.zeros(256)), torch.float32, 0.5)
+    centred = sensitivity.relative_errors(site, fmts)
+    assert centred == pytest.approx(sensitivity.relative_errors(bare, fmts), rel=1e-6)
+    kept = sensitivity.relative_errors(site, fmts, centred=False)
+    assert all(abs(k - c) > 0.1 * c for k, c in zip(kept, centred))

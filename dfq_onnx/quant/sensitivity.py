@@ -126,6 +126,6 @@ def relative_errors(site: SiteStatistics, formats: list[QuantFormat], centred: b
 def estimated_loss(site: SiteStatistics, role: str, fmt: QuantFormat, relative_error: float, weighting: str = "relative", method: bool = True) -> float:
     """The site's estimated contribution to the model's loss at `fmt`, whose round-to-nearest relative
     error is `relative_error` (see the module's docstring); `method` False: round-to-nearest runs."""
-    share = site.share if weighting == "residual" else ROLE_SENSITIVITY.get(role, OTHER_SENSITIVITY)
+    weight = site.share if weighting == "residual" else ROLE_SENSITIVITY.get(role, OTHER_SENSITIVITY)
     low, eight = REDUCTION.get(role, OTHER_REDUCTION)
-    return share * relative_error * ((eight if fmt.bits == 8 else low) if method else 1.0)
+    return weight * relative_error * ((eight if fmt.bits == 8 else low) if method else 1.0)
