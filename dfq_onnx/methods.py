@@ -71,6 +71,7 @@ class UnitInput:
     residual: stats.Moments | None = None  # residual-stream statistics before the unit
     keep_float: bool = False  # return the transformed float weights too (float output)
     formats: dict[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> format, where not the unit's
+    float_sites: frozenset[str] = frozenset()  # linears the output keeps in float (excluded)
 
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
@@ -104,7 +105,8 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
     layer = _layer_weights(unit, data)
     try:
         result = optimise_layer(
-            layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats, index=unit.layer or 0
+            layer, fmt, config, data.residual, keep_float=data.keep_float, formats=data.formats, index=unit.layer or 0,
+            float_sites=data.float_sites,
         )
     except torch.linalg.LinAlgError as exc:  # degenerate weights (e.g. all zero): plain rounding, said so
         out = round_to_nearest(unit, data, fmt, config)

@@ -148,6 +148,7 @@ class Planner:
             residual=residual,
             keep_float=self.recipe.float_output or self.keep_float or bool(excluded),
             formats={name: f for name, f in formats.items() if f != fmt},
+            float_sites=frozenset(excluded),
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)

@@ -201,6 +201,20 @@ def test_alternating_pair_rounding_never_raises_the_product_error():
         assert errors[0] < rtn_pair
 
 
+@pytest.mark.parametrize("fmt", [QuantFormat(2, 32, True), FMT3])
+def test_o_does_not_compensate_a_value_kept_in_float(fmt):
+    """With V excluded (written in float) the model computes z W_o - z O^ with the float V: O must not
+    be fitted to a rounded V that is never written. Its true pair error is then at most round-to-
+    nearest's (O only), and the error the pair rounding reports is that true one."""
+    how = Rounding(fmt, MethodConfig())
+    for seed in range(3):
+        pair, *_ = _pair_setup(seed)
+        _, qo, reported = round_pair(pair, SiteTransform(), SiteTransform(), how, how, torch.float32, torch.float32, (True, False))
+        true = pair.error(pair.w_v, qo.dequantize())
+        assert reported == pytest.approx(true, rel=1e-9)
+        assert true <= pair.error(pair.w_v, grid.fake_quant(pair.w_o, fmt)) * (1 + 1e-9)
+
+
 def test_rope_rotation_preserves_scores():
     d, heads = 16, 2
     angles = torch.rand(heads, d // 2) * 6

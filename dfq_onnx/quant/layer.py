@@ -42,12 +42,14 @@ def optimise_layer(
     keep_float: bool = False,
     formats: dict[str, QuantFormat] | None = None,
     index: int = 0,
+    float_sites: frozenset[str] = frozenset(),
 ) -> LayerResult:
     """Round every linear of the layer; `keep_float` also returns the transformed float weights;
     `formats` gives linears a format other than `fmt`; `index` (the layer's) seeds random blocks,
-    so a layer's bytes do not depend on the layers before it (resume)."""
+    so a layer's bytes do not depend on the layers before it (resume); `float_sites` are written in
+    float, so no other linear compensates their rounding."""
     rng = torch.Generator().manual_seed(config.seed * 100_003 + index) if config.rotation == Rotation.RANDOM else None
-    how = Rounding(fmt, config, keep_float, formats or {}, rng)
+    how = Rounding(fmt, config, keep_float, formats or {}, rng, frozenset(float_sites))
     result = LayerResult(sites={})
     done: set[str] = set()
     propagate = config.prior == Prior.PROPAGATED and residual is not None

@@ -28,6 +28,7 @@ class Rounding:
     keep_float: bool = False
     formats: Mapping[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> its own format
     rng: torch.Generator | None = None  # draws the random blocks (rotation = "random"), seeded per layer
+    float_sites: frozenset[str] = frozenset()  # linears written in float (excluded): a partner must not compensate them
 
     def untransformed(self) -> "Rounding":
         """The same rounding with every free transform off (GPTQ and the scale search kept)."""
@@ -44,6 +45,9 @@ class Rounding:
         """How the linear `name` is rounded: its own format where a recipe override gives one."""
         fmt = self.formats.get(name) if name else None
         return self if fmt is None or fmt == self.fmt else dataclasses.replace(self, fmt=fmt)
+
+    def stays_float(self, name: str | None) -> bool:
+        return name is not None and name in self.float_sites
 
     def tags(self) -> list[str]:
         return (["gptq"] if self.config.gptq else []) + (["scale-search"] if self.config.scale_search else [])

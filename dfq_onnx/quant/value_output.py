@@ -3,6 +3,8 @@
 V is rounded under the statistics of the mix of its input; O then compensates the rounded V
 (least squares under E[z^T z^], rounded by GPTQ), and V and O alternate. Candidates for a free
 invertible T per KV head (V' = V T, O' = T^-1 O) are scored by the pair error of plain rounding.
+A partner the output keeps in float (--exclude) enters every pair error as its float weight: O
+compensating a V rounding that is never written cost 2.5x round-to-nearest's KL (o alone at int2).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def value_output(
             "o": round_site(w_o, eye, o_dtype, how_o, None, []),
         }
     pair = Pair(x, w_v, w_o, heads, d, bias)
+    floats = (how.stays_float(att.qkv or att.v), how.stays_float(att.o))
     v_rtn = grid.rtn(w_v, how_v.fmt, v_dtype).dequantize()
     o_rtn = grid.rtn(w_o, how_o.fmt, o_dtype).dequantize()
     rtn_pair = pair.error(v_rtn, o_rtn)
@@ -52,17 +55,17 @@ def value_output(
         tf_v = SiteTransform(row=a, col=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)))
         tf_o = SiteTransform(row=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)).inverse())
         cheap = pair.error(
-            tf_v.backward(grid.fake_quant(tf_v.forward(w_v), how_v.fmt, v_dtype)),
-            tf_o.backward(grid.fake_quant(tf_o.forward(w_o), how_o.fmt, o_dtype)),
+            w_v if floats[0] else tf_v.backward(grid.fake_quant(tf_v.forward(w_v), how_v.fmt, v_dtype)),
+            w_o if floats[1] else tf_o.backward(grid.fake_quant(tf_o.forward(w_o), how_o.fmt, o_dtype)),
         )
         if chosen is None or cheap < chosen[0] or (config.force_transforms and t is not None):
             chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
     _, tf_v, tf_o, extra = chosen
-    qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype)
+    qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype, floats)
     learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype) if learn_vo else None
     if learned is not None:  # kept where the pair rounds better with it
         tf_v_l, tf_o_l = learned
-        trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype)
+        trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype, floats)
         if config.force_transforms or trial[2] < err:
             (qv, qo, err), tf_v, tf_o, extra = trial, tf_v_l, tf_o_l, ["vo-learned"]
     pair_tags = ["vo-pair", *how.tags()] if config.vo_pairs else how.tags()
@@ -96,33 +99,36 @@ def _learned_pair(pair: "Pair", a, tf_v: SiteTransform, how_v: Rounding, how_o: 
     return SiteTransform(row=a, col=blocks), SiteTransform(row=per_head.inverse())
 
 
-def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype):
-    """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair."""
+def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype, floats=(False, False)):
+    """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair.
+    `floats`: (V, O) written in float, so the pair computes with that weight, not its rounding."""
     config = how_v.config
     w_v_t = tf_v.forward(pair.w_v)
     h_v = tf_v.hessian(pair.value_hessian())
     qv = round_weight(w_v_t, h_v, v_dtype, how_v)
+    v_of = lambda q: pair.w_v if floats[0] else tf_v.backward(q.dequantize())  # noqa: E731  what the model computes
+    o_of = lambda q: pair.w_o if floats[1] else tf_o.backward(q.dequantize())  # noqa: E731
     best = None
     for step in range(max(1, config.alternations)):
-        v_hat = tf_v.backward(qv.dequantize())
+        v_hat = v_of(qv)
         qo = _round_o(pair, v_hat, tf_o, how_o, o_dtype)
-        err = pair.error(v_hat, tf_o.backward(qo.dequantize()))
+        err = pair.error(v_hat, o_of(qo))
         if best is None or err < best[2]:
             best = (qv, qo, err, v_hat)
-        if not config.vo_pairs or step + 1 >= config.alternations:
-            break
+        if not config.vo_pairs or any(floats) or step + 1 >= config.alternations:
+            break  # with a float partner there is nothing to alternate against
         # V given O^: its least-squares target, rounded under the pair's input statistics.
-        target = pair.value_target(tf_o.backward(qo.dequantize()))
+        target = pair.value_target(o_of(qo))
         qv = round_weight(tf_v.forward(target), h_v, v_dtype, how_v)
     # Round-to-nearest of the (transformed) O given the chosen V^ is always a candidate (its moments kept).
     qv, qo, err, v_hat = best
     o_plain = grid.rtn(tf_o.forward(pair.w_o), how_o.fmt, o_dtype)
-    plain_err = pair.error(v_hat, tf_o.backward(o_plain.dequantize()))
+    plain_err = pair.error(v_hat, o_of(o_plain))
     if plain_err < err:
         qo, err = o_plain, plain_err
     # So is round-to-nearest of both: without a transform, the pair is then never worse than it.
     v_plain = grid.rtn(w_v_t, how_v.fmt, v_dtype)
-    both_err = pair.error(tf_v.backward(v_plain.dequantize()), tf_o.backward(o_plain.dequantize()))
+    both_err = pair.error(v_of(v_plain), o_of(o_plain))
     if both_err < err:
         qv, qo, err = v_plain, o_plain, both_err
     return qv, qo, err
