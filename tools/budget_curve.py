@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a real model's dynamo export (its tokenizer in ../hf, as tools/build_*.py write it)")
     parser.add_argument("--budgets", default="2.75,3.25,3.75,4.5,5.5", help="--target-bits values")
     parser.add_argument("--uniform", default="2:64:asym,2:32:asym,4:128:asym,4:64:asym,4:32:sym,8:128:sym")
-    parser.add_argument("--weighting", default="residual", choices=["residual", "relative"])
+    parser.add_argument("--weighting", default="relative", choices=["relative", "residual"])
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--novel", default="prideprejudice")
     parser.add_argument("--work", type=Path, default=REPO / "models" / "budget-curve")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = []  # (kind, label, path, dfq-onnx args)
     for b in filter(None, args.budgets.split(",")):
-        extra = [] if args.weighting == "residual" else ["--target-weighting", args.weighting]
+        extra = ["--target-weighting", args.weighting]
         jobs.append(("budget", f"budget {b}", args.work / f"budget-{b}-{args.weighting}.onnx", ["--target-bits", b, *extra]))
     for spec in filter(None, args.uniform.split(",")):
         jobs.append(("uniform", spec.replace(":", " "), args.work / f"uniform-{spec.replace(':', '-')}.onnx", uniform_args(spec)))
