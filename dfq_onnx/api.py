@@ -94,7 +94,7 @@ def quantize(
         cluster = Settings(address=ray, cpus=ray_cpus, gpus=gpus, in_flight=ray_in_flight)
     elif ray_cpus is not None or ray_gpus is not None or ray_in_flight is not None:
         raise DfqError("ray_cpus, ray_gpus and ray_in_flight apply to a Ray run: pass ray='auto', 'local' or a cluster address")
-    allocation = _budget(target_bits, target_size, target_formats, target_weighting)
+    allocation = check_budget(target_bits, target_size, target_formats, target_weighting)
     options = RunOptions(device=check_device(device), verify=verify, resume=resume, threads=threads, ray=cluster, budget=allocation)
     source, target, companions = _paths(Path(model), None if output is None else Path(output), chosen)
     if target is None:
@@ -143,7 +143,7 @@ def plan_budget(
     if unknown:
         raise DfqError(f"unknown setting(s) {', '.join(unknown)}: use {', '.join(OVERRIDES)}")
     chosen = _recipe(recipe).with_overrides(**overrides)
-    wanted = _budget(target_bits, target_size, target_formats, target_weighting)
+    wanted = check_budget(target_bits, target_size, target_formats, target_weighting)
     if wanted is None:
         raise DfqError("give a budget: target_bits (e.g. 3.5) or target_size (e.g. '1.5GB')")
     path = Path(model)
@@ -153,7 +153,8 @@ def plan_budget(
     return budget.plan(graph, find_sites(graph), chosen, wanted, check_device(device), graph_bytes=source.stat().st_size)
 
 
-def _budget(bits: float | None, size: int | str | None, formats: str | None, weighting: str):
+def check_budget(bits: float | None, size: int | str | None, formats: str | None, weighting: str = "relative"):
+    """The budget these settings give (None without one), or a DfqError naming the bad setting."""
     from . import budget
 
     if bits is None and size is None:

@@ -49,7 +49,7 @@ from olive.passes.pass_config import BasePassConfig, PassConfigParam, PassParamD
 from olive.resource_path import LocalFolder
 from olive.search.search_parameter import SearchParameter, SpecialParamValue
 
-from .api import quantize
+from .api import check_budget, quantize
 from .config import DEFAULT_RECIPE, load_recipe
 from .errors import DfqError, Interrupted
 
@@ -68,6 +68,13 @@ _OVERRIDE_TYPES: dict[str, tuple[Any, str]] = {
     "seed": (Optional[int], "seed of random rotations (recipe random-rotation): the same seed gives the same bytes"),
     "fast": (Optional[bool], "True: every transform searched, none learned (about half the time, a few percent of KL)"),
 }
+# A size budget instead of one format (dfq-onnx optimize --target-bits/--target-size): a format per linear.
+_BUDGET_TYPES = {
+    "target_bits": (Optional[float], "stored bits per quantized weight (codes, scales, zero points), e.g. 4.5"),
+    "target_size": (Optional[Union[int, str]], "bytes of the written model, e.g. '1.5GB' or '800MiB'"),
+    "target_formats": (Optional[str], "the budget's candidates as bits:block:sym|asym,...; None: the recipe's defaults"),
+    "target_weighting": (Optional[str], "how a linear's error is weighed: 'relative' (default) or 'residual'"),
+}
 
 
 class DfqOnnxQuantization(Pass):
@@ -84,6 +91,8 @@ class DfqOnnxQuantization(Pass):
             config[name] = PassConfigParam(
                 type_=type_, default_value=None, description=f"{description}; None keeps the recipe's value"
             )
+        for name, (type_, description) in _BUDGET_TYPES.items():
+            config[name] = PassConfigParam(type_=type_, default_value=None, description=f"{description}; None: no budget")
         config["device"] = PassConfigParam(type_=str, default_value="cpu", description="torch device: cpu, cuda, cuda:N")
         config["verify"] = PassConfigParam(
             type_=str, default_value="auto", description="check before publishing: auto, compare, run or none"
@@ -109,6 +118,7 @@ class DfqOnnxQuantization(Pass):
                 device=config.device,
                 verify=config.verify,
                 progress=_log_progress,
+                **_budget(config),
                 **_overrides(config),
             )
         except DfqError as exc:
@@ -126,12 +136,20 @@ def _overrides(config) -> dict[str, Any]:
     return {name: getattr(config, name) for name in _OVERRIDE_TYPES}
 
 
+def _budget(config) -> dict[str, Any]:
+    values = {name: getattr(config, name) for name in _BUDGET_TYPES}
+    values["target_weighting"] = values["target_weighting"] or "relative"
+    return values
+
+
 def _check_recipe(config):
-    values = [config.recipe, *_overrides(config).values()]
+    values = [config.recipe, *_overrides(config).values(), *_budget(config).values()]
     placeholders = (SearchParameter, PassParamDefault, SpecialParamValue)
     if not any(isinstance(v, placeholders) for v in values):  # checked once Olive has fixed the values
         try:
             load_recipe(config.recipe or DEFAULT_RECIPE).with_overrides(**_overrides(config))
+            budget = _budget(config)
+            check_budget(budget["target_bits"], budget["target_size"], budget["target_formats"], budget["target_weighting"])
         except DfqError as exc:
             raise ValueError(f"dfq-onnx: {exc}") from None
     return config

@@ -22,6 +22,11 @@ from dfq_onnx.olive_pass import DfqOnnxQuantization, package_config  # noqa: E40
 CASES = {
     "rtn": ({"bits": 4, "block_size": 32, "method": "rtn"}, ["--bits", "4", "--block-size", "32", "--method", "rtn"]),
     "cafeq": ({"bits": 4, "block_size": 32, "method": "cafeq"}, ["--bits", "4", "--block-size", "32", "--method", "cafeq"]),
+    # A size budget: the pass chooses the same format per linear as the CLI (every tiny K is a multiple of 32).
+    "budget": (
+        {"target_bits": 4.5, "target_formats": "2:32:asym,4:32:sym,8:32:sym"},
+        ["--target-bits", "4.5", "--target-formats", "2:32:asym,4:32:sym,8:32:sym"],
+    ),
 }
 
 
@@ -68,11 +73,14 @@ def test_workflow_matches_cli(tiny, tmp_path, case):
     assert "MatMulNBits" in ops
     report = json.loads((olive_model.parent / "model.report.json").read_text())
     assert report  # the run's report travels with the model
+    if "target_bits" in params:  # a mix of formats within the budget, as the report says
+        assert len({s["format"] for s in report["allocation"]["sites"]}) >= 2
+        assert report["totals"]["bits_per_weight"] <= params["target_bits"] + 1e-9
 
 
 def test_parameters_follow_the_api():
     params = DfqOnnxQuantization.default_config(DEFAULT_CPU_ACCELERATOR)
-    assert set(params) == {"recipe", *OVERRIDES, "device", "verify"}
+    assert set(params) == {"recipe", *OVERRIDES, "device", "verify", "target_bits", "target_size", "target_formats", "target_weighting"}
 
 
 def test_package_config_keeps_builtin_passes(tmp_path):
@@ -87,6 +95,12 @@ def test_bad_setting_fails_before_running(tiny, tmp_path):
     # Rejected while Olive builds the pass config: no pass runs, nothing is written.
     with pytest.raises(ValueError, match=r"dfq-onnx: unsupported --bits 5"):
         run_workflow(tiny("genai-fp32"), tmp_path, bits=5)
+    assert not list((tmp_path / "olive-cache").rglob("*.onnx"))
+
+
+def test_bad_budget_fails_before_running(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"dfq-onnx: --target-formats item '4:32'"):
+        run_workflow(tiny("genai-fp32"), tmp_path, target_bits=4.5, target_formats="4:32")
     assert not list((tmp_path / "olive-cache").rglob("*.onnx"))
 
 
