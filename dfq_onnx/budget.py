@@ -121,6 +121,7 @@ class Plan:
     seconds: float
     formats: tuple[QuantFormat, ...]
     estimates: dict[str, dict[str, float]]  # site -> format label -> estimated loss (every candidate that fits)
+    narrowest_bits: int = 0  # no site was offered fewer bits: the budget affords every site this many
 
     @property
     def bits_per_weight(self) -> float:
@@ -140,6 +141,7 @@ class Plan:
             "gap": self.solution.gap,
             "seconds": self.seconds,
             "candidates": [format_label(f) for f in self.formats],
+            "narrowest_bits": self.narrowest_bits,
             "estimated": "per site and format: round-to-nearest's relative proxy under the propagated statistics, "
             f"times {'the sublayer share of the residual stream' if self.budget.weighting == 'residual' else 'the KL per unit of it measured for the role'}, "
             "times the method's measured reduction for the role",
@@ -210,7 +212,7 @@ def plan(
         fixed_quantized = sum(_fixed_bits(lin, recipe, make, sites) for lin in quantized if lin.node not in allocated)
         reserve = graph_bytes + _rotation_bytes(units, recipe)
         budget_bits = (budget.size - staying - reserve) * 8.0 - fixed_quantized
-    choices = _no_lower_than_affordable(choices, scale_bits, budget_bits)
+    choices, narrowest = _no_lower_than_affordable(choices, scale_bits, budget_bits)
     groups = [
         [allocate.Option(stored_bits(f, lin.k, lin.n, scale_bits[lin.node]), _loss(recipe, st, lin.role.value, f, e, budget)) for f, e in zip(fits, errs)]
         for lin, st, fits, errs in choices
@@ -230,14 +232,15 @@ def plan(
         for g, ((lin, st, fits, errs), i) in enumerate(zip(choices, solution.choice))
     ]  # fmt: skip
     estimates = {lin.node: {format_label(f): o.loss for f, o in zip(fits, group)} for (lin, _, fits, _), group in zip(choices, groups)}
-    return Plan(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates)
+    return Plan(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates, narrowest)
 
 
-def _no_lower_than_affordable(choices, scale_bits: dict[str, int], budget_bits: float):
+def _no_lower_than_affordable(choices, scale_bits: dict[str, int], budget_bits: float) -> tuple[list, int]:
     """Drop every candidate of fewer bits than the widest the budget affords every site at once (its
     cheapest block each): a budget that fits all sites at 4 bits sends none to 2. A 2-bit linear costs
     10-20x its 4-bit KL and the estimate of that is its least reliable part: on Gemma 3 270M at 4.28
-    bits/weight one 2-bit down projection the estimate chose raised the KL by 15% (Persuasion)."""
+    bits/weight one 2-bit down projection the estimate chose raised the KL by 15% (Persuasion).
+    Returns the choices left and that width (0: the budget affords no width everywhere)."""
     widths = sorted({f.bits for _, _, fits, _ in choices for f in fits}, reverse=True)
     for bits in widths:
         least = 0.0
@@ -247,12 +250,12 @@ def _no_lower_than_affordable(choices, scale_bits: dict[str, int], budget_bits: 
         if least <= budget_bits:
             break
     else:
-        return choices
+        return choices, 0
     kept = []
     for lin, st, fits, errs in choices:
         pairs = [(f, e) for f, e in zip(fits, errs) if f.bits >= bits] or list(zip(fits, errs))
         kept.append((lin, st, [f for f, _ in pairs], [e for _, e in pairs]))
-    return kept
+    return kept, bits
 
 
 def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, fmt: QuantFormat, rel: float, budget: Budget) -> float:

@@ -213,6 +213,7 @@ def plan_table(plan) -> str:
         "cells: bits/block, s symmetric, a asymmetric. Mix: " + ", ".join(f"{n} x {f}" for f, n in plan.counts().items()),
         f"estimated loss {sol.loss:.4g}; no allocation within the budget estimates below {sol.bound:.4g} "
         f"(the knapsack's relaxation), so this one is within {sol.gap:.3g} of the optimum",
-        "candidates: " + ", ".join(format_label(f) for f in plan.formats),
+        "candidates: " + ", ".join(format_label(f) for f in plan.formats)
+        + (f" (none below {plan.narrowest_bits} bits: the budget affords every linear {plan.narrowest_bits})" if plan.narrowest_bits > min(f.bits for f in plan.formats) else ""),
     ]
     return "\n".join(lines)

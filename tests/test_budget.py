@@ -221,5 +221,6 @@ def test_a_budget_that_affords_every_site_4_bits_sends_none_to_2(tiny):
         found = budget.plan(model, sites, recipe, budget.Budget(bits=bits, formats=formats))
         assert min(s.format.bits for s in found.sites) == 4 and max(s.format.bits for s in found.sites) == 8
         assert all("int2" not in label for est in found.estimates.values() for label in est)
+        assert found.narrowest_bits == 4 and found.to_dict()["narrowest_bits"] == 4
     low = budget.plan(model, sites, recipe, budget.Budget(bits=4.0, formats=formats))
-    assert min(s.format.bits for s in low.sites) == 2
+    assert min(s.format.bits for s in low.sites) == 2 and low.narrowest_bits == 2
