@@ -43,6 +43,16 @@ def quantize(model: Path, out: Path, args: list[str]) -> dict:
     return json.loads(report.read_text())
 
 
+def model_bytes(path: Path) -> int:
+    """The .onnx file and the external data files it names (a model copied in from an earlier run keeps
+    its own data file name)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    files = {entry.value for t in graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
+
+
 def uniform_args(spec: str) -> list[str]:
     bits, block, sym = spec.split(":")
     return ["--bits", bits, "--block-size", block, "--symmetric" if sym == "sym" else "--asymmetric"]
@@ -183,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in alloc.get("sites", []):
             counts[s["format"]] = counts.get(s["format"], 0) + 1
         formats = ", ".join(f"{n}x {f}" for f, n in sorted(counts.items())) or ("-" if rep.get("ort") else "all " + label)
-        real = path.resolve()  # a model linked in from an earlier run keeps its own data file name
-        size = real.stat().st_size + real.with_name(real.name + ".data").stat().st_size
+        size = model_bytes(path)
         rows.append({"kind": kind, "label": label, "bits": rep["totals"]["bits_per_weight"], "mib": size / 2**20, "kl": res["kl"],
                      "ppl": res["ppl"], "top1": res["top1"], "seconds": rep.get("wall_seconds", rep.get("seconds", 0.0)), "formats": formats})  # fmt: skip
     md = table(rows)
