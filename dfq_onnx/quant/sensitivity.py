@@ -45,7 +45,7 @@ REDUCTION = {
 OTHER_REDUCTION = (0.45, 0.65)
 # Measured KL of the uniform model at the format over the sum of its estimates, relative to int4
 # g128 asym: Gemma 3 270M, every linear at the format by the method, Persuasion 4 windows. A format
-# not listed takes the nearest measured block of its bits and symmetry (the rest are within 7% of 1).
+# not listed takes the nearest measured block of its bits and symmetry (none measured: 1).
 FORMAT_FACTOR = {
     (2, 32, False): 0.95, (2, 64, False): 1.02, (2, 64, True): 1.21,
     (4, 64, False): 0.93, (4, 128, False): 1.0, (4, 32, True): 0.81, (4, 128, True): 0.93,
