@@ -283,3 +283,26 @@ def gptq_block_low_rank(w_cols, z, feedback, g, importance, b, bs, qmax, symmetr
                 for j in range(p + 1, b):
                     cur[j] -= F32(err * feedback[blk, p, j])
                 acc -= F32(err * g[i])
+
+
+@njit(cache=True, parallel=True)
+def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
+    """out[c] = weighted squared error of round-to-nearest (min/max float32 scales, grid.rtn_params)
+    of column c of W / divisor (rows divided), row j weighted by weight[j]; a short last block is
+    the padded block of grid.to_row_blocks (zeros round exactly). transforms.rounding_error's sum."""
+    k, n = w.shape
+    centre = F32((qmax + 1) // 2)
+    for c in prange(n):
+        x = np.empty(bs, dtype=np.float32)
+        total = 0.0
+        for r0 in range(0, k, bs):
+            m = min(bs, k - r0)
+            for j in range(m):
+                x[j] = F32(w[r0 + j, c] / divisor[r0 + j])
+            xs = x[:m]
+            if symmetric:
+                s, zero = _minmax_symmetric(xs, centre, False), centre
+            else:
+                s, zero = _minmax_asymmetric(xs, qmax, False)
+            total += _error(xs, weight[r0 : r0 + m], s, zero, qmax)
+        out[c] = total

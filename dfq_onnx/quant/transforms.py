@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from ..config import QuantFormat
-from . import grid, scales
+from . import grid, kernels, scales
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BETAS = (0.0, 0.5)
@@ -36,8 +37,24 @@ class DiagonalChoice:
         return self.alpha == 0.0 and self.beta == 0.0
 
 
-def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None) -> float:
-    """Weighted squared error of round-to-nearest of W[K, N] (rows weighted by `weight`), min/max scales."""
+def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, divisor: torch.Tensor | None = None) -> float:
+    """Weighted squared error of round-to-nearest of W[K, N] / divisor (rows divided; min/max scales),
+    rows weighted by `weight`. Compiled on the CPU (the diagonal search calls it for every candidate)."""
+    if w.device.type == "cpu":
+        k, n = w.shape
+        ones = torch.ones(k, dtype=torch.float32)
+        out = np.empty(n, dtype=np.float64)
+        kernels.rtn_errors(
+            w.to(torch.float32).numpy(), (ones if divisor is None else divisor.to(torch.float32)).numpy(),
+            (ones if weight is None else weight.to(torch.float32)).contiguous().numpy(),
+            fmt.block_size, float(grid.grid_max(fmt.bits)), fmt.symmetric, out,
+        )  # fmt: skip
+        return float(out.sum())
+    return rounding_error_reference(w if divisor is None else w / divisor.unsqueeze(1), fmt, weight)
+
+
+def rounding_error_reference(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None) -> float:
+    """rounding_error in torch ops, piece by piece: the path off the CPU and the compiled loop's reference."""
     row_weight = None if weight is None else grid.to_row_blocks(weight.view(-1, 1), fmt.block_size)  # [kb, bs, 1]
     total = 0.0
     for kbs, _, x in grid.row_block_chunks(w, fmt.block_size):  # W's own layout, in pieces
@@ -66,7 +83,7 @@ def search_diagonal(
     for alpha in alphas if importance is not None else (0.0,):
         for beta in betas:
             a = _normalise(h_pos ** (-alpha / 2) * spread**beta)
-            err = sum(rounding_error(w / a.unsqueeze(1), fmt, h * a * a) for w in weights)
+            err = sum(rounding_error(w, fmt, h * a * a, divisor=a) for w in weights)
             if alpha == 0.0 and beta == 0.0:
                 identity = err
                 if exclude_identity:
