@@ -292,17 +292,28 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
     the padded block of grid.to_row_blocks (zeros round exactly). transforms.rounding_error's sum."""
     k, n = w.shape
     centre = F32((qmax + 1) // 2)
+    half = F32(0.5)
     for c in prange(n):
         x = np.empty(bs, dtype=np.float32)
         total = 0.0
         for r0 in range(0, k, bs):
             m = min(bs, k - r0)
-            for j in range(m):
-                x[j] = F32(w[r0 + j, c] / divisor[r0 + j])
-            xs = x[:m]
+            mx = mn = x[0] = F32(w[r0, c] / divisor[r0])
+            for j in range(1, m):  # the block and its range in one pass
+                v = x[j] = F32(w[r0 + j, c] / divisor[r0 + j])
+                mx = max(mx, v)
+                mn = min(mn, v)
             if symmetric:
-                s, zero = _minmax_symmetric(xs, centre, False), centre
+                signed_max = x[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
+                s, zero = F32(-signed_max / centre), centre
             else:
-                s, zero = _minmax_asymmetric(xs, qmax, False)
-            total += _error(xs, weight[r0 : r0 + m], s, zero, qmax)
+                s, zero = _minmax_asymmetric(x[:m], qmax, False)
+            inv = _inverse(s)
+            part = F32(0.0)
+            for j in range(m):
+                t = F32(x[j] * inv + zero)
+                q = min(max(np.floor(t + half) - (F32(1.0) if t == _BELOW_HALF else F32(0.0)), F32(0.0)), qmax)
+                d = F32(x[j] - F32((q - zero) * s))
+                part += F32(weight[r0 + j] * F32(d * d))
+            total += part
         out[c] = total
