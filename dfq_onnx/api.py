@@ -52,7 +52,7 @@ def quantize(
     keyword overrides replace its settings: bits (2, 3, 4, 8; 16 applies the transforms only),
     block_size, symmetric, output_format ("matmulnbits" or "qdq"), lm_head ("keep", "int8",
     "int4"), method ("cafeq" or "rtn"), online, accuracy_level, exclude (node names or roles kept
-    in float), fast (True: the transforms searched, none learned; about half the time). `output` defaults to `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai
+    in float), fast (True: every learner the recipe turns on, off). `output` defaults to `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai
     folder. `progress` is a callable (label, done, total), or True for a bar on stderr.
     `verify` is "auto", "compare", "run" or "none" (see `dfq-onnx optimize --help`).
     `threads`: torch threads of the optimisation (default: torch's); the bytes depend on it. It is

@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         default=None,
-        help="about twice as fast: every transform searched, none learned by gradient (on Gemma 3 270M int4 it "
-        "costs a few percent of KL: see BENCHMARKS.md) [off]",
+        help="turn off every learned transform the recipe turns on (the bundled recipes learn none: they are "
+        "the fast setting already; a recipe with learners takes 2-6x longer, see BENCHMARKS.md) [off]",
     )
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument(

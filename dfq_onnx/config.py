@@ -135,7 +135,7 @@ class MethodConfig:
     # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates.
     learned_diagonal_steps: int = 0  # the norm and up/down diagonals, refined from the searched ones
     learned_diagonal_lr: float = 0.01  # on the log-scales
-    learned_vo_steps: int = 100  # a general invertible T per KV head on the V/O pair, from the chosen block
+    learned_vo_steps: int = 0  # a general invertible T per KV head on the V/O pair, from the chosen block
     learned_vo_lr: float = 0.001
     learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
     learned_online_lr: float = 0.001
@@ -226,7 +226,7 @@ class Recipe:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
-        if top.pop("fast", False):  # every transform searched, none learned (BENCHMARKS.md: what it costs)
+        if top.pop("fast", False):  # every learner the recipe turns on, off
             method = dataclasses.replace(method, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0)
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")

@@ -66,7 +66,7 @@ _OVERRIDE_TYPES: dict[str, tuple[Any, str]] = {
     "accuracy_level": (Optional[int], "MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU)"),
     "exclude": (Optional[list[str]], "linears kept in float: node names or roles"),
     "seed": (Optional[int], "seed of random rotations (recipe random-rotation): the same seed gives the same bytes"),
-    "fast": (Optional[bool], "True: every transform searched, none learned (about half the time, a few percent of KL)"),
+    "fast": (Optional[bool], "True: every learner the recipe turns on, off (the bundled recipes learn none)"),
 }
 # A size budget instead of one format (dfq-onnx optimize --target-bits/--target-size): a format per linear.
 _BUDGET_TYPES = {

@@ -161,9 +161,9 @@ def test_learned_online_blocks_beat_the_hadamard(fmt):
     assert true == pytest.approx(found.error, rel=1e-4)
 
 
-def test_default_run_learns_the_vo_block_and_nothing_else(tiny, tmp_path):
-    """The README's default: the V/O block is learned (kept where the pair rounds better), the
-    diagonals and online blocks are the searched ones. The tiny Gemma 2 from the exporter's defaults."""
+def test_default_run_learns_nothing(tiny, tmp_path):
+    """The README's default: every transform searched, none learned (the learners are recipe knobs).
+    The tiny Gemma 2 from the exporter's defaults."""
     import json
 
     from dfq_onnx.cli import main
@@ -172,30 +172,30 @@ def test_default_run_learns_the_vo_block_and_nothing_else(tiny, tmp_path):
     assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--bits", "3", "--quiet", "--verify", "none"]) == 0
     report = json.loads((tmp_path / "q.report.json").read_text())
     used = {t for site in report["sites"] for t in site["transforms"]}
-    assert "vo-learned" in used, used
-    assert not {"norm-diag-learned", "up-down-diag-learned"} & used, used
-    assert not any(t.startswith("online-learned") for t in used), used
+    assert not any("learned" in t for t in used), used
+    assert {"gptq", "scale-search", "vo-pair"} <= used, used
 
 
 def test_fast_learns_nothing_and_writes_the_searched_transforms(tiny, tmp_path):
-    """--fast turns every learner off: no learned tag, and the bytes of the default recipe with its
-    learned V/O block off (the searched transforms, GPTQ and the scale search all still run)."""
+    """--fast turns off every learner a recipe turns on: no learned tag, and the bytes of the same
+    recipe with its learners off (the searched transforms, GPTQ and the scale search all still run)."""
     import json
 
     from dfq_onnx.cli import main
 
     model = tiny("dynamo")
-    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
-    recipe = tmp_path / "no-learning.toml"
-    recipe.write_text('[recipe]\nname = "no-learning"\n[quant]\nbits = 3\nblock_size = 32\nsymmetric = false\n'
-                      '[method]\nname = "cafeq"\nlearned_vo_steps = 0\n')  # fmt: skip
+    fast, plain, learning = tmp_path / "fast.onnx", tmp_path / "plain.onnx", tmp_path / "learning.onnx"
+    head = '[recipe]\nname = "r"\n[quant]\nbits = 3\nblock_size = 32\nsymmetric = false\n[method]\nname = "cafeq"\n'
+    (tmp_path / "learns.toml").write_text(head + "learned_vo_steps = 30\nlearned_diagonal_steps = 30\n")
+    (tmp_path / "no-learning.toml").write_text(head + "learned_vo_steps = 0\nlearned_diagonal_steps = 0\n")
     common = ["--quiet", "--verify", "none"]
-    assert main(["optimize", str(model), "-o", str(fast), "--bits", "3", "--asymmetric", "--fast", *common]) == 0
-    assert main(["optimize", str(model), "-o", str(plain), "--recipe", str(recipe), *common]) == 0
-    report = json.loads((tmp_path / "fast.report.json").read_text())
-    used = {t for site in report["sites"] for t in site["transforms"]}
-    assert not any("learned" in t for t in used), used
-    assert {"gptq", "scale-search", "vo-pair"} <= used, used
+    assert main(["optimize", str(model), "-o", str(fast), "--recipe", str(tmp_path / "learns.toml"), "--fast", *common]) == 0
+    assert main(["optimize", str(model), "-o", str(plain), "--recipe", str(tmp_path / "no-learning.toml"), *common]) == 0
+    assert main(["optimize", str(model), "-o", str(learning), "--recipe", str(tmp_path / "learns.toml"), *common]) == 0
+    tags = lambda name: {t for site in json.loads((tmp_path / f"{name}.report.json").read_text())["sites"] for t in site["transforms"]}  # noqa: E731
+    assert not any("learned" in t for t in tags("fast")), tags("fast")
+    assert any("learned" in t for t in tags("learning")), tags("learning")  # the recipe does learn without --fast
+    assert {"gptq", "scale-search", "vo-pair"} <= tags("fast")
     assert (tmp_path / "fast.onnx.data").read_bytes() == (tmp_path / "plain.onnx.data").read_bytes()
 
 
