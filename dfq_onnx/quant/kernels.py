@@ -292,7 +292,6 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
     the padded block of grid.to_row_blocks (zeros round exactly). transforms.rounding_error's sum."""
     k, n = w.shape
     centre = F32((qmax + 1) // 2)
-    half = F32(0.5)
     for c in prange(n):
         x = np.empty(bs, dtype=np.float32)
         total = 0.0
@@ -311,8 +310,7 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
             inv = _inverse(s)
             part = F32(0.0)
             for j in range(m):
-                t = F32(x[j] * inv + zero)
-                q = min(max(np.floor(t + half) - (F32(1.0) if t == _BELOW_HALF else F32(0.0)), F32(0.0)), qmax)
+                q = _round_clamped(F32(x[j] * inv + zero), qmax)
                 d = F32(x[j] - F32((q - zero) * s))
                 part += F32(weight[r0 + j] * F32(d * d))
             total += part
