@@ -7,7 +7,15 @@
 imported on first use, so `import dfq_onnx` stays cheap.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# torch's CPU allocator advises transparent huge pages for large buffers when this is set; it reads it
+# once, at its first allocation, so it must be set before torch starts. The method's layer-sized
+# temporaries then fault in 2 MiB pages instead of 4 KiB ones (2B-shape layer: 10x fewer page faults,
+# 40 s -> 35 s). A value the user set is kept.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
     "quantize": "api",

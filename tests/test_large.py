@@ -8,6 +8,7 @@ random weights; here at a few-layer toy shape so the test stays quick. An interr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -173,3 +174,15 @@ def test_genai_synthetic_is_the_builders_own_graph(tmp_path):
     sites = inspect(synthetic)
     assert len(sites.layers()) == GENAI_LAYERS
     assert sorted(lin.role.value for lin in sites.linears.values() if lin.layer == GENAI_LAYERS - 1) == ["down", "gate", "o", "qkv", "up"]
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")], ids=["unset", "user-set"])
+def test_importing_the_package_asks_torch_for_huge_pages_before_torch_starts(preset, expected):
+    """Layer-sized temporaries fault in 2 MiB pages only if torch's allocator was told before its
+    first allocation: importing dfq_onnx sets THP_MEM_ALLOC_ENABLE (keeping a user's own value)."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, sys, dfq_onnx; assert 'torch' not in sys.modules; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
