@@ -1,4 +1,5 @@
-"""The compiled GPTQ loops (quant/kernels.py, the CPU path) compute what the torch loops compute.
+"""The compiled GPTQ loops (quant/kernels.py, the CPU path) compute what the torch loops compute,
+and the compiled whole-matrix passes (quant/grid_kernels.py) what their torch forms compute.
 
 Both run one algorithm with the same float32 operations; only the order of the sums inside the
 scale search differs, so a searched scale's least-squares refinement may land a few ulps away
@@ -114,7 +115,7 @@ def test_compiled_rounding_error_matches_the_torch_sum(fmt, layout):
     from dfq_onnx.quant import transforms
 
     gen = torch.Generator().manual_seed(3)
-    k, n = 200, 48  # 200 = 6 blocks of 32 + 8 rows, 1 block of 128 + 72
+    k, n = 200, 50  # 200 = 6 blocks of 32 + 8 rows, 1 block of 128 + 72; 50 = 3 tiles of 16 columns + 2
     w = torch.randn(k, n, generator=gen) * torch.rand(k, 1, generator=gen).mul(4)
     w[:, 5] = 0.0
     w = w if layout == "rows" else w.t().contiguous().t()  # [N, K] storage read as [K, N], as the graph holds it
@@ -124,3 +125,38 @@ def test_compiled_rounding_error_matches_the_torch_sum(fmt, layout):
     got = transforms.rounding_error(w, fmt, weight, divisor=a)
     assert got == pytest.approx(ref, rel=1e-6)
     assert transforms.rounding_error(w, fmt, None) == pytest.approx(transforms.rounding_error_reference(w, fmt, None), rel=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f"int{f.bits}-b{f.block_size}-{'sym' if f.symmetric else 'asym'}" for f in FORMATS])
+def test_compiled_dequantize_equals_the_torch_ops(fmt):
+    """Every element of the compiled dequantization equals (q - z) * s in torch's float32 ops, bit for
+    bit, with a short last block (its padded rows dropped) and fp16-representable scales."""
+    gen = torch.Generator().manual_seed(5)
+    k, n = 200, 37
+    w = torch.randn(k, n, generator=gen) * torch.rand(1, n, generator=gen).mul(3)
+    q = grid.rtn(w, fmt, torch.float16)
+    got, ref = q.dequantize(), q.dequantize_reference()
+    assert got.shape == ref.shape == (k, n)
+    assert torch.equal(got, ref)
+    assert (got - w).abs().max() < (w.abs().max() / (1 << (fmt.bits - 1)))  # the codes were read, not zeros
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f"int{f.bits}-b{f.block_size}-{'sym' if f.symmetric else 'asym'}" for f in FORMATS])
+def test_compiled_rtn_equals_the_torch_ops(fmt, scale_dtype, layout):
+    """Round-to-nearest compiled gives the torch ops' codes, scales and zero points bit for bit (both
+    are ORT's arithmetic): a short last block, an all-zero column, one-signed columns, grid ties."""
+    gen = torch.Generator().manual_seed(7)
+    k, n = 200, 37
+    w = torch.randn(k, n, generator=gen) * torch.rand(1, n, generator=gen).mul(3)
+    w[:, 3] = 0.0
+    w[:, 4] = w[:, 4].abs()
+    w[:, 5] = -w[:, 5].abs()
+    w[:, 6] = torch.round(w[:, 6] * 2) / 2  # values on a grid: rounding ties
+    w = w if layout == "rows" else w.t().contiguous().t()
+    got, ref = grid.rtn(w, fmt, scale_dtype), grid.rtn_reference(w, fmt, scale_dtype)
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.scales, ref.scales)
+    assert (got.zero_points is None) == (ref.zero_points is None) == fmt.symmetric
+    assert fmt.symmetric or torch.equal(got.zero_points, ref.zero_points)

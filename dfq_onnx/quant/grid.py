@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from ..config import QuantFormat
+from . import grid_kernels
 
 
 @dataclasses.dataclass
@@ -39,7 +40,16 @@ class Quantized:
         return torch.full(self.scales.shape, mid, dtype=torch.uint8, device=self.scales.device)
 
     def dequantize(self) -> torch.Tensor:
-        """W_hat[K, N] in float32 (contiguous), exactly as the kernels compute (q - z) * s."""
+        """W_hat[K, N] in float32 (contiguous), exactly as the kernels compute (q - z) * s; compiled
+        on the CPU (one pass, no transposed temporaries), dequantize_reference elsewhere."""
+        if self.codes.device.type != "cpu":
+            return self.dequantize_reference()
+        out = torch.empty((self.k, self.n), dtype=torch.float32)
+        grid_kernels.dequantize(self.codes.numpy(), self.scales.numpy(), self.zero_point_values().numpy(), out.numpy())
+        return out
+
+    def dequantize_reference(self) -> torch.Tensor:
+        """dequantize in torch ops."""
         z = self.zero_point_values().t().to(torch.float32).unsqueeze(1)  # [k_blocks, 1, N]
         codes = self.codes.permute(1, 2, 0).contiguous()  # [k_blocks, block_size, N]: W's own layout
         rows = (codes.to(torch.float32) - z) * self.scales.t().unsqueeze(1)
@@ -176,6 +186,24 @@ def row_block_chunks(w: torch.Tensor, block_size: int):
 
 def rtn(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> Quantized:
     """Round-to-nearest of W[K, N] (any float dtype) with min/max scales: ORT DEFAULT's result.
+    Compiled for a float32 W on the CPU (one pass over W, no temporaries), rtn_reference otherwise."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or scale_dtype not in (torch.float32, torch.float16):
+        return rtn_reference(w, fmt, scale_dtype)
+    k, n = w.shape
+    k_blocks = -(-k // fmt.block_size)
+    codes = torch.empty((n, k_blocks, fmt.block_size), dtype=torch.uint8)
+    scales = torch.empty((n, k_blocks), dtype=torch.float32)
+    zero_points = torch.empty((n, k_blocks), dtype=torch.uint8)
+    offset = (1 << (fmt.container_bits - 1)) - (1 << (fmt.bits - 1)) if fmt.symmetric else 0
+    grid_kernels.rtn(
+        w.numpy(), float(grid_max(fmt.bits)), fmt.symmetric, scale_dtype == torch.float16, float(offset),
+        codes.numpy(), scales.numpy(), zero_points.numpy(),
+    )  # fmt: skip
+    return Quantized(codes=codes, scales=scales, zero_points=None if fmt.symmetric else zero_points, k=k, fmt=fmt)
+
+
+def rtn_reference(w: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32) -> Quantized:
+    """rtn in torch ops, for any float dtype and device.
 
     Computed piece by piece in W's stored layout (every step is per block, so pieces give the
     same bits as the whole), written into MatMulNBits' [N, k_blocks, block_size].

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import QuantFormat
-from . import grid, kernels, scales
+from . import grid, grid_kernels, scales
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 BETAS = (0.0, 0.5)
@@ -44,7 +44,7 @@ def rounding_error(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | Non
         k, n = w.shape
         ones = torch.ones(k, dtype=torch.float32)
         out = np.empty(n, dtype=np.float64)
-        kernels.rtn_errors(
+        grid_kernels.rtn_errors(
             w.to(torch.float32).numpy(), (ones if divisor is None else divisor.to(torch.float32)).numpy(),
             (ones if weight is None else weight.to(torch.float32)).contiguous().numpy(),
             fmt.block_size, float(grid.grid_max(fmt.bits)), fmt.symmetric, out,
