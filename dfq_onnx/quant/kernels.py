@@ -65,6 +65,43 @@ def _error(x, w, s, zero, qmax):
     return total
 
 
+MAX_CANDIDATES = 64  # scales tried per block: 11 symmetric, 1 + 63 asymmetric (scales.py's grids)
+
+
+@njit(cache=True)
+def _errors(x, w, s, zero, inv, qmax, out):
+    """out[r] = _error(x, w, s[r], zero[r], qmax) for all candidates r at once (inv[r] = _inverse(s[r])):
+    each candidate's sum runs over j in _error's order, the candidates side by side in vector lanes."""
+    count = s.shape[0]
+    for r in range(count):
+        out[r] = F32(0.0)
+    for j in range(x.shape[0]):
+        xj, wj = x[j], w[j]
+        for r in range(count):
+            q = _round_clamped(F32(xj * inv[r] + zero[r]), qmax)
+            d = F32(xj - F32((q - zero[r]) * s[r]))
+            out[r] += F32(wj * F32(d * d))
+
+
+@njit(cache=True, inline="always")
+def _first_min(e, start):
+    """Index of the first smallest e[r], r >= start (the first candidate wins a tie)."""
+    best = start
+    for r in range(start + 1, e.shape[0]):
+        if e[r] < e[best]:
+            best = r
+    return best
+
+
+@njit(cache=True, inline="always")
+def _score(x, w, qmax, work, count):
+    """Errors of the `count` candidates in work[0] (scales) and work[1] (zero points), into work[3]."""
+    for r in range(count):
+        work[2, r] = _inverse(work[0, r])
+    _errors(x, w, work[0, :count], work[1, :count], work[2, :count], qmax, work[3, :count])
+    return work[3, :count]
+
+
 @njit(cache=True, inline="always")
 def _minmax_symmetric(x, centre, half_dtype):
     """grid.rtn_params for one symmetric block: the signed value of largest magnitude maps to -centre
@@ -75,16 +112,18 @@ def _minmax_symmetric(x, centre, half_dtype):
 
 
 @njit(cache=True)
-def _search_symmetric(x, w, qmax, half_dtype, ratios, refine):
+def _search_symmetric(x, w, qmax, half_dtype, ratios, refine, work):
     """scales._search_symmetric for one block: the min/max scale times each ratio, then least squares."""
     centre = F32((qmax + 1) // 2)
     base = _minmax_symmetric(x, centre, half_dtype)
-    best_s, best_e = base, _error(x, w, base, centre, qmax)
-    for r in range(1, ratios.shape[0]):
-        s = _to_scale_dtype(F32(base * ratios[r]), half_dtype)
-        e = _error(x, w, s, centre, qmax)
-        if e < best_e:
-            best_s, best_e = s, e
+    count = ratios.shape[0]
+    work[0, 0] = base
+    for r in range(1, count):
+        work[0, r] = _to_scale_dtype(F32(base * ratios[r]), half_dtype)
+    work[1, :count] = centre
+    e = _score(x, w, qmax, work, count)
+    best = _first_min(e, 0)
+    best_s, best_e = work[0, best], e[best]
     for _ in range(refine):
         inv = _inverse(best_s)
         num = F32(0.0)
@@ -97,8 +136,9 @@ def _search_symmetric(x, w, qmax, half_dtype, ratios, refine):
         s = F32(num / den) if den > 0 else best_s
         s = _to_scale_dtype(s, half_dtype)
         e = _error(x, w, s, centre, qmax)
-        if e < best_e:
-            best_s, best_e = s, e
+        if not e < best_e:
+            break  # a step reads only the best so far: every later one would repeat this one
+        best_s, best_e = s, e
     return best_s
 
 
@@ -129,26 +169,24 @@ def _snap_zero(v, s, qmax, if_zero):
 
 
 @njit(cache=True)
-def _search_asymmetric(x, w, qmax, half_dtype, ratios, refine):
+def _search_asymmetric(x, w, qmax, half_dtype, ratios, refine, work):
     """scales._search_asymmetric for one block: shrunk ranges on each side, then least squares."""
-    best_s, best_z = _minmax_asymmetric(x, qmax, half_dtype)
-    best_e = _error(x, w, best_s, best_z, qmax)
+    work[0, 0], work[1, 0] = _minmax_asymmetric(x, qmax, half_dtype)
     mn = min(x.min(), F32(0.0))
     mx = max(x.max(), F32(0.0))
-    cand_s, cand_z, cand_e = F32(0.0), F32(0.0), F32(np.inf)
-    first = True
+    count = 1
     for a in range(ratios.shape[0]):
         for b in range(ratios.shape[0]):
             if a == 0 and b == 0:
                 continue
             lo, hi = F32(mn * ratios[a]), F32(mx * ratios[b])
             s = _to_scale_dtype(F32(F32(hi - lo) / qmax), half_dtype)
-            z = _snap_zero(-lo, s, qmax, F32(0.0))
-            e = _error(x, w, s, z, qmax)
-            if first or e < cand_e:
-                cand_s, cand_z, cand_e, first = s, z, e, False
-    if cand_e < best_e:
-        best_s, best_z, best_e = cand_s, cand_z, cand_e
+            work[0, count], work[1, count] = s, _snap_zero(-lo, s, qmax, F32(0.0))
+            count += 1
+    e = _score(x, w, qmax, work, count)
+    best = _first_min(e, 1)  # the best shrunk range replaces min/max only when strictly better
+    best = best if e[best] < e[0] else 0
+    best_s, best_z, best_e = work[0, best], work[1, best], e[best]
     n = x.shape[0]
     for _ in range(refine):
         inv = _inverse(best_s)
@@ -177,21 +215,23 @@ def _search_asymmetric(x, w, qmax, half_dtype, ratios, refine):
             den += F32(wq * q)
         s = _to_scale_dtype(F32(num / den) if den > 0 else s, half_dtype)
         e = _error(x, w, s, z, qmax)
-        if e < best_e:
-            best_s, best_z, best_e = s, z, e
+        if not e < best_e:
+            break  # a step reads only the best so far: every later one would repeat this one
+        best_s, best_z, best_e = s, z, e
     return best_s, best_z
 
 
 @njit(cache=True)
-def _block_params(x, w, qmax, symmetric, half_dtype, search, sym_ratios, asym_ratios, refine):
-    """(scale, zero point on the grid) of one block: searched, or min/max (grid.rtn_params)."""
+def _block_params(x, w, qmax, symmetric, half_dtype, search, sym_ratios, asym_ratios, refine, work):
+    """(scale, zero point on the grid) of one block: searched, or min/max (grid.rtn_params).
+    `work`: float32 [4, MAX_CANDIDATES] scratch of the caller's thread."""
     if symmetric:
         centre = F32((qmax + 1) // 2)
         if search:
-            return _search_symmetric(x, w, qmax, half_dtype, sym_ratios, refine), centre
+            return _search_symmetric(x, w, qmax, half_dtype, sym_ratios, refine, work), centre
         return _minmax_symmetric(x, centre, half_dtype), centre
     if search:
-        return _search_asymmetric(x, w, qmax, half_dtype, asym_ratios, refine)
+        return _search_asymmetric(x, w, qmax, half_dtype, asym_ratios, refine, work)
     return _minmax_asymmetric(x, qmax, half_dtype)
 
 
@@ -204,12 +244,13 @@ def gptq_chunk(block_w, hinv, importance, bs, qmax, symmetric, code_offset, half
     n, length = block_w.shape
     for c in prange(n):
         row = block_w[c]
+        work = np.empty((4, MAX_CANDIDATES), dtype=np.float32)
         s = F32(0.0)
         zero = F32(0.0)
         for i in range(length):
             if i % bs == 0:
                 s, zero = _block_params(row[i : i + bs].copy(), importance[i : i + bs], qmax, symmetric, half_dtype, search,
-                                        sym_ratios, asym_ratios, refine)  # fmt: skip
+                                        sym_ratios, asym_ratios, refine, work)  # fmt: skip
                 scales[c, i // bs] = s
                 zeros[c, i // bs] = zero
             inv = _inverse(s)
@@ -221,97 +262,88 @@ def gptq_chunk(block_w, hinv, importance, bs, qmax, symmetric, code_offset, half
             errors[c, i] = err
 
 
+_LANES = 16  # columns rounded side by side: each a vector lane, so one column's chain of dependent
+# float ops (its error feeds the next row) no longer bounds the loop
+
+
 @njit(cache=True, parallel=True)
-def gptq_low_rank(w_cols, ratio, coef, importance, bs, qmax, symmetric, code_offset, half_dtype, search,
+def gptq_low_rank(w, ratio, coef, importance, bs, qmax, symmetric, code_offset, half_dtype, search,
                   sym_ratios, asym_ratios, refine, codes, scales, zeros):  # fmt: skip
-    """GPTQ for H = diag(d) + u u^T (rounding._gptq_low_rank): w_cols [N, K'] (W transposed, K'
-    whole blocks); row i of a column is read as w_i + ratio_i * acc, and its rounding error moves
-    the column's accumulator by err * coef_i."""
-    n, k = w_cols.shape
-    for c in prange(n):
-        col = w_cols[c]
-        acc = F32(0.0)
-        current = np.empty(bs, dtype=np.float32)
+    """GPTQ for H = diag(d) + u u^T (rounding._gptq_low_rank): w [K', N] (K' whole blocks); row i of
+    a column is read as w_i + ratio_i * acc, and its rounding error moves the column's accumulator
+    by err * coef_i. Codes go to codes [N, K']."""
+    k, n = w.shape
+    for t in prange((n + _LANES - 1) // _LANES):
+        c0 = t * _LANES
+        width = min(_LANES, n - c0)
+        acc = np.zeros(_LANES, dtype=np.float32)
+        s, zero, inv = np.zeros(_LANES, np.float32), np.zeros(_LANES, np.float32), np.zeros(_LANES, np.float32)
+        current = np.empty((_LANES, bs), dtype=np.float32)
+        rounded = np.empty((bs, _LANES), dtype=np.uint8)
+        work = np.empty((4, MAX_CANDIDATES), dtype=np.float32)
         for b in range(k // bs):
             r0 = b * bs
-            for j in range(bs):
-                current[j] = col[r0 + j] + F32(ratio[r0 + j] * acc)
-            s, zero = _block_params(current, importance[r0 : r0 + bs], qmax, symmetric, half_dtype, search,
-                                    sym_ratios, asym_ratios, refine)  # fmt: skip
-            scales[c, b] = s
-            zeros[c, b] = zero
-            inv = _inverse(s)
+            for lane in range(width):
+                for j in range(bs):
+                    current[lane, j] = w[r0 + j, c0 + lane] + F32(ratio[r0 + j] * acc[lane])
+                s[lane], zero[lane] = _block_params(current[lane], importance[r0 : r0 + bs], qmax, symmetric, half_dtype, search,
+                                                    sym_ratios, asym_ratios, refine, work)  # fmt: skip
+                scales[c0 + lane, b] = s[lane]
+                zeros[c0 + lane, b] = zero[lane]
+                inv[lane] = _inverse(s[lane])
             for i in range(r0, r0 + bs):
-                x = col[i] + F32(ratio[i] * acc)
-                q = _round_clamped(F32(x * inv + zero), qmax)
-                codes[c, i] = np.uint8(q + code_offset)
-                acc += F32(F32(x - F32((q - zero) * s)) * coef[i])
+                for lane in range(width):
+                    x = w[i, c0 + lane] + F32(ratio[i] * acc[lane])
+                    q = _round_clamped(F32(x * inv[lane] + zero[lane]), qmax)
+                    rounded[i - r0, lane] = np.uint8(q + code_offset)
+                    acc[lane] += F32(F32(x - F32((q - zero[lane]) * s[lane])) * coef[i])
+            for lane in range(width):
+                codes[c0 + lane, r0 : r0 + bs] = rounded[:, lane]
 
 
 @njit(cache=True, parallel=True)
-def gptq_block_low_rank(w_cols, z, feedback, g, importance, b, bs, qmax, symmetric, code_offset, half_dtype, search,
+def gptq_block_low_rank(w, z, feedback, g, importance, b, bs, qmax, symmetric, code_offset, half_dtype, search,
                         sym_ratios, asym_ratios, refine, codes, scales, zeros):  # fmt: skip
-    """GPTQ for H = blockdiag(B_0, B_1, ...) + u u^T (b x b blocks; rounding.BlockLowRank): inside a
-    block row p's error moves the later rows j of the block by feedback[block, p, j]; across blocks
-    every row j is read as w_j + z_j * acc and row i's error moves acc by -err * g_i."""
-    n, k = w_cols.shape
-    for c in prange(n):
-        col = w_cols[c]
-        acc = F32(0.0)
-        cur = np.empty(b, dtype=np.float32)
-        group = np.empty(bs, dtype=np.float32)
-        s = F32(0.0)
-        zero = F32(0.0)
+    """GPTQ for H = blockdiag(B_0, B_1, ...) + u u^T (b x b blocks; rounding.BlockLowRank), w [K, N]:
+    inside a block row p's error moves the later rows j of the block by feedback[block, p, j]; across
+    blocks every row j is read as w_j + z_j * acc and row i's error moves acc by -err * g_i."""
+    k, n = w.shape
+    for t in prange((n + _LANES - 1) // _LANES):
+        c0 = t * _LANES
+        width = min(_LANES, n - c0)
+        acc = np.zeros(_LANES, dtype=np.float32)
+        s, zero, inv = np.zeros(_LANES, np.float32), np.zeros(_LANES, np.float32), np.zeros(_LANES, np.float32)
+        err = np.zeros(_LANES, dtype=np.float32)
+        cur = np.empty((b, _LANES), dtype=np.float32)
+        group = np.empty((_LANES, bs), dtype=np.float32)
+        rounded = np.empty((b, _LANES), dtype=np.uint8)
+        work = np.empty((4, MAX_CANDIDATES), dtype=np.float32)
         for blk in range(k // b):
             r0 = blk * b
             for j in range(b):
-                cur[j] = col[r0 + j] + F32(z[r0 + j] * acc)
+                for lane in range(width):
+                    cur[j, lane] = w[r0 + j, c0 + lane] + F32(z[r0 + j] * acc[lane])
             for p in range(b):
                 i = r0 + p
                 if i % bs == 0:  # the group's rows as they stand now: this block's, then later ones
-                    for t in range(bs):
-                        group[t] = cur[p + t] if p + t < b else col[i + t] + F32(z[i + t] * acc)
-                    s, zero = _block_params(group, importance[i : i + bs], qmax, symmetric, half_dtype, search,
-                                            sym_ratios, asym_ratios, refine)  # fmt: skip
-                    scales[c, i // bs] = s
-                    zeros[c, i // bs] = zero
-                inv = _inverse(s)
-                x = cur[p]
-                q = _round_clamped(F32(x * inv + zero), qmax)
-                codes[c, i] = np.uint8(q + code_offset)
-                err = F32(x - F32((q - zero) * s))
+                    for lane in range(width):
+                        for r in range(bs):
+                            group[lane, r] = cur[p + r, lane] if p + r < b else w[i + r, c0 + lane] + F32(z[i + r] * acc[lane])
+                        s[lane], zero[lane] = _block_params(group[lane], importance[i : i + bs], qmax, symmetric, half_dtype,
+                                                            search, sym_ratios, asym_ratios, refine, work)  # fmt: skip
+                        scales[c0 + lane, i // bs] = s[lane]
+                        zeros[c0 + lane, i // bs] = zero[lane]
+                        inv[lane] = _inverse(s[lane])
+                for lane in range(width):
+                    x = cur[p, lane]
+                    q = _round_clamped(F32(x * inv[lane] + zero[lane]), qmax)
+                    rounded[p, lane] = np.uint8(q + code_offset)
+                    err[lane] = F32(x - F32((q - zero[lane]) * s[lane]))
                 for j in range(p + 1, b):
-                    cur[j] -= F32(err * feedback[blk, p, j])
-                acc -= F32(err * g[i])
-
-
-@njit(cache=True, parallel=True)
-def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
-    """out[c] = weighted squared error of round-to-nearest (min/max float32 scales, grid.rtn_params)
-    of column c of W / divisor (rows divided), row j weighted by weight[j]; a short last block is
-    the padded block of grid.to_row_blocks (zeros round exactly). transforms.rounding_error's sum."""
-    k, n = w.shape
-    centre = F32((qmax + 1) // 2)
-    for c in prange(n):
-        x = np.empty(bs, dtype=np.float32)
-        total = 0.0
-        for r0 in range(0, k, bs):
-            m = min(bs, k - r0)
-            mx = mn = x[0] = F32(w[r0, c] / divisor[r0])
-            for j in range(1, m):  # the block and its range in one pass
-                v = x[j] = F32(w[r0 + j, c] / divisor[r0 + j])
-                mx = max(mx, v)
-                mn = min(mn, v)
-            if symmetric:
-                signed_max = x[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
-                s, zero = F32(-signed_max / centre), centre
-            else:
-                s, zero = _minmax_asymmetric(x[:m], qmax, False)
-            inv = _inverse(s)
-            part = F32(0.0)
-            for j in range(m):
-                q = _round_clamped(F32(x[j] * inv + zero), qmax)
-                d = F32(x[j] - F32((q - zero) * s))
-                part += F32(weight[r0 + j] * F32(d * d))
-            total += part
-        out[c] = total
+                    f = feedback[blk, p, j]
+                    for lane in range(width):
+                        cur[j, lane] -= F32(err[lane] * f)
+                for lane in range(width):
+                    acc[lane] -= F32(err[lane] * g[i])
+            for lane in range(width):
+                codes[c0 + lane, r0 : r0 + b] = rounded[:, lane]

@@ -169,8 +169,9 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compile
     tail = torch.flip(torch.cumsum(torch.flip(u * u / d, [0]), 0), [0])  # s_i = sum_{k >= i}
     s_next = torch.cat([tail[1:], tail.new_zeros(1)])
     coef = (u / (1.0 + s_next)).to(torch.float32)
-    wt = torch.zeros(kp, n, dtype=torch.float32, device=w.device)
-    wt[:k] = w.to(torch.float32)
+    wt = w.to(torch.float32)  # read only: no copy unless K needs padding to whole blocks
+    if kp != k:
+        wt = torch.cat([wt, wt.new_zeros(kp - k, n)])
     importance = (d + u * u).to(torch.float32)
     acc = torch.zeros(n, dtype=torch.float32, device=w.device)
     codes = torch.zeros(n, kp, dtype=torch.uint8, device=w.device)
@@ -181,7 +182,7 @@ def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compile
     qmax = grid.grid_max(fmt.bits)
     if compiled:
         out = _Compiled(fmt, scale_dtype, search_scales, n, kp)
-        kernels.gptq_low_rank(wt.t().contiguous().numpy(), ratio.numpy(), coef.numpy(), importance.numpy(),
+        kernels.gptq_low_rank(wt.numpy(), ratio.numpy(), coef.numpy(), importance.numpy(),
                               *out.settings, out.codes, out.scales, out.zeros)  # fmt: skip
         out.write(codes, scale_out, zp_out)
         return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
@@ -235,7 +236,7 @@ def _gptq_block_low_rank(w, h: BlockLowRank, fmt, scale_dtype, search_scales, da
     importance = (blocks.diagonal(dim1=1, dim2=2).reshape(-1) + h.vec.to(torch.float64) ** 2).to(torch.float32)
     out = _Compiled(fmt, scale_dtype, search_scales, n, k)
     kernels.gptq_block_low_rank(
-        w.t().to(torch.float32).contiguous().numpy(), z.reshape(-1).to(torch.float32).numpy(), feedback.to(torch.float32).numpy(),
+        w.to(torch.float32).numpy(), z.reshape(-1).to(torch.float32).numpy(), feedback.to(torch.float32).numpy(),
         g.reshape(-1).to(torch.float32).numpy(), importance.numpy(), b, *out.settings, out.codes, out.scales, out.zeros,
     )  # fmt: skip
     kb = k // bs
