@@ -13,6 +13,7 @@ float16 rounding skipped) moves 10% of the codes or more.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,55 @@ def test_compiled_rtn_equals_the_torch_ops(fmt, scale_dtype, layout):
     assert torch.equal(got.scales, ref.scales)
     assert (got.zero_points is None) == (ref.zero_points is None) == fmt.symmetric
     assert fmt.symmetric or torch.equal(got.zero_points, ref.zero_points)
+
+
+def test_compiled_float16_scale_rounding_is_numpys_cast():
+    """Scales stored as float16 are rounded on the float32 bit pattern in the compiled loops: equal to
+    numpy's float16 cast on every float16 value, its neighbours, the midpoints between float16
+    values (ties to even), subnormals, overflow to infinity and a random sample of float32 bits."""
+    from numba import njit
+
+    from dfq_onnx.quant import block_scales
+
+    @njit
+    def rounded(xs, out):
+        for i in range(xs.shape[0]):
+            out[i] = block_scales.to_scale_dtype(xs[i], True)
+
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    halves = np.sort(halves[np.isfinite(halves)])
+    mids = ((halves[:-1].astype(np.float64) + halves[1:]) / 2).astype(np.float32)
+    sample = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    xs = np.concatenate([halves, mids, *(np.nextafter(v, np.float32(s * np.inf)) for v in (halves, mids) for s in (1, -1)),
+                         sample[np.isfinite(sample)], np.float32([65519.99, 65520.0, -65520.0, 3.4e38])])  # fmt: skip
+    out = np.empty_like(xs)
+    rounded(xs, out)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out.view(np.uint32), xs.astype(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f"int{f.bits}-b{f.block_size}-{'sym' if f.symmetric else 'asym'}" for f in FORMATS])
+def test_blocks_in_vector_lanes_get_the_scales_each_gets_alone(fmt):
+    """The GPTQ loops search 16 columns' block scales side by side: each lane's scale and zero point
+    equal those of its block searched alone (width 1), whatever the other lanes hold."""
+    from dfq_onnx.quant import block_scales, scales
+
+    rng = np.random.default_rng(1)
+    bs, lanes = fmt.block_size, block_scales.LANES
+    blocks = (rng.standard_normal((bs, lanes)) * rng.uniform(0.01, 3, lanes)).astype(np.float32)
+    blocks[:, 3] = 0.0
+    blocks[:, 4] = np.abs(blocks[:, 4])
+    blocks[:, 5] = np.round(blocks[:, 5] * 4) / 4
+    importance = rng.uniform(0.0, 2.0, bs).astype(np.float32)
+    ratios = (np.asarray(scales.SYMMETRIC_RATIOS, np.float32), np.asarray(scales.ASYMMETRIC_RATIOS, np.float32))
+    qmax = np.float32(grid.grid_max(fmt.bits))
+    work = np.empty((5, block_scales.MAX_CANDIDATES, lanes), np.float32)
+    for half in (False, True):
+        together = np.zeros((2, lanes), np.float32)
+        block_scales.lane_params(blocks, importance, lanes, qmax, fmt.symmetric, half, True, *ratios, 3, work, together[0], together[1])
+        for lane in range(lanes):
+            alone = np.zeros((2, lanes), np.float32)
+            single = np.zeros_like(blocks)
+            single[:, 0] = blocks[:, lane]
+            block_scales.lane_params(single, importance, 1, qmax, fmt.symmetric, half, True, *ratios, 3, work, alone[0], alone[1])
+            assert together[:, lane].tobytes() == alone[:, 0].tobytes(), (lane, half)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import F32, _inverse, _minmax_asymmetric, _minmax_symmetric, _round_clamped
+from .block_scales import F32, inverse, minmax_asymmetric, minmax_symmetric, round_clamped
 
 _TILE = 16  # columns read together: one 64-byte line of each row of W[K, N]
 
@@ -43,11 +43,11 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
                     signed_max = xi[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
                     s, zero = F32(-signed_max / centre), centre
                 else:
-                    s, zero = _minmax_asymmetric(xi, qmax, False)
-                inv = _inverse(s)
+                    s, zero = minmax_asymmetric(xi, qmax, False)
+                inv = inverse(s)
                 part = F32(0.0)
                 for j in range(m):
-                    q = _round_clamped(F32(xi[j] * inv + zero), qmax)
+                    q = round_clamped(F32(xi[j] * inv + zero), qmax)
                     d = F32(xi[j] - F32((q - zero) * s))
                     part += F32(weight[r0 + j] * F32(d * d))
                 totals[i] += part
@@ -91,11 +91,11 @@ def rtn(w, qmax, symmetric, half_dtype, code_offset, codes, scales, zeros):
             for i in range(width):
                 c = c0 + i
                 if symmetric:
-                    s, zero = _minmax_symmetric(x[i], centre, half_dtype), centre
+                    s, zero = minmax_symmetric(x[i], centre, half_dtype), centre
                 else:
-                    s, zero = _minmax_asymmetric(x[i], qmax, half_dtype)
-                inv = _inverse(s)
+                    s, zero = minmax_asymmetric(x[i], qmax, half_dtype)
+                inv = inverse(s)
                 for j in range(bs):
-                    codes[c, b, j] = np.uint8(_round_clamped(F32(x[i, j] * inv + zero), qmax) + code_offset)
+                    codes[c, b, j] = np.uint8(round_clamped(F32(x[i, j] * inv + zero), qmax) + code_offset)
                 scales[c, b] = s
                 zeros[c, b] = np.uint8(zero)
