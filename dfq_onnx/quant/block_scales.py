@@ -56,24 +56,20 @@ def inverse(s):
 
 
 @njit(cache=True, inline="always")
-def minmax_symmetric(x, centre, half_dtype):
-    """grid.rtn_params for one symmetric block: the signed value of largest magnitude maps to -centre
-    (an all-zero block keeps MLAS' signed zero: its first element)."""
-    mx, mn = x.max(), x.min()
-    signed_max = x[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
-    return to_scale_dtype(F32(-signed_max / centre), half_dtype)
-
-
-@njit(cache=True, inline="always")
 def _round_half_away(x):
     t = F32(math.trunc(x))
     return t + (F32(math.copysign(1.0, x)) if abs(x - t) >= 0.5 else F32(0.0))
 
 
-@njit(cache=True)
-def minmax_asymmetric(x, qmax, half_dtype):
-    """grid.rtn_params for one asymmetric block: (scale, zero point) as MLAS computes them."""
-    mx, mn = x.max(), x.min()
+@njit(cache=True, inline="always")
+def range_params(mx, mn, first, symmetric, qmax, half_dtype):
+    """grid.rtn_params of one block from its largest and smallest value and its first one: (scale,
+    zero point) as MLAS computes them. Symmetric: the signed value of largest magnitude maps to
+    -centre (an all-zero block keeps MLAS' signed zero: its first element)."""
+    if symmetric:
+        signed_max = first if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
+        centre = F32((qmax + 1) // 2)
+        return to_scale_dtype(F32(-signed_max / centre), half_dtype), centre
     if mx == 0 and mn == 0:
         return F32(0.0), F32(min(max(_round_half_away(mn), 0.0), qmax))
     mn = min(mn, F32(0.0))
@@ -81,6 +77,18 @@ def minmax_asymmetric(x, qmax, half_dtype):
     s = F32(F32(mx - mn) / qmax)
     zf = F32(F32(0.0) - F32(mn / s)) if s != 0 else mn
     return to_scale_dtype(s, half_dtype), F32(min(max(_round_half_away(zf), 0.0), qmax))
+
+
+@njit(cache=True, inline="always")
+def minmax_symmetric(x, centre, half_dtype):
+    """grid.rtn_params for one symmetric block x: its scale."""
+    return range_params(x.max(), x.min(), x[0], True, F32(2 * centre - 1), half_dtype)[0]
+
+
+@njit(cache=True)
+def minmax_asymmetric(x, qmax, half_dtype):
+    """grid.rtn_params for one asymmetric block x: (scale, zero point)."""
+    return range_params(x.max(), x.min(), x[0], False, qmax, half_dtype)
 
 
 @njit(cache=True, inline="always")

@@ -13,9 +13,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .block_scales import F32, inverse, minmax_asymmetric, minmax_symmetric, round_clamped
+from .block_scales import F32, LANES, inverse, range_params, round_clamped
 
-_TILE = 16  # columns read together: one 64-byte line of each row of W[K, N]
+@njit(cache=True, inline="always")
+def _lane_ranges(x, m, width, mx, mn):
+    """Largest and smallest of the first m rows of each lane of x[bs, LANES]."""
+    for lane in range(width):
+        mx[lane] = mn[lane] = x[0, lane]
+    for j in range(1, m):
+        for lane in range(width):
+            mx[lane] = max(mx[lane], x[j, lane])
+            mn[lane] = min(mn[lane], x[j, lane])
 
 
 @njit(cache=True, parallel=True)
@@ -23,36 +31,36 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
     """out[c] = weighted squared error of round-to-nearest (min/max float32 scales, grid.rtn_params)
     of column c of W / divisor (rows divided), row j weighted by weight[j]; a short last block is
     the padded block of grid.to_row_blocks (zeros round exactly). transforms.rounding_error's sum.
-    Columns go in tiles: W is read along its rows, each block's values are then contiguous."""
+    LANES columns side by side (W read along its rows), each column's sum in row order."""
     k, n = w.shape
-    centre = F32((qmax + 1) // 2)
-    for t in prange((n + _TILE - 1) // _TILE):
-        c0 = t * _TILE
-        width = min(_TILE, n - c0)
-        x = np.empty((_TILE, bs), dtype=np.float32)
-        totals = np.zeros(_TILE)
+    for t in prange((n + LANES - 1) // LANES):
+        c0 = t * LANES
+        width = min(LANES, n - c0)
+        x = np.zeros((bs, LANES), dtype=np.float32)
+        mx, mn = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        s, zero, inv, part = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32), np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        totals = np.zeros(LANES)
         for r0 in range(0, k, bs):
             m = min(bs, k - r0)
-            for i in range(width):
-                for j in range(m):
-                    x[i, j] = F32(w[r0 + j, c0 + i] / divisor[r0 + j])
-            for i in range(width):
-                xi = x[i, :m]
-                if symmetric:
-                    mx, mn = xi.max(), xi.min()
-                    signed_max = xi[0] if (mx == 0 and mn == 0) else (mx if abs(mx) > abs(mn) else mn)
-                    s, zero = F32(-signed_max / centre), centre
-                else:
-                    s, zero = minmax_asymmetric(xi, qmax, False)
-                inv = inverse(s)
-                part = F32(0.0)
-                for j in range(m):
-                    q = round_clamped(F32(xi[j] * inv + zero), qmax)
-                    d = F32(xi[j] - F32((q - zero) * s))
-                    part += F32(weight[r0 + j] * F32(d * d))
-                totals[i] += part
-        for i in range(width):
-            out[c0 + i] = totals[i]
+            for j in range(m):
+                d = divisor[r0 + j]
+                for lane in range(width):
+                    x[j, lane] = F32(w[r0 + j, c0 + lane] / d)
+            _lane_ranges(x, m, width, mx, mn)
+            for lane in range(width):
+                s[lane], zero[lane] = range_params(mx[lane], mn[lane], x[0, lane], symmetric, qmax, False)
+                inv[lane] = inverse(s[lane])
+                part[lane] = F32(0.0)
+            for j in range(m):
+                wj = weight[r0 + j]
+                for lane in range(width):
+                    q = round_clamped(F32(x[j, lane] * inv[lane] + zero[lane]), qmax)
+                    d = F32(x[j, lane] - F32((q - zero[lane]) * s[lane]))
+                    part[lane] += F32(wj * F32(d * d))
+            for lane in range(width):
+                totals[lane] += part[lane]
+        for lane in range(width):
+            out[c0 + lane] = totals[lane]
 
 
 @njit(cache=True, parallel=True)
@@ -77,25 +85,27 @@ def rtn(w, qmax, symmetric, half_dtype, code_offset, codes, scales, zeros):
     points [N, k_blocks] (grid.rtn_params' min/max, fp16-representable when `half_dtype`)."""
     k, n = w.shape
     _, k_blocks, bs = codes.shape
-    centre = F32((qmax + 1) // 2)
-    for t in prange((n + _TILE - 1) // _TILE):
-        c0 = t * _TILE
-        width = min(_TILE, n - c0)
-        x = np.empty((_TILE, bs), dtype=np.float32)
+    for t in prange((n + LANES - 1) // LANES):
+        c0 = t * LANES
+        width = min(LANES, n - c0)
+        x = np.zeros((bs, LANES), dtype=np.float32)
+        mx, mn = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        s, zero, inv = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        rounded = np.zeros((bs, LANES), dtype=np.uint8)
         for b in range(k_blocks):
             m = min(bs, k - b * bs)
-            for i in range(width):
-                for j in range(m):
-                    x[i, j] = w[b * bs + j, c0 + i]
-                x[i, m:] = F32(0.0)
-            for i in range(width):
-                c = c0 + i
-                if symmetric:
-                    s, zero = minmax_symmetric(x[i], centre, half_dtype), centre
-                else:
-                    s, zero = minmax_asymmetric(x[i], qmax, half_dtype)
-                inv = inverse(s)
-                for j in range(bs):
-                    codes[c, b, j] = np.uint8(round_clamped(F32(x[i, j] * inv + zero), qmax) + code_offset)
-                scales[c, b] = s
-                zeros[c, b] = np.uint8(zero)
+            for j in range(m):
+                for lane in range(width):
+                    x[j, lane] = w[b * bs + j, c0 + lane]
+            x[m:] = F32(0.0)
+            _lane_ranges(x, bs, width, mx, mn)
+            for lane in range(width):
+                s[lane], zero[lane] = range_params(mx[lane], mn[lane], x[0, lane], symmetric, qmax, half_dtype)
+                inv[lane] = inverse(s[lane])
+                scales[c0 + lane, b] = s[lane]
+                zeros[c0 + lane, b] = np.uint8(zero[lane])
+            for j in range(bs):
+                for lane in range(width):
+                    rounded[j, lane] = np.uint8(round_clamped(F32(x[j, lane] * inv[lane] + zero[lane]), qmax) + code_offset)
+            for lane in range(width):
+                codes[c0 + lane, b, :] = rounded[:, lane]
