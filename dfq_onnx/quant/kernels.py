@@ -48,6 +48,22 @@ def gptq_chunk(block_w, hinv, importance, bs, qmax, symmetric, code_offset, half
             errors[c, i] = err
 
 
+@njit(cache=True, inline="always")
+def _lane_state():
+    """A tile's per-lane accumulator, scale, zero point and inverse scale, and its search scratch."""
+    lanes = np.zeros((4, LANES), dtype=np.float32)
+    return lanes[0], lanes[1], lanes[2], lanes[3], np.empty((5, MAX_CANDIDATES, LANES), dtype=np.float32)
+
+
+@njit(cache=True, inline="always")
+def _store_params(s, zero, inv, scales, zeros, c0, block, width):
+    """Write the lanes' scales and zero points of quantization block `block`; keep their inverses."""
+    for lane in range(width):
+        scales[c0 + lane, block] = s[lane]
+        zeros[c0 + lane, block] = zero[lane]
+        inv[lane] = inverse(s[lane])
+
+
 @njit(cache=True, parallel=True)
 def gptq_low_rank(w, ratio, coef, importance, bs, qmax, symmetric, code_offset, half_dtype, search,
                   sym_ratios, asym_ratios, refine, codes, scales, zeros):  # fmt: skip
@@ -58,11 +74,9 @@ def gptq_low_rank(w, ratio, coef, importance, bs, qmax, symmetric, code_offset, 
     for t in prange((n + LANES - 1) // LANES):
         c0 = t * LANES
         width = min(LANES, n - c0)
-        acc = np.zeros(LANES, dtype=np.float32)
-        s, zero, inv = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        acc, s, zero, inv, work = _lane_state()
         current = np.zeros((bs, LANES), dtype=np.float32)
         rounded = np.empty((bs, LANES), dtype=np.uint8)
-        work = np.empty((5, MAX_CANDIDATES, LANES), dtype=np.float32)
         for b in range(k // bs):
             r0 = b * bs
             for j in range(bs):
@@ -70,10 +84,7 @@ def gptq_low_rank(w, ratio, coef, importance, bs, qmax, symmetric, code_offset, 
                     current[j, lane] = w[r0 + j, c0 + lane] + F32(ratio[r0 + j] * acc[lane])
             lane_params(current, importance[r0 : r0 + bs], width, qmax, symmetric, half_dtype, search, sym_ratios, asym_ratios,
                         refine, work, s, zero)  # fmt: skip
-            for lane in range(width):
-                scales[c0 + lane, b] = s[lane]
-                zeros[c0 + lane, b] = zero[lane]
-                inv[lane] = inverse(s[lane])
+            _store_params(s, zero, inv, scales, zeros, c0, b, width)
             for i in range(r0, r0 + bs):
                 for lane in range(width):
                     x = w[i, c0 + lane] + F32(ratio[i] * acc[lane])
@@ -94,13 +105,11 @@ def gptq_block_low_rank(w, z, feedback, g, importance, b, bs, qmax, symmetric, c
     for t in prange((n + LANES - 1) // LANES):
         c0 = t * LANES
         width = min(LANES, n - c0)
-        acc = np.zeros(LANES, dtype=np.float32)
-        s, zero, inv = np.zeros(LANES, np.float32), np.zeros(LANES, np.float32), np.zeros(LANES, np.float32)
+        acc, s, zero, inv, work = _lane_state()
         err = np.zeros(LANES, dtype=np.float32)
         cur = np.zeros((b, LANES), dtype=np.float32)
         group = np.zeros((bs, LANES), dtype=np.float32)
         rounded = np.empty((b, LANES), dtype=np.uint8)
-        work = np.empty((5, MAX_CANDIDATES, LANES), dtype=np.float32)
         for blk in range(k // b):
             r0 = blk * b
             for j in range(b):
@@ -114,10 +123,7 @@ def gptq_block_low_rank(w, z, feedback, g, importance, b, bs, qmax, symmetric, c
                             group[r, lane] = cur[p + r, lane] if p + r < b else w[i + r, c0 + lane] + F32(z[i + r] * acc[lane])
                     lane_params(group, importance[i : i + bs], width, qmax, symmetric, half_dtype, search, sym_ratios,
                                 asym_ratios, refine, work, s, zero)  # fmt: skip
-                    for lane in range(width):
-                        scales[c0 + lane, i // bs] = s[lane]
-                        zeros[c0 + lane, i // bs] = zero[lane]
-                        inv[lane] = inverse(s[lane])
+                    _store_params(s, zero, inv, scales, zeros, c0, i // bs, width)
                 for lane in range(width):
                     x = cur[p, lane]
                     q = round_clamped(F32(x * inv[lane] + zero[lane]), qmax)
