@@ -281,15 +281,20 @@ def _group_params(group, importance, fmt, scale_dtype, search_scales):
     return s[:, 0], (None if z is None else z[:, 0])
 
 
-def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h) -> float:
-    """tr((W - W_hat)^T H (W - W_hat)); W_hat None means zero; H None means identity, a vector diag(H)."""
+def weighted_error(w: torch.Tensor, w_hat: torch.Tensor, h, consume: bool = False) -> float:
+    """tr((W - W_hat)^T H (W - W_hat)); W_hat None means zero; H None means identity, a vector diag(H).
+    `consume`: W_hat is the caller's temporary, overwritten by W_hat - W (exactly -(W - W_hat), so
+    the same sums) instead of a third layer-sized buffer."""
     if isinstance(h, BlockLowRank):
         d = (w if w_hat is None else w - w_hat).to(torch.float64)
         nb, b, _ = h.blocks.shape
         rows = d.reshape(nb, b, -1)
         return float((rows * (h.blocks.to(torch.float64) @ rows)).sum()) + float(((h.vec.double() @ d) ** 2).sum())
     if isinstance(h, LowRank):  # row norms and one product: no [K, N] temporaries beyond D itself
-        d = (w if w_hat is None else w - w_hat).to(torch.float32)
+        if consume and w_hat is not None and w_hat.dtype == w.dtype == torch.float32:
+            d = w_hat.sub_(w)  # the sign does not reach the squares
+        else:
+            d = (w if w_hat is None else w - w_hat).to(torch.float32)
         rows = torch.linalg.vector_norm(d, dim=1).double() ** 2
         return float((h.diag.double() * rows).sum()) + float(((h.vec @ d).double() ** 2).sum())
     d = (w if w_hat is None else w - w_hat).to(torch.float64)

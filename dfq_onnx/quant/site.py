@@ -105,13 +105,19 @@ class SiteTransform:
             w = w * self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self.col)
         return w
 
-    def backward(self, w: torch.Tensor) -> torch.Tensor:
+    def backward(self, w: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """W = L^-1 T W' C^-1; `owned`: W' is the caller's temporary, which the diagonal scalings may
+        overwrite (the same elementwise operation, one layer-sized buffer fewer)."""
         if self.col is not None:
-            w = w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
+            in_place = owned and _is_vector(self.col) and self.col.dtype == w.dtype
+            w = w.div_(self.col.unsqueeze(0)) if in_place else w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
+            owned = True
         if self.online is not None:
             w = self._online_blocks.times(w)
+            owned = True
         if self.row is not None:
-            w = w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
+            in_place = owned and _is_vector(self.row) and self.row.dtype == w.dtype
+            w = w.mul_(self.row.unsqueeze(1)) if in_place else w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
         return w
 
     def columns(self, b: torch.Tensor) -> torch.Tensor:
@@ -203,13 +209,15 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> Si
     tf = tf or SiteTransform()
     fmt = how.fmt
     rtn = grid.rtn(w, fmt, dtype)
-    rtn_err = rounding.weighted_error(w, rtn.dequantize(), h)
+    # Each rounding's W_hat is a temporary: scaled back and differenced in place (see weighted_error).
+    rtn_err = rounding.weighted_error(w, rtn.dequantize(), h, consume=True)
+    del rtn
     ref = rounding.weighted_error(w, None, h)
     wt = tf.forward(w)
     q = round_weight(wt, tf.hessian(h), dtype, how)
-    err = rounding.weighted_error(w, tf.backward(q.dequantize()), h)
+    err = rounding.weighted_error(w, tf.backward(q.dequantize(), owned=True), h, consume=True)
     fallback = grid.rtn(wt, fmt, dtype)
-    fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize()), h)
+    fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize(), owned=True), h, consume=True)
     if fallback_err < err:
         q, err, tags = fallback, fallback_err, list(tags)
     else:
