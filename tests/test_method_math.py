@@ -334,3 +334,25 @@ def test_block_diagonal_products_equal_the_dense_matrix():
         if blocks.shape[0] != 6:  # 5 blocks (or one shared) of 8 cover N = 40
             assert torch.allclose(m.right_of(w), w @ m.dense(40), atol=1e-5)
             assert torch.allclose(m.t().dense(40), m.dense(40).t())
+
+
+def test_scoring_a_rounding_in_place_gives_the_same_numbers():
+    """round_site scales each rounding's W_hat back and differences it in place to hold two fewer
+    layer-sized buffers: the back-transform and the proxy error must be bit-identical to the
+    out-of-place ones, and only the temporary handed over is overwritten."""
+    gen = torch.Generator().manual_seed(11)
+    k, n = 96, 40
+    w = torch.randn(k, n, generator=gen)
+    h = rounding.LowRank(torch.rand(k, generator=gen) + 0.1, torch.randn(k, generator=gen))
+    block = transforms.hadamard(32)
+    tf = SiteTransform(row=torch.rand(k, generator=gen) + 0.5, col=torch.rand(n, generator=gen) + 0.5, online=block)
+    w_hat = grid.rtn(tf.forward(w), QuantFormat(4, 32, True)).dequantize()
+    for transform in (tf, SiteTransform(row=tf.row), SiteTransform()):
+        expected = transform.backward(w_hat)
+        kept = w_hat.clone()
+        got = transform.backward(w_hat.clone(), owned=True)
+        assert torch.equal(got, expected) and torch.equal(w_hat, kept)
+        reference = rounding.weighted_error(w, expected, h)
+        w_before = w.clone()
+        assert rounding.weighted_error(w, got, h, consume=True) == reference
+        assert torch.equal(w, w_before)  # W itself is never touched
