@@ -15,6 +15,7 @@ from numba import njit, prange
 
 from .block_scales import F32, LANES, inverse, range_params, round_clamped
 
+
 @njit(cache=True, inline="always")
 def _lane_ranges(x, m, width, mx, mn):
     """Largest and smallest of the first m rows of each lane of x[bs, LANES]."""

@@ -109,15 +109,21 @@ class SiteTransform:
         """W = L^-1 T W' C^-1; `owned`: W' is the caller's temporary, which the diagonal scalings may
         overwrite (the same elementwise operation, one layer-sized buffer fewer)."""
         if self.col is not None:
-            in_place = owned and _is_vector(self.col) and self.col.dtype == w.dtype
-            w = w.div_(self.col.unsqueeze(0)) if in_place else w / self.col.unsqueeze(0) if _is_vector(self.col) else _right(w, self._col_inverse)
+            if not _is_vector(self.col):
+                w = _right(w, self._col_inverse)
+            else:
+                c = self.col.unsqueeze(0)
+                w = w.div_(c) if owned and c.dtype == w.dtype else w / c
             owned = True
         if self.online is not None:
             w = self._online_blocks.times(w)
             owned = True
         if self.row is not None:
-            in_place = owned and _is_vector(self.row) and self.row.dtype == w.dtype
-            w = w.mul_(self.row.unsqueeze(1)) if in_place else w * self.row.unsqueeze(1) if _is_vector(self.row) else _left(self._row_inverse, w)
+            if not _is_vector(self.row):
+                w = _left(self._row_inverse, w)
+            else:
+                r = self.row.unsqueeze(1)
+                w = w.mul_(r) if owned and r.dtype == w.dtype else w * r
         return w
 
     def columns(self, b: torch.Tensor) -> torch.Tensor:
