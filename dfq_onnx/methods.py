@@ -10,7 +10,7 @@ the proxy errors it reached.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -64,7 +64,7 @@ class UnitResult:
 
 @dataclasses.dataclass
 class UnitInput:
-    weights: dict[str, torch.Tensor]  # linear (or the embedding table) -> W[K, N] on the method's device
+    weights: Mapping[str, torch.Tensor]  # linear (or the embedding table) -> W[K, N] on the method's device (may be read on first use)
     scale_dtypes: dict[str, torch.dtype]
     gains: dict[str, torch.Tensor]  # norm gain initializer -> multiplicative gain values
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> output bias [N]

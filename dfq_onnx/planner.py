@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -57,6 +58,32 @@ class Planned:
     plan: UnitPlan
     residual: stats.Moments | None  # the statistics the next unit starts from
     rounded_float: dict[str, np.ndarray]  # linear -> the float W[K, N] that was rounded (exactness check only)
+
+
+class LazyWeights(Mapping):
+    """A unit's weights, each read when first used and then kept: the MLP's are not resident while the
+    attention is rounded (on the 2B shape that is a quarter of a layer's peak memory)."""
+
+    def __init__(self, names, read: Callable[[str], torch.Tensor], held: dict[str, torch.Tensor] | None = None):
+        self._held = dict(held or {})
+        self._names = [*names, *(name for name in self._held if name not in names)]
+        self._read = read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._held:
+            if name not in self._names:
+                raise KeyError(name)
+            self._held[name] = self._read(name)
+        return self._held[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class Planner:
@@ -130,15 +157,16 @@ class Planner:
         excluded = {lin.node for lin in unit.linears if not head and self.recipe.excludes(lin.node, lin.role.value)}
         # RTN reads blocks in any layout and dtype; the head is read in float32 like ORT's quantizer does.
         as_stored = self.recipe.method.name == Method.RTN and not head
-        weights = {lin.node: self.weight(lin, as_stored=as_stored) for lin in unit.linears}
+        linears = {lin.node: lin for lin in unit.linears}
+        weights = LazyWeights(linears, lambda name: self.weight(linears[name], as_stored=as_stored))
         dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
         notes: list[str] = []
         embedding_ok = head and self._embedding_quantizable(unit, fmt, notes)
         embedding = self._embedding_table(unit) if embedding_ok and not unit.embedding.tied else None
         scale_dtypes = {name: _torch_dtype(dt) for name, dt in dtypes.items()}
-        device_weights = {name: w.to(self.device) for name, w in weights.items()}
+        table = {} if embedding is None else {unit.embedding.initializer: embedding.to(self.device)}
+        device_weights = LazyWeights(linears, lambda name: weights[name].to(self.device), table)
         if embedding is not None:
-            device_weights[unit.embedding.initializer] = embedding.to(self.device)
             scale_dtypes[unit.embedding.initializer] = scale_dtypes[unit.linears[0].node]
         data = methods.UnitInput(
             weights=device_weights,

@@ -186,3 +186,35 @@ def test_importing_the_package_asks_torch_for_huge_pages_before_torch_starts(pre
     code = "import os, sys, dfq_onnx; assert 'torch' not in sys.modules; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_a_layers_mlp_weights_are_read_after_its_attention_is_rounded(synthetic, tmp_path, monkeypatch):
+    """A unit's weights are read on first use: while a layer's attention is rounded its MLP weights
+    (three quarters of the layer's bytes) are not in memory, which sets the peak of a large model."""
+    from dfq_onnx import planner
+    from dfq_onnx.cli import main
+    from dfq_onnx.quant import layer
+
+    events: list[tuple] = []
+    read, mlp = planner.Planner.weight, layer.optimise_mlp
+
+    def logged_read(self, lin, as_stored=False):
+        events.append(("read", lin.role.value, lin.layer))
+        return read(self, lin, as_stored=as_stored)
+
+    def logged_mlp(*args, **kwargs):
+        events.append(("mlp",))
+        return mlp(*args, **kwargs)
+
+    monkeypatch.setattr(planner.Planner, "weight", logged_read)
+    monkeypatch.setattr(layer, "optimise_mlp", logged_mlp)
+    assert main(["optimize", str(synthetic), "-o", str(tmp_path / "out.onnx"), "--verify", "none", "--quiet"]) == 0
+    starts = [i for i, e in enumerate(events) if e[0] == "mlp"]
+    mlp_roles = {"gate", "up", "gate_up", "down"}
+    for index in range(LAYERS):
+        reads = [(i, e[1]) for i, e in enumerate(events) if e[0] == "read" and e[2] == index]
+        attention = [i for i, role in reads if role not in mlp_roles]
+        mlp_reads = [i for i, role in reads if role in mlp_roles]
+        assert attention and mlp_reads, events
+        # the MLP weights are read once the layer's MLP is being rounded, after its attention is done
+        assert any(max(attention) < s < min(mlp_reads) for s in starts), events

@@ -8,6 +8,7 @@ Names are opaque keys: a linear's key indexes `LayerWeights.weights`, a gain's k
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -57,7 +58,7 @@ class MlpGeometry:
 class LayerWeights:
     """One layer: its linears, the gains around them, and how they are arranged."""
 
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # may read each weight on first use
     scale_dtypes: dict[str, torch.dtype]
     gains: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> its output bias [N]
