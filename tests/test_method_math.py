@@ -330,6 +330,8 @@ def test_block_diagonal_products_equal_the_dense_matrix():
         m = transforms.BlockDiagonal(blocks)
         if blocks.shape[0] != 5:  # 6 blocks (or one shared) of 8 cover K = 48
             assert torch.allclose(m.times(w), m.dense(48) @ w, atol=1e-5)
+            over = w.clone()
+            assert m.times_(over, columns=7) is over and torch.allclose(over, m.times(w), rtol=1e-6, atol=1e-6)
             assert torch.allclose(m.inverse().times(m.times(w)), w, atol=1e-3)
         if blocks.shape[0] != 6:  # 5 blocks (or one shared) of 8 cover N = 40
             assert torch.allclose(m.right_of(w), w @ m.dense(40), atol=1e-5)

@@ -31,6 +31,7 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     h = hessian(x, how.config.hessian)
     u = identity_moments(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
     hd = hessian(u, how.config.hessian)
+    del x  # its K x K covariance is not needed past h and u
     dt = layer.scale_dtypes
 
     a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.post_normed)
@@ -74,6 +75,7 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
         if _better(trial, pair, how):
             (a, tags), gate_up, pair = learned, other, trial
     outcomes = {**pair, **lower}
+    pair = lower = trial = None  # an online rotation below replaces outcomes: the codes it replaces are then freed
     # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
     # A learned block sees the weights and H as the rotation does: after the diagonal scaling.
     for where, make, k, group, hh, scaling, dtype in (

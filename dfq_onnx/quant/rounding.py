@@ -90,14 +90,7 @@ def gptq(
     kp = kb * bs
     wt = torch.zeros(n, kp, dtype=torch.float32, device=w.device)
     wt[:, :k] = w.t().to(torch.float32)
-    hp = torch.eye(kp, dtype=torch.float64, device=w.device)
-    hp[:k, :k] = h.to(torch.float64)
-    diag = torch.diagonal(hp).clone()
-    dead = diag <= 0
-    hp[dead, dead] = 1.0
-    hp += damp * float(diag[~dead].mean() if (~dead).any() else 1.0) * torch.eye(kp, dtype=torch.float64, device=w.device)
-    hinv = inverse_cholesky(hp).to(torch.float32)
-    importance = torch.diagonal(hp).to(torch.float32)
+    hinv, importance = _feedback(h, k, kp, damp)
 
     codes = torch.zeros(n, kp, dtype=torch.uint8, device=w.device)
     scale_out = torch.zeros(n, kb, dtype=torch.float32, device=w.device)
@@ -140,12 +133,23 @@ def gptq(
     return grid.Quantized(codes=codes.reshape(n, kb, bs), scales=scale_out, zero_points=zp_out, k=k, fmt=fmt)
 
 
-def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with U^T U = H^-1 (GPTQ's feedback factor) from one Cholesky and one
-    triangular inverse: with J the reversal, J H J = R R^T gives H^-1 = (J R^-1 J)^T (J R^-1 J)."""
-    r = torch.linalg.cholesky(h.flip(0, 1))
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.linalg.solve_triangular(r, eye, upper=False).flip(0, 1)
+def _feedback(h: torch.Tensor, k: int, kp: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's feedback factor U (upper triangular, U^T U = H^-1, float32) and the diagonal of H, for
+    H padded to kp rows and damped; dead inputs (H_jj <= 0) get a unit diagonal. One Cholesky and one
+    triangular inverse: with J the reversal, J H J = R R^T gives H^-1 = (J R^-1 J)^T (J R^-1 J).
+    Each float64 K x K temporary is dropped as soon as it is used (V's dense H is a layer's peak)."""
+    hp = torch.eye(kp, dtype=torch.float64, device=h.device)
+    hp[:k, :k] = h
+    diag = torch.diagonal(hp).clone()
+    dead = diag <= 0
+    hp[dead, dead] = 1.0
+    hp.diagonal().add_(damp * float(diag[~dead].mean() if (~dead).any() else 1.0))
+    importance = torch.diagonal(hp).to(torch.float32)
+    r = torch.linalg.cholesky(hp.flip(0, 1))
+    del hp
+    u = torch.linalg.solve_triangular(r, torch.eye(kp, dtype=torch.float64, device=h.device), upper=False)
+    del r
+    return u.flip(0, 1).to(torch.float32), importance
 
 
 def _gptq_low_rank(w, h: LowRank, fmt, scale_dtype, search_scales, damp, compiled=False) -> grid.Quantized:

@@ -116,7 +116,7 @@ class SiteTransform:
                 w = w.div_(c) if owned and c.dtype == w.dtype else w / c
             owned = True
         if self.online is not None:
-            w = self._online_blocks.times(w)
+            w = self._online_blocks.times_(w) if owned and w.is_contiguous() else self._online_blocks.times(w)
             owned = True
         if self.row is not None:
             if not _is_vector(self.row):
@@ -221,15 +221,17 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> Si
     ref = rounding.weighted_error(w, None, h)
     wt = tf.forward(w)
     q = round_weight(wt, tf.hessian(h), dtype, how)
-    err = rounding.weighted_error(w, tf.backward(q.dequantize(), owned=True), h, consume=True)
     fallback = grid.rtn(wt, fmt, dtype)
+    float_weight = wt if how.keep_float else None
+    del wt  # not held while the roundings are scored (a layer-sized buffer fewer at the peak)
+    err = rounding.weighted_error(w, tf.backward(q.dequantize(), owned=True), h, consume=True)
     fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize(), owned=True), h, consume=True)
     if fallback_err < err:
         q, err, tags = fallback, fallback_err, list(tags)
     else:
         tags = [*tags, *how.tags()]
     columns = tf.columns if tf.col is not None else None
-    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=wt if how.keep_float else None, columns=columns)
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=float_weight, columns=columns)
 
 
 def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, label: str, post_normed: bool):
