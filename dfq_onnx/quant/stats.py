@@ -94,19 +94,30 @@ def rms_norm(x: Moments, gain: torch.Tensor | None) -> Moments:
     return Moments(x.mean * g / r, cov / (r * r))
 
 
-CHUNK = 1024  # rows or columns of a weight taken to float64 at once: bounds the temporaries of wide layers
+CHUNK = 1024  # rows or columns of a weight taken at once: bounds the temporaries of wide layers
 
 
 def linear(x: Moments, w: torch.Tensor) -> Moments:
+    """Moments of x W. The products are taken in float32 and summed into float64 moments: they are
+    the statistics' largest cost, and float32 products err by ~1e-6 relative, far below what the
+    propagated moments estimate (and below GPTQ's damping of H)."""
+    w = w.to(torch.float32)
+    mean = _mean_times(x.mean, w)
     if not x.diagonal:
-        w = w.to(torch.float64)
-        return Moments(x.mean @ w, w.t() @ x.cov @ w)
-    mean, cov = 0.0, 0.0
+        return Moments(mean, (w.t() @ (x.cov.to(torch.float32) @ w)).to(torch.float64))
+    var, cov = x.cov.to(torch.float32), 0.0
     for r in range(0, w.shape[0], CHUNK):  # sum over input rows of W_r^T diag(var_r) W_r
-        wr = w[r : r + CHUNK].to(torch.float64)
-        mean = mean + x.mean[r : r + CHUNK] @ wr
-        cov = cov + (wr * x.cov[r : r + CHUNK].unsqueeze(1)).t() @ wr
+        wr = w[r : r + CHUNK]
+        cov = cov + ((wr * var[r : r + CHUNK].unsqueeze(1)).t() @ wr).to(torch.float64)
     return Moments(mean, cov)
+
+
+def _mean_times(mean: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """mean @ W in float64, W taken a chunk of rows at a time."""
+    out = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    for r in range(0, w.shape[0], CHUNK):
+        out += mean[r : r + CHUNK].to(torch.float64) @ w[r : r + CHUNK].to(torch.float64)
+    return out
 
 
 def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: float = ATTENTION_CONCENTRATION) -> Moments:
@@ -124,20 +135,25 @@ def attention_output(v: Moments, num_heads: int, head_dim: int, concentration: f
 def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "gelu_tanh") -> Moments:
     """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal).
 
-    Hidden units are independent here, so they are taken a chunk of columns at a time."""
-    parts = [_gated_columns(x, w_gate[:, c : c + CHUNK], w_up[:, c : c + CHUNK], activation) for c in range(0, w_gate.shape[1], CHUNK)]
+    Hidden units are independent here, so they are taken a chunk of columns at a time; the
+    products with the covariance in float32 (as in `linear`), the moments in float64."""
+    cov = x.cov.to(torch.float32)
+    parts = [
+        _gated_columns(x, cov, w_gate[:, c : c + CHUNK], w_up[:, c : c + CHUNK], activation) for c in range(0, w_gate.shape[1], CHUNK)
+    ]
     return Moments(torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts]))
 
 
-def _gated_columns(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    wg = w_gate.to(torch.float64)
-    wu = w_up.to(torch.float64)
-    cov_times = (lambda w: x.cov.unsqueeze(1) * w) if x.diagonal else (lambda w: x.cov @ w)
+def _gated_columns(x: Moments, cov: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    wg = w_gate.to(torch.float32)
+    wu = w_up.to(torch.float32)
+    cov_times = (lambda w: cov.unsqueeze(1) * w) if x.diagonal else (lambda w: cov @ w)
+    quad = lambda a, b: (a * b).sum(0, dtype=torch.float64)  # noqa: E731  diag(A^T B), summed in float64
     cg = cov_times(wg)
-    mu_g, mu_p = x.mean @ wg, x.mean @ wu
-    var_g = (cg * wg).sum(0).clamp(min=1e-30)
-    var_p = (cov_times(wu) * wu).sum(0)
-    cov_gp = (cg * wu).sum(0)
+    mu_g, mu_p = x.mean @ wg.to(torch.float64), x.mean @ wu.to(torch.float64)
+    var_g = quad(cg, wg).clamp(min=1e-30)
+    var_p = quad(cov_times(wu), wu)
+    cov_gp = quad(cg, wu)
     a = cov_gp / var_g  # p = mu_p + a (g - mu_g) + e, e independent of g
     var_e = (var_p - a * cov_gp).clamp(min=0.0)
     nodes, weights = (torch.as_tensor(t, dtype=torch.float64, device=x.mean.device) for t in _HERMITE)
