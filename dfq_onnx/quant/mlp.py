@@ -17,8 +17,8 @@ from .site import (
     learned_scaling,
     merge_parts,
     round_site,
-    try_online,
 )
+from .online import choose_online
 
 
 def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
@@ -37,58 +37,66 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.post_normed)
     d, down_tags = diagonal_scaling([w_down], hd, how.at(mlp.down), True, "up-down-diag", layer.post_normed)
 
-    # Each site's transform, with an optional online rotation `t` of its input (tagged `tag`).
-    # up's columns absorb d (W_up' = W_up diag(d)); a column scaling leaves up's rounding unchanged.
+    # Each group's sites, with an optional online rotation `t` of its input (tagged `tag`); `columns`,
+    # `sample`: online.py's column sample. up's columns absorb d (W_up' = W_up diag(d)); a column
+    # scaling leaves up's rounding unchanged.
     def gate_up_with(a, tags):
-        def make(t=None, tag=None):
+        def make(t=None, tag=None, columns=None, sample=None):
             extra = [tag] if tag else []
+            cut = _columns(columns)
+            col = d if d is None or columns is None else d[::columns]
             return {
-                gate_key: round_site(w_gate, h, dt[mlp.gate], how.at(mlp.gate), SiteTransform(row=a, online=t), tags + extra),
-                up_key: round_site(w_up, h, dt[mlp.up], how.at(mlp.up), SiteTransform(row=a, col=d, online=t), tags + down_tags + extra),
+                gate_key: round_site(cut(w_gate), h, dt[mlp.gate], how.at(mlp.gate), SiteTransform(row=a, online=t), tags + extra, sample),
+                up_key: round_site(cut(w_up), h, dt[mlp.up], how.at(mlp.up), SiteTransform(row=a, col=col, online=t), tags + down_tags + extra, sample),
             }
 
         return make
 
     def down_with(d, down_tags):
-        def make(t=None, tag=None):
+        def make(t=None, tag=None, columns=None, sample=None):
             extra = [tag] if tag else []
-            return {mlp.down: round_site(w_down, hd, dt[mlp.down], how.at(mlp.down), SiteTransform(row=d, online=t), down_tags + extra)}
+            cut = _columns(columns)
+            return {mlp.down: round_site(cut(w_down), hd, dt[mlp.down], how.at(mlp.down), SiteTransform(row=d, online=t), down_tags + extra, sample)}
 
         return make
 
     # Learned diagonals replace the searched ones where their sites round better; d first (up's
-    # columns carry it), then a.
-    down = down_with(d, down_tags)
-    lower = down()
+    # columns carry it), then a. Without learning, a group's unrotated rounding is made only if
+    # online.py needs it.
+    down, lower = down_with(d, down_tags), None
     learned = learned_scaling([w_down], hd, how.at(mlp.down), d, True, "up-down-diag", layer.post_normed, dt[mlp.down])
     if learned is not None:
+        lower = down()
         other = down_with(*learned)
         trial = other()
         if _better(trial, lower, how):
             (d, down_tags), down, lower = learned, other, trial
-    gate_up = gate_up_with(a, tags)
-    pair = gate_up()
+    gate_up, pair = gate_up_with(a, tags), None
     learned = learned_scaling([w_gate, w_up], h, how.at(mlp.gate), a, mlp.gain_foldable, "norm-diag", layer.post_normed, dt[mlp.gate])
     if learned is not None:
+        pair = gate_up()
         other = gate_up_with(*learned)
         trial = other()
         if _better(trial, pair, how):
             (a, tags), gate_up, pair = learned, other, trial
-    outcomes = {**pair, **lower}
-    pair = lower = trial = None  # an online rotation below replaces outcomes: the codes it replaces are then freed
+    trial = None
     # Online rotations cost time at inference: each is kept only where it lowers its sites' proxy enough.
     # A learned block sees the weights and H as the rotation does: after the diagonal scaling.
-    for where, make, k, group, hh, scaling, dtype in (
-        ("gate_up", gate_up, w_gate.shape[0], [w_gate, w_up], h, a, dt[mlp.gate]),
-        ("down", down, w_down.shape[0], [w_down], hd, d, dt[mlp.down]),
+    outcomes = {}
+    for where, make, plain, k, group, hh, scaling, dtype in (
+        ("gate_up", gate_up, pair, w_gate.shape[0], [w_gate, w_up], h, a, dt[mlp.gate]),
+        ("down", down, lower, w_down.shape[0], [w_down], hd, d, dt[mlp.down]),
     ):
-        if where in how.config.online:
-            rows = SiteTransform(row=scaling)
+        if where not in how.config.online:
+            outcomes.update(plain if plain is not None else make())
+            continue
+        rows = SiteTransform(row=scaling)
 
-            def learn_from(rows=rows, group=group, hh=hh, dtype=dtype):  # scaled copies only when learning
-                return [rows.forward(w) for w in group], rows.hessian(hh), dtype
+        def learn_from(rows=rows, group=group, hh=hh, dtype=dtype):  # scaled copies only when learning
+            return [rows.forward(w) for w in group], rows.hessian(hh), dtype
 
-            try_online(outcomes, make, k, device, how, result.online, learn_from)
+        outcomes.update(choose_online(make, plain, k, device, how, result.online, learn_from))
+    pair = lower = None  # the codes a rotation replaced are freed here
     if a is not None:
         result.gains[mlp.gain] = layer.gain(mlp.gain).to(torch.float32) * a
     if mlp.fused:
@@ -124,6 +132,11 @@ def residual_after_mlp(layer: LayerWeights, residual: stats.Moments | None, u: s
         u = stats.gated_mlp_hidden(stats.rms_norm(residual, layer.gain(mlp.gain)), w_gate, w_up, mlp.activation)
     y = stats.with_bias(stats.linear(u, w_down), layer.biases.get(mlp.down))
     return residual + stats.sublayer_output(y, layer.gain(mlp.post_gain), mlp.post_norm)
+
+
+def _columns(stride: int | None):
+    """W -> every stride-th column of W (contiguous), or W itself."""
+    return (lambda w: w) if stride is None else (lambda w: w[:, ::stride].contiguous())
 
 
 def _better(trial: dict, current: dict, how: Rounding) -> bool:

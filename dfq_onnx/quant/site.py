@@ -62,6 +62,7 @@ class SiteOutcome:
     transforms: list[str]
     float_weight: torch.Tensor | None = None  # the transformed float weight (what was rounded)
     columns: Callable[[torch.Tensor], torch.Tensor] | None = None  # b -> b C: what the output-side transform does to a bias
+    sample_error: float | None = None  # `error` over every sample-th column only (round_site's `sample`)
 
 
 @dataclasses.dataclass
@@ -210,9 +211,11 @@ def round_weight(w: torch.Tensor, h, dtype, how: Rounding) -> grid.Quantized:
     return grid.Quantized(grid.quantize_blocks(blocks, s, z, fmt), s, z, w.shape[0], fmt)
 
 
-def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> SiteOutcome:
-    """Round W' = tf(W) for tr(D^T H D) measured in the original space, against RTN of W."""
+def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags, sample: int | None = None) -> SiteOutcome:
+    """Round W' = tf(W) for tr(D^T H D) measured in the original space, against RTN of W.
+    `sample` = s: the outcome also holds the error over columns 0, s, 2s, ... (online.py's estimate)."""
     tf = tf or SiteTransform()
+    on_sample = (lambda w_hat: None) if sample is None else (lambda w_hat: rounding.weighted_error(w[:, ::sample], w_hat[:, ::sample], h))
     fmt = how.fmt
     rtn = grid.rtn(w, fmt, dtype)
     # Each rounding's W_hat is a temporary: scaled back and differenced in place (see weighted_error).
@@ -224,14 +227,19 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags) -> Si
     fallback = grid.rtn(wt, fmt, dtype)
     float_weight = wt if how.keep_float else None
     del wt  # not held while the roundings are scored (a layer-sized buffer fewer at the peak)
-    err = rounding.weighted_error(w, tf.backward(q.dequantize(), owned=True), h, consume=True)
-    fallback_err = rounding.weighted_error(w, tf.backward(fallback.dequantize(), owned=True), h, consume=True)
+    w_hat = tf.backward(q.dequantize(), owned=True)
+    part = on_sample(w_hat)
+    err = rounding.weighted_error(w, w_hat, h, consume=True)
+    w_hat = tf.backward(fallback.dequantize(), owned=True)
+    fallback_part = on_sample(w_hat)
+    fallback_err = rounding.weighted_error(w, w_hat, h, consume=True)
+    del w_hat
     if fallback_err < err:
-        q, err, tags = fallback, fallback_err, list(tags)
+        q, err, part, tags = fallback, fallback_err, fallback_part, list(tags)
     else:
         tags = [*tags, *how.tags()]
     columns = tf.columns if tf.col is not None else None
-    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=float_weight, columns=columns)
+    return SiteOutcome(q, err, rtn_err, ref, tags, float_weight=float_weight, columns=columns, sample_error=part)
 
 
 def diagonal_scaling(weights, h: torch.Tensor, how: Rounding, foldable: bool, label: str, post_normed: bool):
@@ -269,31 +277,6 @@ def learned_scaling(weights, h, how: Rounding, start, foldable: bool, label: str
     if not (found.moved or config.force_transforms):
         return None
     return found.value, [f"{label}-learned"]
-
-
-def try_online(outcomes: dict[str, SiteOutcome], make, k: int, device, how: Rounding, online: dict[str, torch.Tensor], learn_from=None) -> None:
-    """Replace the sites `make` rounds by their rotated versions when the rotation pays (in place);
-    the rotation of each replaced site goes into `online`. `learn_from()` -> (weights as the rotation
-    sees them, their H, the activation dtype) lets a learned general block start from the rotation."""
-    config = how.config
-    b = transforms.online_block_size(k, config.online_block)
-    if b is None:
-        return
-    t = how.block(b, device)
-    rotated = make(t, f"online-{how.config.rotation.value}{b}")
-    if learn_from is not None and config.learned_online_steps > 0:
-        weights, h, dtype = learn_from()
-        start = t.expand(k // b, b, b)
-        found = learn.learn_online(weights, h, how.fmt, start, config.learned_online_steps, config.learned_online_lr, dtype)
-        if found.moved or config.force_transforms:
-            trial = make(found.value, f"online-learned{b}")
-            if config.force_transforms or sum(o.error for o in trial.values()) < sum(o.error for o in rotated.values()):
-                rotated, t = trial, found.value
-    before = sum(outcomes[name].error for name in rotated)
-    after = sum(o.error for o in rotated.values())
-    if config.force_transforms or after < (1.0 - config.online_min_gain) * before:
-        outcomes.update(rotated)
-        online.update({name: t for name in rotated})
 
 
 def merge_parts(parts: list[SiteOutcome]) -> SiteOutcome:
