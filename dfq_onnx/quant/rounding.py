@@ -62,8 +62,25 @@ class BlockLowRank:
         return torch.block_diag(*self.blocks) + torch.outer(self.vec, self.vec)
 
 
+class DenseFactor:
+    """A dense H whose GPTQ feedback factor is computed on its first rounding and kept for the next
+    (V is rounded under one H in each of the V/O pair's alternations)."""
+
+    def __init__(self, h: torch.Tensor):
+        self.h = h
+        self._factors: dict = {}
+
+    def feedback(self, k: int, kp: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if (kp, damp) not in self._factors:
+            self._factors[(kp, damp)] = _feedback(self.h, k, kp, damp)
+        return self._factors[(kp, damp)]
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.diagonal(self.h)
+
+
 def hessian_diagonal(h) -> torch.Tensor:
-    return h.diagonal() if isinstance(h, (LowRank, BlockLowRank)) else torch.diagonal(h)
+    return h.diagonal() if isinstance(h, (LowRank, BlockLowRank, DenseFactor)) else torch.diagonal(h)
 
 
 def gptq(
@@ -90,7 +107,7 @@ def gptq(
     kp = kb * bs
     wt = torch.zeros(n, kp, dtype=torch.float32, device=w.device)
     wt[:, :k] = w.t().to(torch.float32)
-    hinv, importance = _feedback(h, k, kp, damp)
+    hinv, importance = h.feedback(k, kp, damp) if isinstance(h, DenseFactor) else _feedback(h, k, kp, damp)
 
     codes = torch.zeros(n, kp, dtype=torch.uint8, device=w.device)
     scale_out = torch.zeros(n, kb, dtype=torch.float32, device=w.device)

@@ -104,7 +104,7 @@ def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dty
     `floats`: (V, O) written in float, so the pair computes with that weight, not its rounding."""
     config = how_v.config
     w_v_t = tf_v.forward(pair.w_v)
-    h_v = tf_v.hessian(pair.value_hessian())
+    h_v = rounding.DenseFactor(tf_v.hessian(pair.value_hessian()))  # factored once for every V rounding below
     qv = round_weight(w_v_t, h_v, v_dtype, how_v)
     v_of = lambda q: pair.w_v if floats[0] else tf_v.backward(q.dequantize())  # noqa: E731  what the model computes
     o_of = lambda q: pair.w_o if floats[1] else tf_o.backward(q.dequantize())  # noqa: E731
@@ -141,7 +141,7 @@ def _round_o(pair: "Pair", v_hat, tf_o: SiteTransform, how: Rounding, dtype) -> 
     # With V^ fixed the best O solves E[z^T z^] X = E[z^T z] W_o; round it under E[z^T z^].
     # The ridge keeps the solve defined for degenerate weights (an all-zero or rank-deficient V^).
     ridge = max(1e-6 * float(h_hat.diagonal().mean()), 1e-30)
-    target = h_hat.solve(cross.times(pair.w_o.double()), ridge).float()
+    target = h_hat.solve(pair.cross_times_o(v_hat), ridge).float()
     return round_weight(tf_o.forward(target), tf_o.hessian(h_hat.hessian()), dtype, how)
 
 
@@ -208,7 +208,7 @@ class Pair:
         self._w_o = w_o.to(dtype)
         self.h_true = self.second(w_v, w_v)
         self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
-        self._seen: list[tuple] = []  # (V^, its E[z^^T z^], E[z^^T z]), the V^ seen last first
+        self._seen: list[list] = []  # [V^, its E[z^^T z^], E[z^^T z], that times W_o], the V^ seen last first
 
     def columns(self, idx: torch.Tensor, dtype) -> "Pair":
         """The same pair for O's columns `idx` only (the pair error is a sum over them), in `dtype`."""
@@ -236,11 +236,23 @@ class Pair:
 
     def moments_of(self, v_hat: torch.Tensor) -> tuple[HeadMoments, HeadMoments]:
         """(E[z^^T z^], E[z^^T z]) for a rounded V^; the last few are kept (the alternations come back to them)."""
-        for seen, h_hat, cross in self._seen:
-            if seen is v_hat:
-                return h_hat, cross
-        self._seen = [(v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v)), *self._seen[: MOMENTS_KEPT - 1]]
-        return self._seen[0][1], self._seen[0][2]
+        seen = self._seen_entry(v_hat)
+        return seen[1], seen[2]
+
+    def cross_times_o(self, v_hat: torch.Tensor) -> torch.Tensor:
+        """E[z^^T z] W_o for a rounded V^ (O's least-squares right-hand side, and every pair error
+        with this V^), kept with its moments."""
+        seen = self._seen_entry(v_hat)
+        if seen[3] is None:
+            seen[3] = seen[2].times(self._w_o)
+        return seen[3]
+
+    def _seen_entry(self, v_hat: torch.Tensor) -> list:
+        for seen in self._seen:
+            if seen[0] is v_hat:
+                return seen
+        self._seen = [[v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v), None], *self._seen[: MOMENTS_KEPT - 1]]
+        return self._seen[0]
 
     def value_target(self, o_hat: torch.Tensor) -> torch.Tensor:
         """argmin over V of the pair error for fixed O^: per KV group, V_g (sum_h W_o,h O^_h^T) (sum_h O^_h O^_h^T)^-1."""
@@ -263,7 +275,7 @@ class Pair:
 
     def error(self, v_hat, o_hat) -> float:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
-        h_hat, cross = self.moments_of(v_hat)
+        h_hat, _ = self.moments_of(v_hat)
         oh = o_hat.to(self.dtype)
-        total = self.energy - 2 * float((oh * cross.times(self._w_o)).sum()) + h_hat.quad(oh, oh)
+        total = self.energy - 2 * float((oh * self.cross_times_o(v_hat)).sum()) + h_hat.quad(oh, oh)
         return max(total, 0.0)
