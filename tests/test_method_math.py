@@ -84,6 +84,27 @@ def test_norm_diagonal_transform_lowers_the_proxy():
     assert torch.allclose((x * choice.a) @ (ws[0] / choice.a.unsqueeze(1)), x @ ws[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", [FMT4, FMT3, QuantFormat(4, 128, False), QuantFormat(2, 32, False)])
+@pytest.mark.parametrize("seed", range(4))
+def test_diagonal_search_from_a_column_sample_picks_the_exhaustive_best(fmt, seed):
+    """The search scores every candidate on a sample of columns and only the close ones whole: it
+    chooses what scoring every candidate whole chooses, with the same error."""
+    ws = [planted(256, transforms.SAMPLE_MIN_COLUMNS, seed=seed + i, outlier_cols=8) for i in range(2)]
+    h = torch.exp(torch.randn(256, generator=torch.Generator().manual_seed(seed)) * (0.5 + seed / 2))
+    choice = transforms.search_diagonal(ws, h, fmt)
+    h_pos = h.clamp(min=h.min())
+    spread = torch.stack([w.abs().amax(dim=1) for w in ws]).amax(0)
+    best = None
+    for alpha in transforms.ALPHAS:
+        for beta in transforms.BETAS:
+            a = h_pos ** (-alpha / 2) * spread**beta
+            a = a / torch.exp(torch.log(a).mean())
+            err = sum(transforms.rounding_error(w, fmt, h * a * a, divisor=a) for w in ws)
+            if best is None or err < best[0]:
+                best = (err, alpha, beta)
+    assert (choice.error, choice.alpha, choice.beta) == best
+
+
 @pytest.mark.parametrize("setting", list(DiagonalPrior))
 def test_diagonal_whitens_by_the_prior_only_where_the_setting_trusts_it(setting):
     """Without post-norms the prior's per-channel importance is unreliable: the scaling must then come
