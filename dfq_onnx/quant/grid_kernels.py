@@ -64,19 +64,30 @@ def rtn_errors(w, divisor, weight, bs, qmax, symmetric, out):
             out[c0 + lane] = totals[lane]
 
 
+DEQUANTIZE_TILE = 128  # columns per task: W_hat's rows are written in runs of this many floats
+
+
 @njit(cache=True, parallel=True)
 def dequantize(codes, scales, zeros, out):
     """out[K, N] = (codes - zero) * scale in float32 from MatMulNBits' codes [N, k_blocks, block_size],
-    scales and zero points [N, k_blocks]; rows past K (the last block's padding) are dropped."""
+    scales and zero points [N, k_blocks]; rows past K (the last block's padding) are dropped. One task
+    per block of rows and tile of columns, writing along out's rows (stores side by side)."""
     n, k_blocks, bs = codes.shape
     k = out.shape[0]
-    for b in prange(k_blocks):
-        rows = min(bs, k - b * bs)
-        for c in range(n):
-            s = scales[c, b]
-            z = F32(zeros[c, b])
-            for j in range(rows):
-                out[b * bs + j, c] = F32(F32(F32(codes[c, b, j]) - z) * s)
+    tiles = (n + DEQUANTIZE_TILE - 1) // DEQUANTIZE_TILE
+    for task in prange(k_blocks * tiles):
+        b = task // tiles
+        c0 = (task % tiles) * DEQUANTIZE_TILE
+        width = min(DEQUANTIZE_TILE, n - c0)
+        s = np.empty(DEQUANTIZE_TILE, np.float32)
+        z = np.empty(DEQUANTIZE_TILE, np.float32)
+        for c in range(width):
+            s[c] = scales[c0 + c, b]
+            z[c] = F32(zeros[c0 + c, b])
+        for j in range(min(bs, k - b * bs)):
+            row = b * bs + j
+            for c in range(width):
+                out[row, c0 + c] = F32(F32(F32(codes[c0 + c, b, j]) - z[c]) * s[c])
 
 
 @njit(cache=True, parallel=True)
