@@ -54,14 +54,12 @@ def value_output(
         # One d x d block per head: V' = V blockdiag(T), O' = blockdiag(T^-1) O.
         tf_v = SiteTransform(row=a, col=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)))
         tf_o = SiteTransform(row=None if t is None else transforms.BlockDiagonal(t.unsqueeze(0)).inverse())
-        cheap = pair.error(
-            w_v if floats[0] else tf_v.backward(grid.fake_quant(tf_v.forward(w_v), how_v.fmt, v_dtype)),
-            w_o if floats[1] else tf_o.backward(grid.fake_quant(tf_o.forward(w_o), how_o.fmt, o_dtype)),
-        )
+        v_plain = w_v if floats[0] else tf_v.backward(grid.fake_quant(tf_v.forward(w_v), how_v.fmt, v_dtype))
+        cheap = pair.error(v_plain, w_o if floats[1] else tf_o.backward(grid.fake_quant(tf_o.forward(w_o), how_o.fmt, o_dtype)))
         if chosen is None or cheap < chosen[0] or (config.force_transforms and t is not None):
-            chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"])
-    _, tf_v, tf_o, extra = chosen
-    qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype, floats)
+            chosen = (cheap, tf_v, tf_o, [] if t is None else [f"vo-{label}"], v_plain)
+    _, tf_v, tf_o, extra, v_plain = chosen
+    qv, qo, err = round_pair(pair, tf_v, tf_o, how_v, how_o, v_dtype, o_dtype, floats, v_plain)
     learned = _learned_pair(pair, a, tf_v, how_v, how_o, v_dtype, o_dtype) if learn_vo else None
     if learned is not None:  # kept where the pair rounds better with it
         tf_v_l, tf_o_l = learned
@@ -99,9 +97,11 @@ def _learned_pair(pair: "Pair", a, tf_v: SiteTransform, how_v: Rounding, how_o: 
     return SiteTransform(row=a, col=blocks), SiteTransform(row=per_head.inverse())
 
 
-def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype, floats=(False, False)):
+def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dtype, o_dtype, floats=(False, False), v_plain_hat=None):
     """Round V (for the pair's input statistics), then O given V^, then alternate; keep the best pair.
-    `floats`: (V, O) written in float, so the pair computes with that weight, not its rounding."""
+    `floats`: (V, O) written in float, so the pair computes with that weight, not its rounding.
+    `v_plain_hat`: what the model computes with round-to-nearest of V' (tf_v's), when the caller has it
+    (the pair keeps its moments)."""
     config = how_v.config
     w_v_t = tf_v.forward(pair.w_v)
     h_v = rounding.DenseFactor(tf_v.hessian(pair.value_hessian()))  # factored once for every V rounding below
@@ -128,7 +128,7 @@ def round_pair(pair: "Pair", tf_v, tf_o, how_v: Rounding, how_o: Rounding, v_dty
         qo, err = o_plain, plain_err
     # So is round-to-nearest of both: without a transform, the pair is then never worse than it.
     v_plain = grid.rtn(w_v_t, how_v.fmt, v_dtype)
-    both_err = pair.error(v_of(v_plain), o_of(o_plain))
+    both_err = pair.error(v_of(v_plain) if v_plain_hat is None else v_plain_hat, o_of(o_plain))
     if both_err < err:
         qv, qo, err = v_plain, o_plain, both_err
     return qv, qo, err
@@ -187,7 +187,7 @@ class HeadMoments:
         return p_rhs - torch.outer(p_u, (self.mean_b @ p_rhs) / (1.0 + self.mean_b @ p_u))
 
 
-MOMENTS_KEPT = 3  # rounded V^ whose moments a Pair keeps: one round_pair's alternations and its plain candidate
+MOMENTS_KEPT = 5  # rounded V^ whose moments a Pair keeps: the transform candidates', one round_pair's alternations
 
 
 class Pair:
@@ -251,6 +251,8 @@ class Pair:
         for seen in self._seen:
             if seen[0] is v_hat:
                 return seen
+        for seen in self._seen:
+            seen[3] = None  # a layer-sized product: kept for the newest V^ only (O is rounded and scored with it)
         self._seen = [[v_hat, self.second(v_hat, v_hat), self.second(v_hat, self.w_v), None], *self._seen[: MOMENTS_KEPT - 1]]
         return self._seen[0]
 
