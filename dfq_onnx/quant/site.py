@@ -215,7 +215,13 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags, sampl
     """Round W' = tf(W) for tr(D^T H D) measured in the original space, against RTN of W.
     `sample` = s: the outcome also holds the error over columns 0, s, 2s, ... (online.py's estimate)."""
     tf = tf or SiteTransform()
-    on_sample = (lambda w_hat: None) if sample is None else (lambda w_hat: rounding.weighted_error(w[:, ::sample], w_hat[:, ::sample], h))
+
+    def score(quantized: grid.Quantized) -> tuple[float, float | None]:
+        """(error, error over the sample) of a rounding; its W_hat is freed on return."""
+        w_hat = tf.backward(quantized.dequantize(), owned=True)
+        part = None if sample is None else rounding.weighted_error(w[:, ::sample], w_hat[:, ::sample], h)
+        return rounding.weighted_error(w, w_hat, h, consume=True), part
+
     fmt = how.fmt
     rtn = grid.rtn(w, fmt, dtype)
     # Each rounding's W_hat is a temporary: scaled back and differenced in place (see weighted_error).
@@ -227,13 +233,8 @@ def round_site(w, h, dtype, how: Rounding, tf: SiteTransform | None, tags, sampl
     fallback = grid.rtn(wt, fmt, dtype)
     float_weight = wt if how.keep_float else None
     del wt  # not held while the roundings are scored (a layer-sized buffer fewer at the peak)
-    w_hat = tf.backward(q.dequantize(), owned=True)
-    part = on_sample(w_hat)
-    err = rounding.weighted_error(w, w_hat, h, consume=True)
-    w_hat = tf.backward(fallback.dequantize(), owned=True)
-    fallback_part = on_sample(w_hat)
-    fallback_err = rounding.weighted_error(w, w_hat, h, consume=True)
-    del w_hat
+    err, part = score(q)
+    fallback_err, fallback_part = score(fallback)
     if fallback_err < err:
         q, err, part, tags = fallback, fallback_err, fallback_part, list(tags)
     else:
