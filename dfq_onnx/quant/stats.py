@@ -75,8 +75,8 @@ def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments
         e = torch.as_tensor(block, device=device)
         total = e.double().sum(0) if total is None else total + e.double().sum(0)
         pick = e[(-start) % stride :: stride].to(torch.float32)
-        part = (pick.t() @ pick).double()
-        outer = part if outer is None else outer + part
+        part = pick.t() @ pick
+        outer = part.double() if outer is None else outer.add_(part)  # in place: float64 sums, no new buffers
         sampled += pick.shape[0]
         rows += e.shape[0]
         start += e.shape[0]

@@ -30,7 +30,6 @@ class DiagonalChoice:
     alpha: float
     beta: float
     error: float  # weighted proxy of all consumers at the chosen a (round-to-nearest)
-    identity_error: float
 
     @property
     def is_identity(self) -> bool:
@@ -66,7 +65,7 @@ def rounding_error_reference(w: torch.Tensor, fmt: QuantFormat, weight: torch.Te
 
 
 SAMPLE_STRIDE = 4  # the search first scores every candidate on every 4th column and the widest 1/16 ...
-SAMPLE_MARGIN = 0.1  # ... then scores whole those within this fraction of the sample's best (and identity)
+SAMPLE_MARGIN = 0.1  # ... then scores whole those within this fraction of the sample's best
 SAMPLE_MIN_COLUMNS = 1024  # narrower weights are scored whole
 
 
@@ -96,20 +95,10 @@ def search_diagonal(
         best_estimate = min(estimate.values())
         scored = [ab for ab in scored if estimate[ab] <= (1.0 + SAMPLE_MARGIN) * best_estimate]
     best: DiagonalChoice | None = None
-    identity = None
-    for ab in candidates:
-        if ab == (0.0, 0.0):
-            identity = error(ab, weights)
-            if exclude_identity:
-                continue
-            err = identity
-        elif ab in scored:
-            err = error(ab, weights)
-        else:
-            continue
+    for ab in scored:  # in the grid's order: on a tie the first wins
+        err = error(ab, weights)
         if best is None or err < best.error:
-            best = DiagonalChoice(scalings[ab], ab[0], ab[1], err, 0.0)
-    best.identity_error = identity
+            best = DiagonalChoice(scalings[ab], ab[0], ab[1], err)
     return best
 
 
