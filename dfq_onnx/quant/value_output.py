@@ -145,6 +145,9 @@ def _round_o(pair: "Pair", v_hat, tf_o: SiteTransform, how: Rounding, dtype) -> 
     return round_weight(tf_o.forward(target), tf_o.hessian(h_hat.hessian()), dtype, how)
 
 
+OUTER_ROWS = 128  # rows of H W whose mean term is added at once (a temporary under the allocator's mmap threshold)
+
+
 @dataclasses.dataclass
 class HeadMoments:
     """E[z_a^T z_b] over the concatenated query heads: one d x d block per KV group (its query
@@ -160,11 +163,16 @@ class HeadMoments:
         kv, d, _ = self.blocks.shape
         n = w.shape[1]
         out = (self.blocks.unsqueeze(1) @ w.reshape(kv, self.group, d, n)).reshape(-1, n)
-        return out + torch.outer(self.mean_a, self.mean_b @ w)
+        right = self.mean_b @ w
+        # The means' outer product is added in place, a few rows at a time: a buffer of H's size is a
+        # fresh mapping whose pages cost more than the addition (same sums as out + outer).
+        for r in range(0, out.shape[0], OUTER_ROWS):
+            out[r : r + OUTER_ROWS].add_(torch.outer(self.mean_a[r : r + OUTER_ROWS], right))
+        return out
 
     def quad(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """tr(A^T H B)."""
-        return float((a * self.times(b)).sum())
+        return float(self.times(b).mul_(a).sum())
 
     def diagonal(self) -> torch.Tensor:
         return self.blocks.diagonal(dim1=1, dim2=2).repeat_interleave(self.group, 0).reshape(-1) + self.mean_a * self.mean_b
@@ -204,7 +212,8 @@ class Pair:
         self.group = heads // self.kv
         self._cov = x.dense_cov().to(dtype)
         self._mean = x.mean.to(dtype)
-        self._cov_v = self._cov @ w_v.to(dtype)  # C V: every cross term reuses it
+        w_v64 = w_v.to(dtype)
+        self._cov_v, self._mean_v = self._cov @ w_v64, self._mean @ w_v64  # C V and m V: every cross term reuses them
         self._w_o = w_o.to(dtype)
         self.h_true = self.second(w_v, w_v)
         self.energy = self.h_true.quad(self._w_o, self._w_o)  # E||z W_o||^2: the pair's reference
@@ -222,15 +231,18 @@ class Pair:
     def second(self, a: torch.Tensor, b: torch.Tensor) -> HeadMoments:
         """E[z_a^T z_b] for z_a = mix(x A), z_b = mix(x B): block-diagonal covariance + means."""
         a64 = a.to(self.dtype)
-        cov_b = self._cov_v if b is self.w_v else self._cov @ b.to(self.dtype)
+        if b is self.w_v:
+            cov_b, mean_b = self._cov_v, self._mean_v
+        else:
+            b64 = a64 if b is a else b.to(self.dtype)  # one float64 copy where both sides are the same V^
+            cov_b, mean_b = self._cov @ b64, self._mean @ b64
         k, kv, d = a64.shape[0], self.kv, self.d
         blocks = a64.reshape(k, kv, d).permute(1, 2, 0) @ cov_b.reshape(k, kv, d).permute(1, 0, 2)  # [kv, d, d]
         per_head = lambda m: m.reshape(kv, d).repeat_interleave(self.group, 0).reshape(-1)  # noqa: E731
-        mean = self._mean
         return HeadMoments(
             stats.ATTENTION_CONCENTRATION * blocks,
-            per_head(mean @ a64 + self.bias),
-            per_head(mean @ b.to(self.dtype) + self.bias),
+            per_head(self._mean @ a64 + self.bias),
+            per_head(mean_b + self.bias),
             self.group,
         )
 
@@ -279,5 +291,8 @@ class Pair:
         """E||z W_o - z^ O^||^2 = tr(W_o^T H W_o) - 2 tr(O^^T C W_o) + tr(O^^T H^ O^)."""
         h_hat, _ = self.moments_of(v_hat)
         oh = o_hat.to(self.dtype)
-        total = self.energy - 2 * float((oh * self.cross_times_o(v_hat)).sum()) + h_hat.quad(oh, oh)
+        cross = self.cross_times_o(v_hat)
+        product = h_hat.times(oh)
+        quad = float(product.mul_(oh).sum())
+        total = self.energy - 2 * float(torch.mul(oh, cross, out=product).sum()) + quad  # one buffer for both sums
         return max(total, 0.0)
