@@ -26,6 +26,8 @@ import math
 import numpy as np
 import torch
 
+from . import products
+
 ATTENTION_CONCENTRATION = 0.3  # E[sum_t p_t^2]: 1 for one-hot attention, 1/T for uniform
 _HERMITE = np.polynomial.hermite.hermgauss(48)
 
@@ -60,6 +62,7 @@ def with_bias(x: Moments, bias: torch.Tensor | None) -> Moments:
 
 
 COVARIANCE_ROWS = 65536  # embedding rows that enter the covariance (evenly strided); the mean uses all
+PICKED_ROWS = 4096  # sampled rows multiplied at once
 
 
 def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments:
@@ -70,16 +73,28 @@ def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments
     keeps this step to seconds for 256k x 3584 tables.
     """
     stride = max(1, vocab // COVARIANCE_ROWS)
-    total, outer, rows, sampled, start = None, None, 0, 0, 0
+    total, outer, rows, sampled, start, picked = None, None, 0, 0, 0, []
+
+    # One product per PICKED_ROWS sampled rows: few float64 additions of a K x K sum. In float32, not
+    # bfloat16: E[e e^T] - m m^T cancels where the rows share a large mean (8% on Gemma 3's table).
+    def add_picked(outer):
+        pick = torch.cat(picked)
+        part = pick.t() @ pick
+        picked.clear()
+        return part.double() if outer is None else outer.add_(part)  # in place: no new K x K buffers
+
     for block in chunks:
         e = torch.as_tensor(block, device=device)
-        total = e.double().sum(0) if total is None else total + e.double().sum(0)
-        pick = e[(-start) % stride :: stride].to(torch.float32)
-        part = pick.t() @ pick
-        outer = part.double() if outer is None else outer.add_(part)  # in place: float64 sums, no new buffers
-        sampled += pick.shape[0]
+        part = e.sum(0, dtype=torch.float64)
+        total = part if total is None else total.add_(part)
+        picked.append(e[(-start) % stride :: stride].to(torch.float32))
+        sampled += picked[-1].shape[0]
         rows += e.shape[0]
         start += e.shape[0]
+        if sum(p.shape[0] for p in picked) >= PICKED_ROWS:
+            outer = add_picked(outer)
+    if picked:
+        outer = add_picked(outer)
     mean = total / rows
     cov = outer / max(sampled, 1) - torch.outer(mean, mean)
     return Moments(mean * scale, cov * scale * scale)
@@ -98,9 +113,11 @@ CHUNK = 1024  # rows or columns of a weight taken at once: bounds the temporarie
 
 
 def linear(x: Moments, w: torch.Tensor) -> Moments:
-    """Moments of x W. The products are taken in float32 and summed into float64 moments: they are
-    the statistics' largest cost, and float32 products err by ~1e-6 relative, far below what the
-    propagated moments estimate (and below GPTQ's damping of H)."""
+    """Moments of x W. The products are taken in float32 and summed into float64 moments: float32
+    products err by ~1e-6 relative, far below what the propagated moments estimate (and below GPTQ's
+    damping of H). Not in bfloat16: a covariance with massive channels spans 10^3 and more, and
+    rounding its entries to 8 bits makes it indefinite (eigenvalues down to -8% of the mean variance
+    on SmolLM2), where the V/O pair solves with it."""
     w = w.to(torch.float32)
     mean = _mean_times(x.mean, w)
     if not x.diagonal:
@@ -136,7 +153,9 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     """Moments of u = act(x W_gate) * (x W_up) per hidden unit (covariance kept diagonal).
 
     Hidden units are independent here, so they are taken a chunk of columns at a time; the
-    products with the covariance in float32 (as in `linear`), the moments in float64."""
+    products with the covariance (the statistics' largest: two K x K by K x N per MLP) as
+    products.py takes them, bfloat16 where native: what they give is a variance per unit, not a
+    matrix that must stay positive definite. The moments in float64."""
     cov = x.cov.to(torch.float32)
     parts = [
         _gated_columns(x, cov, w_gate[:, c : c + CHUNK], w_up[:, c : c + CHUNK], activation) for c in range(0, w_gate.shape[1], CHUNK)
@@ -147,7 +166,7 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
 def _gated_columns(x: Moments, cov: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     wg = w_gate.to(torch.float32)
     wu = w_up.to(torch.float32)
-    cov_times = (lambda w: cov.unsqueeze(1) * w) if x.diagonal else (lambda w: cov @ w)
+    cov_times = (lambda w: cov.unsqueeze(1) * w) if x.diagonal else (lambda w: products.times(cov, w))
     quad = lambda a, b: (a * b).sum(0, dtype=torch.float64)  # noqa: E731  diag(A^T B), summed in float64
     cg = cov_times(wg)
     mu_g, mu_p = x.mean @ wg.to(torch.float64), x.mean @ wu.to(torch.float64)
