@@ -28,9 +28,13 @@ def native_bfloat16(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and _cpu_bfloat16()
 
 
+def operand(a: torch.Tensor) -> torch.Tensor:
+    """A as `times` multiplies it (rounded through float32, so a reused operand is converted once)."""
+    a = a.to(torch.float32)
+    return a.to(torch.bfloat16) if native_bfloat16(a.device) else a
+
+
 def times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A @ B in float32 (from bfloat16 inputs where native)."""
-    if native_bfloat16(a.device):
-        return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).float()
-    return a.to(torch.float32) @ b.to(torch.float32)
+    return (operand(a) @ operand(b)).float()
 

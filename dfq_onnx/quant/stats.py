@@ -156,7 +156,7 @@ def gated_mlp_hidden(x: Moments, w_gate: torch.Tensor, w_up: torch.Tensor, activ
     products with the covariance (the statistics' largest: two K x K by K x N per MLP) as
     products.py takes them, bfloat16 where native: what they give is a variance per unit, not a
     matrix that must stay positive definite. The moments in float64."""
-    cov = x.cov.to(torch.float32)
+    cov = x.cov.to(torch.float32) if x.diagonal else products.operand(x.cov)
     parts = [
         _gated_columns(x, cov, w_gate[:, c : c + CHUNK], w_up[:, c : c + CHUNK], activation) for c in range(0, w_gate.shape[1], CHUNK)
     ]
