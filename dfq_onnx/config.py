@@ -124,6 +124,7 @@ class MethodConfig:
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+    gptq_damp: float = 0.3  # GPTQ's H + damp * mean(diag H) * I: less trust in the prior's per-channel values (recipes)
     alternations: int = 2  # V/O rounding steps: V, O given V^, then V given O^ ...
     online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op)
     online_block: int = 32  # its largest block size
@@ -372,9 +373,9 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
     for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or not 0 <= values[key] <= 10_000):
             raise DfqError(f"recipe [method] {key} must be a whole number of steps from 0 (off) to 10000, not {values[key]!r}")
-    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr"):
+    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr", "gptq_damp"):
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or not values[key] > 0):
-            raise DfqError(f"recipe [method] {key} must be a positive number (a learning rate), not {values[key]!r}")
+            raise DfqError(f"recipe [method] {key} must be a positive number (e.g. {getattr(MethodConfig, key)}), not {values[key]!r}")
     if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
         raise DfqError("recipe [method] online_min_gain must be a number (a fraction, e.g. 0.05)")
     return MethodConfig(**values)
@@ -387,8 +388,7 @@ def parse_online(value: Any) -> tuple[str, ...]:
     """Where online rotations may go: a list, or a comma-separated string ("none" for nowhere)."""
     items = value.split(",") if isinstance(value, str) else list(value)
     items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
-    unknown = [i for i in items if i not in ONLINE_SITES]
-    if unknown:
+    if unknown := [i for i in items if i not in ONLINE_SITES]:
         raise DfqError(f"unknown online site(s) {unknown}: choose from {', '.join(ONLINE_SITES)}, or none")
     return tuple(dict.fromkeys(items))
 

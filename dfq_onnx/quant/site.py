@@ -202,7 +202,7 @@ def round_weight(w: torch.Tensor, h, dtype, how: Rounding) -> grid.Quantized:
     """Round W[K, N] for the loss tr(D^T H D)."""
     fmt, config = how.fmt, how.config
     if config.gptq:
-        return rounding.gptq(w, h, fmt, dtype, search_scales=config.scale_search)
+        return rounding.gptq(w, h, fmt, dtype, search_scales=config.scale_search, damp=config.gptq_damp)
     if not config.scale_search:
         return grid.rtn(w, fmt, dtype)
     blocks = grid.to_blocks(w, fmt.block_size)
