@@ -179,7 +179,7 @@ def cached_real_moments(cache: Path | None, model_path: Path, values: list[str],
 
 
 @contextlib.contextmanager
-def solver_with(hs: dict):
+def solver_with(hs: dict, damp: float = 0.01):
     """The quantization path with a method of this tool: GPTQ + scale search under `hs`, no transforms."""
     from dfq_onnx import methods
     from dfq_onnx.config import Method, MethodConfig
@@ -192,7 +192,7 @@ def solver_with(hs: dict):
             return methods.round_to_nearest(unit, data, fmt, config)
         quantized = {}
         for name, w in data.weights.items():
-            quantized[name] = rounding.gptq(w, hs[name], fmt, data.scale_dtypes[name], search_scales=True)
+            quantized[name] = rounding.gptq(w, hs[name], fmt, data.scale_dtypes[name], search_scales=True, damp=damp)
         return methods.UnitResult(quantized=quantized)
 
     methods.register(Method.CAFEQ)(gptq_only)
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", type=Path, default=None, help="folder for the quantized models (default: beside the model)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ's damping, a fraction of mean diag H (default 0.01, GPTQ-with-data's; the method uses 0.3)")
     p.add_argument("--cache", type=Path, help="keep the real statistics here (.pt) and reuse them (same model, text, windows)")
     args = p.parse_args(argv)
 
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = linear_inputs(model, sites)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     fmt = {"bits": args.bits, "block_size": args.block_size, "symmetric": args.symmetric}
-    tag = f"{args.bits}b-g{args.block_size}-{'sym' if args.symmetric else 'asym'}"
+    tag = f"{args.bits}b-g{args.block_size}-{'sym' if args.symmetric else 'asym'}-damp{args.damp:g}"
     out_dir = args.out or reference.parent
     t0 = time.perf_counter()
     prior = prior_moments(model, sites)
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs, seconds = [], {}
     for variant in variants:
         out = out_dir / f"model.gap-{variant}-{tag}.onnx"
-        with solver_with(hessians(variant, real, prior, inputs)):
+        with solver_with(hessians(variant, real, prior, inputs), args.damp):
             seconds[variant] = quantize(reference, out, fmt)
         print(f"{variant}: quantized in {seconds[variant]:.0f}s -> {out.name}", flush=True)
         outputs.append(str(out))
