@@ -173,6 +173,35 @@ def quantize(job: Job, model: Path, out_dir: Path, lm_head: str, head_policy: st
     return {"job": job, "path": str(out), "seconds": wall, "peak_rss_mib": rss, "error": error}
 
 
+def untied_head_model(model: Path, lm_head: str, work: Path) -> Path:
+    """The model with the lm_head's weight as its own [K, N] initializer, for ORT's quantizers.
+
+    A tied export feeds the head's MatMul from Transpose(embedding); ORT's quantizers skip a MatMul
+    without a constant weight, so asked to quantize the head they would keep it in float. The copy
+    folds that Transpose into a constant (the embedding's Gather keeps the original)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = work / "ort-input" / "model.onnx"
+    if out.is_file():
+        return out
+    proto = onnx.load(str(model))
+    node = next((n for n in proto.graph.node if n.name == lm_head), None)
+    producer = next((n for n in proto.graph.node if node is not None and node.input[1] in n.output), None)
+    inits = {i.name: i for i in proto.graph.initializer}
+    if producer is None or producer.op_type != "Transpose" or producer.input[0] not in inits:
+        return model  # untied already (or not a transposed constant): ORT reads it as it is
+    folded = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[producer.input[0]]).T), f"{lm_head}.untied_weight")
+    proto.graph.initializer.append(folded)
+    node.input[1] = folded.name
+    if not any(producer.output[0] in n.input for n in proto.graph.node):
+        proto.graph.node.remove(producer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out), save_as_external_data=True, location="model.onnx.data")
+    return out
+
+
 def lm_head_node(model: Path) -> str:
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.sites import find_sites
@@ -298,19 +327,25 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="compare_peers_", dir=REPO / "models"))
     work.mkdir(parents=True, exist_ok=True)
     lm_head = lm_head_node(model)
+    ort_model = model if args.lm_head == "keep" else untied_head_model(model, lm_head, work)
     text = eval_quality.load_text()
     rows, reference = [], None
     for setting in settings:
         batch = []
         for job in jobs_for(setting, args.before, args.fast):
             print(f"[{setting.label}] quantizing with {job.name} ...", file=sys.stderr, flush=True)
-            batch.append(quantize(job, model, work, lm_head, args.lm_head))
+            source = ort_model if job.tool == "ort" else model
+            batch.append(quantize(job, source, work, lm_head, args.lm_head))
         print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
         reference = evaluate_setting(model, batch, args.windows, text, tokenizer)
         rows += batch
         for r in batch:  # keep the disk small: a setting's models are not needed once evaluated
             for p in Path(r["path"]).parent.glob(Path(r["path"]).name + "*"):
                 p.unlink()
+    if ort_model != model:
+        for p in ort_model.parent.iterdir():
+            p.unlink()
+        ort_model.parent.rmdir()
     if args.before:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout_of(args.before, work))], capture_output=True)
     options = [f"--model {args.model}"] if args.model != realmodel.DEFAULT_MODEL else []
@@ -325,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         "note": NOTES.get(args.model, ""),
         "kind": kind,
         "head": "lm_head and embedding kept in float by every quantizer" if args.lm_head == "keep" else
-                f"lm_head quantized too: by ORT's quantizers at the setting's bits, by dfq-onnx with --lm-head {args.lm_head}",
+                f"lm_head quantized too: by ORT's quantizers at the setting's bits (given a copy whose tied head has its own "
+                f"weight, which they quantize), by dfq-onnx with --lm-head {args.lm_head}",
         "model": model.relative_to(REPO) if model.is_relative_to(REPO) else model,
         "windows": args.windows,
         "tokens": args.windows * (eval_quality.WINDOW - 1),
