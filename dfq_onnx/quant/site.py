@@ -198,6 +198,9 @@ def identity_moments(k: int, device) -> stats.Moments:
 # ----------------------------------------------------------------------------- rounding
 
 
+NO_FEEDBACK_DAMP = 1e-12  # keeps a dead input's (zero) diagonal invertible; its weight stays ~0
+
+
 def round_weight(w: torch.Tensor, h, dtype, how: Rounding) -> grid.Quantized:
     """Round W[K, N] for the loss tr(D^T H D)."""
     fmt, config = how.fmt, how.config
@@ -205,6 +208,9 @@ def round_weight(w: torch.Tensor, h, dtype, how: Rounding) -> grid.Quantized:
         return rounding.gptq(w, h, fmt, dtype, search_scales=config.scale_search, damp=config.gptq_damp)
     if not config.scale_search:
         return grid.rtn(w, fmt, dtype)
+    if w.device.type == "cpu":  # GPTQ under H's diagonal alone moves no row: the same weighted search, compiled
+        diag = rounding.hessian_diagonal(h).to(torch.float32)
+        return rounding.gptq(w, rounding.LowRank(diag, torch.zeros_like(diag)), fmt, dtype, search_scales=True, damp=NO_FEEDBACK_DAMP)
     blocks = grid.to_blocks(w, fmt.block_size)
     weight = grid.to_blocks(rounding.hessian_diagonal(h).reshape(-1, 1), fmt.block_size)
     s, z = scales.search(blocks, fmt, weight, dtype)
