@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", default=str(REPO / "BENCHMARKS.md"), help="file whose ablation block is replaced")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--include", default=None, metavar="JSON",
-                        help="an earlier run's --json: its rows come first in the table (e.g. settings run apart)")
+                        help="an earlier run's --json, merged into the table (a row measured again in this run replaces it)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, tokenizer = eval_quality.model_paths(args.model)
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python tools/ablation.py", *options]),
     }
+    latest = {(r["setting"], r["key"]): r for r in results}  # a row measured again replaces the included one
+    results = list(latest.values())
     order = list(dict.fromkeys(r["setting"] for r in results))  # settings as first measured, rows as ROWS lists them
     rank = {k: i for i, (k, _, _) in enumerate(ROWS)}
     results.sort(key=lambda r: (order.index(r["setting"]), rank[r["key"]]))
