@@ -10,7 +10,7 @@ the proxy errors it reached.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -72,6 +72,9 @@ class UnitInput:
     keep_float: bool = False  # return the transformed float weights too (float output)
     formats: dict[str, QuantFormat] = dataclasses.field(default_factory=dict)  # linear -> format, where not the unit's
     float_sites: frozenset[str] = frozenset()  # linears the output keeps in float (excluded)
+    # linear, columns -> W[K, N] as float32 [K, <= columns] pieces read from storage one at a time (the
+    # lm_head: a 262k-vocabulary matrix is never held whole in float32); None: slice `weights`
+    column_chunks: Callable[[str, int], Iterator[torch.Tensor]] | None = None
 
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
@@ -159,9 +162,10 @@ def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
     h = site.hessian(stats.rms_norm(data.residual, gain), config.hessian)
     how = site.Rounding(fmt, config)
     # An untied embedding table: plain rounding (a lookup has no H); the lm_head is not rounded twice.
-    others = dataclasses.replace(data, weights={k: w for k, w in data.weights.items() if k != lm_head})
+    others = dataclasses.replace(data, weights={k: data.weights[k] for k in data.weights if k != lm_head})
     out = round_to_nearest(unit, others, fmt, config)
-    q, error, rtn_error, reference = head_rounding(data.weights[lm_head], h, data.scale_dtypes[lm_head], how)
+    read = data.column_chunks or (lambda name, size: column_chunks(data.weights[name], size))
+    q, error, rtn_error, reference = head_rounding(read(lm_head, HEAD_CHUNK), h, data.scale_dtypes[lm_head], how)
     out.quantized[lm_head] = q
     out.errors[lm_head] = SiteErrors(error, rtn_error, reference)
     out.transforms[lm_head] = how.tags()
@@ -171,12 +175,17 @@ def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
 HEAD_CHUNK = 16384  # columns (vocabulary entries) rounded at a time: GPTQ's temporaries stay O(K x chunk)
 
 
-def head_rounding(w: torch.Tensor, h, dtype, how: site.Rounding) -> tuple[grid.Quantized, float, float, float]:
+def column_chunks(w: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """W[K, N] held in memory, as [K, <= size] column pieces."""
+    for start in range(0, w.shape[1], size):
+        yield w[:, start : start + size]
+
+
+def head_rounding(chunks: Iterable[torch.Tensor], h, dtype, how: site.Rounding) -> tuple[grid.Quantized, float, float, float]:
     """GPTQ column chunk by column chunk (columns are independent under one H), each chunk kept
     only where it beats its round-to-nearest: (quantized, error, rtn error, reference)."""
     parts, error, rtn_error, reference = [], 0.0, 0.0, 0.0
-    for start in range(0, w.shape[1], HEAD_CHUNK):
-        chunk = w[:, start : start + HEAD_CHUNK]
+    for chunk in chunks:
         outcome = site.round_site(chunk, h, dtype, how, None, [])
         parts.append(outcome.quantized)
         error, rtn_error, reference = error + outcome.error, rtn_error + outcome.rtn_error, reference + outcome.reference

@@ -105,6 +105,14 @@ class Planner:
         w = torch.from_numpy(arr.astype(np.float32, copy=False))
         return w.t().contiguous() if lin.weight.transposed else w
 
+    def column_chunks(self, lin: Linear, columns: int, device: str):
+        """W[K, N] as float32 [K, <= columns] pieces read from storage one at a time (rows of W^T:
+        a transposed or tied head is read in stored order), so the whole matrix is never in float32."""
+        tensor = self.graph.initializers[lin.weight.initializer].const_value
+        for rows in load.iter_rows(tensor, transposed=not lin.weight.transposed, rows_per_block=columns):
+            load.check_array_finite(rows, lin.weight.initializer)
+            yield torch.from_numpy(rows).t().contiguous().to(device)
+
     def activation_dtype(self, lin: Linear) -> np.dtype:
         node = self.nodes[lin.node]
         dtype = node.outputs[0].dtype or node.inputs[0].dtype
@@ -177,6 +185,7 @@ class Planner:
             keep_float=self.recipe.float_output or self.keep_float or bool(excluded),
             formats={name: f for name, f in formats.items() if f != fmt},
             float_sites=frozenset(excluded),
+            column_chunks=(lambda name, columns: self.column_chunks(linears[name], columns, self.device)) if head else None,
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
@@ -189,9 +198,10 @@ class Planner:
                 plan.sites.append(_float_site(lin, seconds, result.transforms.get(lin.node, [])))
                 plan.float_weights[lin.node] = _numpy(weights[lin.node] if float_weight is None else float_weight)
                 continue
+            errors = result.errors.get(lin.node)  # the weight is read again only where the method gave no errors
             plan.sites.append(
-                _site_result(lin, weights[lin.node], q, formats[lin.node], seconds, result.transforms.get(lin.node, []),
-                             result.errors.get(lin.node), dtypes[lin.node])
+                _site_result(lin, weights[lin.node] if errors is None else None, q, formats[lin.node], seconds,
+                             result.transforms.get(lin.node, []), errors, dtypes[lin.node])
             )  # fmt: skip
             if self.recipe.float_output:
                 plan.float_weights[lin.node] = _numpy(weights[lin.node] if float_weight is None else float_weight)

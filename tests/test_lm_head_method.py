@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dfq_onnx import methods
+from dfq_onnx import methods, planner
 from dfq_onnx.cli import main
 from dfq_onnx.config import MethodConfig, QuantFormat
 from dfq_onnx.quant import rounding, site
@@ -19,9 +19,9 @@ def test_chunks_give_the_bytes_of_one_pass(monkeypatch):
     w = torch.randn(64, 300) * torch.rand(64, 1) * 3
     h = rounding.LowRank(torch.rand(64) + 0.1, torch.randn(64))
     how = site.Rounding(QuantFormat(bits=4, block_size=32, symmetric=False), MethodConfig())
-    whole = methods.head_rounding(w, h, torch.float32, how)
+    whole = methods.head_rounding([w], h, torch.float32, how)
     monkeypatch.setattr(methods, "HEAD_CHUNK", 7)  # 43 chunks, the last one short
-    chunked = methods.head_rounding(w, h, torch.float32, how)
+    chunked = methods.head_rounding(methods.column_chunks(w, methods.HEAD_CHUNK), h, torch.float32, how)
     assert torch.equal(whole[0].codes, chunked[0].codes) and torch.equal(whole[0].scales, chunked[0].scales)
     assert torch.equal(whole[0].zero_points, chunked[0].zero_points)
     assert chunked[1] == pytest.approx(whole[1], rel=1e-6)  # float32 sums, chunk by chunk and chunked[1] <= chunked[2]
@@ -40,3 +40,30 @@ def test_lm_head_by_the_method_beats_round_to_nearest(tiny_family, tmp_path, fam
     assert "gptq" in head["transforms"] and head["rel_error"] < head["rtn_rel_error"]
     assert "fidelity" in report["verification"]["checks"]
     assert report["structure"]["embedding"]["tied"] == (family == "llama-tied")
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_head_is_read_in_pieces_with_the_bytes_of_one_read(tiny_family, tmp_path, monkeypatch, family):
+    """The lm_head (262k x 640 on Gemma 3) is read from storage a column piece at a time, never whole in
+    float32, and the pieces give the same bytes as one piece."""
+    model = tiny_family(family, "genai-fp32")
+    read = []
+    whole_read = planner.Planner.weight
+
+    def spy(self, lin, as_stored=False):
+        read.append(lin.role.value)
+        return whole_read(self, lin, as_stored)
+
+    monkeypatch.setattr(planner.Planner, "weight", spy)
+    outputs = {}
+    for chunk in (1 << 30, 48):
+        monkeypatch.setattr(methods, "HEAD_CHUNK", chunk)
+        outputs[chunk] = tmp_path / f"c{chunk}" / "model.onnx"
+        outputs[chunk].parent.mkdir()
+        assert main(["optimize", str(model), "-o", str(outputs[chunk]), "--lm-head", "int4", "--verify", "none", "--quiet"]) == 0
+    assert "down" in read and "lm_head" not in read
+    one, pieces = (sorted(p.parent.iterdir()) for p in outputs.values())
+    assert [p.name for p in one] == [p.name for p in pieces]
+    for a, b in zip(one, pieces):
+        if a.suffix != ".json":  # the report carries timings
+            assert a.read_bytes() == b.read_bytes(), a.name
