@@ -16,7 +16,7 @@ import torch
 
 from .config import Method, MethodConfig, Prior, QuantFormat
 from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
-from .quant import grid, sensitivity, site, stats
+from .quant import grid, proxy, sensitivity, site, stats
 from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
 from .quant.layer import optimise_layer, propagate_layer
 
@@ -95,10 +95,35 @@ def method_for(config: MethodConfig) -> MethodFn:
 
 
 @register(Method.RTN)
-def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
-    return UnitResult(
-        quantized={name: grid.rtn(w, data.formats.get(name, fmt), data.scale_dtypes[name]) for name, w in data.weights.items()}
-    )
+def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig, skip: frozenset[str] = frozenset()) -> UnitResult:
+    """Min/max rounding of every weight but `skip`; the head unit's in column pieces read one at a time
+    (rounding is per column: the bytes of one pass), with the lm_head's proxy errors summed on the way."""
+    out = UnitResult(quantized={})
+    linears = {lin.node for lin in unit.linears}
+    for name in data.weights:
+        if name in skip:
+            continue
+        f, dtype = data.formats.get(name, fmt), data.scale_dtypes[name]
+        if data.column_chunks is None:
+            out.quantized[name] = grid.rtn(data.weights[name], f, dtype)
+            continue
+        parts, ref, err = [], 0.0, 0.0
+        for chunk in data.column_chunks(name, HEAD_CHUNK):
+            parts.append(grid.rtn(chunk, f, dtype))
+            if name in linears:  # the report's relative error; an embedding table is no site
+                r, e = proxy.quantized_errors(chunk, parts[-1])
+                ref, err = ref + r, err + e
+        out.quantized[name] = joined(parts)
+        if name in linears:
+            out.errors[name] = SiteErrors(err, err, ref)
+    return out
+
+
+def joined(parts: list[grid.Quantized]) -> grid.Quantized:
+    """Column pieces of one W[K, N], rounded apart, as one quantized matrix."""
+    q0 = parts[0]
+    zps = None if q0.zero_points is None else torch.cat([p.zero_points for p in parts])
+    return grid.Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zps, q0.k, q0.fmt)
 
 
 @register(Method.CAFEQ)
@@ -162,8 +187,7 @@ def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
     h = site.hessian(stats.rms_norm(data.residual, gain), config.hessian)
     how = site.Rounding(fmt, config)
     # An untied embedding table: plain rounding (a lookup has no H); the lm_head is not rounded twice.
-    others = dataclasses.replace(data, weights={k: data.weights[k] for k in data.weights if k != lm_head})
-    out = round_to_nearest(unit, others, fmt, config)
+    out = round_to_nearest(unit, data, fmt, config, skip=frozenset({lm_head}))
     read = data.column_chunks or (lambda name, size: column_chunks(data.weights[name], size))
     q, error, rtn_error, reference = head_rounding(read(lm_head, HEAD_CHUNK), h, data.scale_dtypes[lm_head], how)
     out.quantized[lm_head] = q
@@ -189,10 +213,7 @@ def head_rounding(chunks: Iterable[torch.Tensor], h, dtype, how: site.Rounding) 
         outcome = site.round_site(chunk, h, dtype, how, None, [])
         parts.append(outcome.quantized)
         error, rtn_error, reference = error + outcome.error, rtn_error + outcome.rtn_error, reference + outcome.reference
-    q0 = parts[0]
-    zps = None if q0.zero_points is None else torch.cat([p.zero_points for p in parts])
-    merged = grid.Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zps, q0.k, q0.fmt)
-    return merged, error, rtn_error, reference
+    return joined(parts), error, rtn_error, reference
 
 
 def _attention_geometry(unit: Unit, data: UnitInput) -> AttentionGeometry | None:

@@ -105,13 +105,24 @@ class Planner:
         w = torch.from_numpy(arr.astype(np.float32, copy=False))
         return w.t().contiguous() if lin.weight.transposed else w
 
-    def column_chunks(self, lin: Linear, columns: int, device: str):
-        """W[K, N] as float32 [K, <= columns] pieces read from storage one at a time (rows of W^T:
-        a transposed or tied head is read in stored order), so the whole matrix is never in float32."""
-        tensor = self.graph.initializers[lin.weight.initializer].const_value
-        for rows in load.iter_rows(tensor, transposed=not lin.weight.transposed, rows_per_block=columns):
-            load.check_array_finite(rows, lin.weight.initializer)
-            yield torch.from_numpy(rows).t().contiguous().to(device)
+    def column_chunks(self, initializer: str, stored_transposed: bool, columns: int):
+        """W[K, N] (the initializer, or its transpose when `stored_transposed`) as float32 [K, <= columns]
+        pieces read from storage one at a time, rows of W^T in stored order: never whole in float32."""
+        tensor = self.graph.initializers[initializer].const_value
+        for rows in load.iter_rows(tensor, transposed=not stored_transposed, rows_per_block=columns):
+            load.check_array_finite(rows, initializer)
+            yield torch.from_numpy(rows).t().contiguous().to(self.device)
+
+    def _head_chunks(self, unit: methods.Unit, linears: dict[str, Linear]):
+        """The head unit's reader of column pieces: the lm_head's W, or the untied embedding table as
+        W[hidden, vocab] (stored [vocab, hidden] unless `transposed`)."""
+
+        def read(name: str, columns: int):
+            if name in linears:
+                return self.column_chunks(linears[name].weight.initializer, linears[name].weight.transposed, columns)
+            return self.column_chunks(unit.embedding.initializer, not unit.embedding.transposed, columns)
+
+        return read
 
     def activation_dtype(self, lin: Linear) -> np.dtype:
         node = self.nodes[lin.node]
@@ -170,12 +181,12 @@ class Planner:
         dtypes = {lin.node: self.activation_dtype(lin) for lin in unit.linears}
         notes: list[str] = []
         embedding_ok = head and self._embedding_quantizable(unit, fmt, notes)
-        embedding = self._embedding_table(unit) if embedding_ok and not unit.embedding.tied else None
+        table = unit.embedding.initializer if embedding_ok and not unit.embedding.tied else None  # untied: its own codes
         scale_dtypes = {name: _torch_dtype(dt) for name, dt in dtypes.items()}
-        table = {} if embedding is None else {unit.embedding.initializer: embedding.to(self.device)}
-        device_weights = LazyWeights(linears, lambda name: weights[name].to(self.device), table)
-        if embedding is not None:
-            scale_dtypes[unit.embedding.initializer] = scale_dtypes[unit.linears[0].node]
+        read = lambda name: (self._embedding_table(unit) if name == table else weights[name]).to(self.device)  # noqa: E731
+        device_weights = LazyWeights([*linears, *([table] if table else [])], read)
+        if table is not None:
+            scale_dtypes[table] = scale_dtypes[unit.linears[0].node]
         data = methods.UnitInput(
             weights=device_weights,
             scale_dtypes=scale_dtypes,
@@ -185,7 +196,7 @@ class Planner:
             keep_float=self.recipe.float_output or self.keep_float or bool(excluded),
             formats={name: f for name, f in formats.items() if f != fmt},
             float_sites=frozenset(excluded),
-            column_chunks=(lambda name, columns: self.column_chunks(linears[name], columns, self.device)) if head else None,
+            column_chunks=self._head_chunks(unit, linears) if head else None,
         )
         result = methods.method_for(self.recipe.method)(unit, data, fmt, self.recipe.method)
         seconds = (time.perf_counter() - t0) / max(len(unit.linears), 1)
@@ -209,8 +220,8 @@ class Planner:
                 plan.quantized[lin.node] = _quantized(q, dtypes[lin.node])
                 if float_weight is not None:
                     rounded_float[lin.node] = _numpy(float_weight)
-        if embedding is not None:
-            plan.embedding = _quantized(result.quantized[unit.embedding.initializer], dtypes[unit.linears[0].node])
+        if table is not None:
+            plan.embedding = _quantized(result.quantized[table], dtypes[unit.linears[0].node])
         elif embedding_ok:  # tied: the lm_head's rounded weight is the table
             plan.embedding, plan.embedding_tied = plan.quantized[unit.linears[0].node], True
         plan.gains = {name: _numpy(g) for name, g in result.changed.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -42,28 +43,37 @@ def test_lm_head_by_the_method_beats_round_to_nearest(tiny_family, tmp_path, fam
     assert report["structure"]["embedding"]["tied"] == (family == "llama-tied")
 
 
+@pytest.mark.parametrize("method", ["cafeq", "rtn"])
 @pytest.mark.parametrize("family", ["llama", "llama-tied"])
-def test_head_is_read_in_pieces_with_the_bytes_of_one_read(tiny_family, tmp_path, monkeypatch, family):
-    """The lm_head (262k x 640 on Gemma 3) is read from storage a column piece at a time, never whole in
-    float32, and the pieces give the same bytes as one piece."""
+def test_head_is_read_in_pieces_with_the_bytes_of_one_read(tiny_family, tmp_path, monkeypatch, family, method):
+    """The lm_head (262k x 640 on Gemma 3) and an untied embedding table are read from storage a column
+    piece at a time, never whole in float32, and the pieces give the same bytes as one piece."""
     model = tiny_family(family, "genai-fp32")
     read = []
-    whole_read = planner.Planner.weight
+    whole_read, whole_table = planner.Planner.weight, planner.Planner._embedding_table
 
     def spy(self, lin, as_stored=False):
         read.append(lin.role.value)
         return whole_read(self, lin, as_stored)
 
+    def spy_table(self, unit):
+        read.append("embedding")
+        return whole_table(self, unit)
+
     monkeypatch.setattr(planner.Planner, "weight", spy)
+    monkeypatch.setattr(planner.Planner, "_embedding_table", spy_table)
     outputs = {}
     for chunk in (1 << 30, 48):
         monkeypatch.setattr(methods, "HEAD_CHUNK", chunk)
         outputs[chunk] = tmp_path / f"c{chunk}" / "model.onnx"
         outputs[chunk].parent.mkdir()
-        assert main(["optimize", str(model), "-o", str(outputs[chunk]), "--lm-head", "int4", "--verify", "none", "--quiet"]) == 0
-    assert "down" in read and "lm_head" not in read
+        args = ["optimize", str(model), "-o", str(outputs[chunk]), "--lm-head", "int4", "--method", method, "--verify", "none", "--quiet"]
+        assert main(args) == 0
+    assert "down" in read and "lm_head" not in read and "embedding" not in read
     one, pieces = (sorted(p.parent.iterdir()) for p in outputs.values())
     assert [p.name for p in one] == [p.name for p in pieces]
     for a, b in zip(one, pieces):
         if a.suffix != ".json":  # the report carries timings
             assert a.read_bytes() == b.read_bytes(), a.name
+    ops = {n.op_type for n in onnx.load(str(outputs[48]), load_external_data=False).graph.node}
+    assert "GatherBlockQuantized" in ops  # the embedding was rounded too, tied or not
