@@ -18,8 +18,9 @@ import re
 import time
 
 import onnx_ir as ir
+import torch
 
-from . import fast_path, planner, report
+from . import fast_path, methods, planner, report
 from .config import Method, OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
@@ -201,7 +202,7 @@ def plan(
     if head_formats:  # the statistics at the final norm weigh the lm_head's error; it writes the logits (share 1)
         lin = head.linears[0]
         gain = make.gains(head).get(head.head_norm.initializer) if head.head_norm else None
-        st = sensitivity.head_site(make.weight(lin), residual, gain, planner._torch_dtype(make.activation_dtype(lin)))
+        st = sensitivity.head_site(_head_sample(make, lin), residual, gain, planner._torch_dtype(make.activation_dtype(lin)))
         choices.append((lin, st, head_formats, sensitivity.relative_errors(st, head_formats)))
     scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
     if budget.bits is not None:
@@ -272,6 +273,18 @@ def _fixed_bits(lin: Linear, recipe: Recipe, make: planner.Planner, sites: Model
         return float(lin.k * lin.n * (16 if lin.weight.dtype == "FLOAT16" else 32))
     head = lin.node == sites.lm_head
     return stored_bits(make.site_format(lin, head), lin.k, lin.n, _scale_bits(make, lin))
+
+
+def _head_sample(make: planner.Planner, lin: Linear):
+    """The lm_head's W on the estimate's columns only, read from storage in pieces (a 262k-vocabulary
+    head is never whole in float32); the estimate of these columns is the estimate of the whole."""
+    wanted = sensitivity.estimate_columns(lin.n)
+    parts, start = [], 0
+    for piece in make.column_chunks(lin.weight.initializer, lin.weight.transposed, methods.HEAD_CHUNK):
+        end = start + piece.shape[1]
+        parts.append(piece[:, wanted[(wanted >= start) & (wanted < end)] - start])
+        start = end
+    return torch.cat(parts, dim=1)
 
 
 def _scale_bits(make: planner.Planner, lin: Linear) -> int:

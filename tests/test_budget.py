@@ -224,3 +224,24 @@ def test_a_budget_that_affords_every_site_4_bits_sends_none_to_2(tiny):
         assert found.narrowest_bits == 4 and found.to_dict()["narrowest_bits"] == 4
     low = budget.plan(model, sites, recipe, budget.Budget(bits=4.0, formats=formats))
     assert min(s.format.bits for s in low.sites) == 2 and low.narrowest_bits == 2
+
+
+def test_head_estimate_reads_only_pieces_of_the_head(tiny, monkeypatch):
+    """The estimate rounds 128 evenly spaced columns of the lm_head: they are gathered from pieces read
+    one at a time (several pieces here), equal to the same columns of the whole weight."""
+    import torch
+
+    from dfq_onnx import methods, planner
+    from dfq_onnx.config import load_recipe
+    from dfq_onnx.graph.load import load_model
+    from dfq_onnx.graph.sites import find_sites
+    from dfq_onnx.quant import sensitivity
+
+    model = load_model(tiny("dynamo"))
+    sites = find_sites(model)
+    make = planner.Planner(model.graph, sites, load_recipe("cafeq-int4"), "cpu", keep_float=False)
+    head = sites.linears[sites.lm_head]
+    assert head.n > sensitivity.ESTIMATE_COLUMNS  # the sample is a proper subset
+    monkeypatch.setattr(methods, "HEAD_CHUNK", 37)
+    sample = budget._head_sample(make, head)
+    assert torch.equal(sample, make.weight(head)[:, sensitivity.estimate_columns(head.n)])

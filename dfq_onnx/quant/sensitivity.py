@@ -120,13 +120,18 @@ def _share(before: stats.Moments | None, after: stats.Moments | None) -> float:
 ESTIMATE_COLUMNS = 128  # evenly spaced columns the estimate rounds (each column rounds on its own)
 
 
+def estimate_columns(n: int) -> torch.Tensor:
+    """The indices of the columns the estimate rounds, of a W with n columns (all of them if few)."""
+    return torch.linspace(0, n - 1, ESTIMATE_COLUMNS).long() if n > ESTIMATE_COLUMNS else torch.arange(n)
+
+
 def relative_errors(site: SiteStatistics, formats: list[QuantFormat], centred: bool = True) -> list[float]:
     """Round-to-nearest's relative proxy of the site at each format under the centred statistics (or,
     `centred` False, with the mean direction kept), on ESTIMATE_COLUMNS of its columns (the proxy is
     a sum over columns; a column's rounding does not depend on the others)."""
     w = site.weight
     if w.shape[1] > ESTIMATE_COLUMNS:
-        w = w[:, torch.linspace(0, w.shape[1] - 1, ESTIMATE_COLUMNS, device=w.device).long()]
+        w = w[:, estimate_columns(w.shape[1]).to(w.device)]
     h = site.hessian
     if centred and isinstance(h, rounding.LowRank):
         h = rounding.LowRank(h.diag, torch.zeros_like(h.vec))
