@@ -140,6 +140,8 @@ class MethodConfig:
     learned_vo_lr: float = 0.001
     learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
     learned_online_lr: float = 0.001
+    learned_qk_steps: int = 0  # the q/k RoPE rotation angle per pair, refined from the searched one (no q/k norms)
+    learned_qk_lr: float = 0.01
 
 
 # Roles a recipe may name; an override naming lm_head changes the format its policy (`lm_head`) gives it.
@@ -228,7 +230,7 @@ class Recipe:
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
         if top.pop("fast", False):  # every learner the recipe turns on, off
-            method = dataclasses.replace(method, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0)
+            method = dataclasses.replace(method, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0, learned_qk_steps=0)
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method
@@ -364,16 +366,14 @@ def _method_config(section: dict[str, Any]) -> MethodConfig:
             raise DfqError(f"recipe [method] {key} must be true or false")
     if "online" in values:
         values["online"] = parse_online(values["online"])
-    if "online_block" in values:
-        b = values["online_block"]
-        if not isinstance(b, int) or b < 8 or b & (b - 1):
-            raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
+    if "online_block" in values and (not isinstance(b := values["online_block"], int) or b < 8 or b & (b - 1)):
+        raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
     if "alternations" in values and not 1 <= values["alternations"] <= 16:
         raise DfqError(f"recipe [method] alternations must be from 1 to 16, not {values['alternations']}")
-    for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps"):
+    for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps", "learned_qk_steps"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or not 0 <= values[key] <= 10_000):
             raise DfqError(f"recipe [method] {key} must be a whole number of steps from 0 (off) to 10000, not {values[key]!r}")
-    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr", "gptq_damp"):
+    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr", "learned_qk_lr", "gptq_damp"):
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or not values[key] > 0):
             raise DfqError(f"recipe [method] {key} must be a positive number (e.g. {getattr(MethodConfig, key)}), not {values[key]!r}")
     if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
@@ -394,7 +394,6 @@ def parse_online(value: Any) -> tuple[str, ...]:
 
 
 def _check_keys(section: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = set(section) - allowed
-    if unknown:
+    if unknown := set(section) - allowed:
         raise DfqError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
 

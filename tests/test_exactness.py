@@ -118,8 +118,8 @@ def assert_same_logits(tiny, style: str, model: Path, out: Path, report: dict) -
     assert report["verification"]["max_abs_error"] < 1e-2
 
 
-LEARNED = FORCED + "learned_diagonal_steps = 10\nlearned_vo_steps = 10\nlearned_online_steps = 10\n"
-ALL_LEARNED = {"norm-diag-learned", "up-down-diag-learned", "qk-rope-rotation", "vo-learned", "online-learned32", "online-learned64"}
+LEARNED = FORCED + "learned_diagonal_steps = 10\nlearned_vo_steps = 10\nlearned_online_steps = 10\nlearned_qk_steps = 10\n"
+ALL_LEARNED = {"norm-diag-learned", "up-down-diag-learned", "qk-rope-learned", "vo-learned", "online-learned32", "online-learned64"}
 
 
 @pytest.mark.parametrize("style", T.STYLES)

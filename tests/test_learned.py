@@ -118,7 +118,8 @@ def test_vo_learning_refuses_ill_conditioned_blocks():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("learned_diagonal_steps", -1), ("learned_vo_steps", 1.5), ("learned_vo_steps", True), ("learned_diagonal_lr", 0), ("learned_vo_lr", "fast")],
+    [("learned_diagonal_steps", -1), ("learned_vo_steps", 1.5), ("learned_vo_steps", True), ("learned_diagonal_lr", 0), ("learned_vo_lr", "fast"),
+     ("learned_qk_steps", -1), ("learned_qk_lr", 0)],
 )
 def test_recipe_rejects_bad_learning_knobs(key, value):
     with pytest.raises(DfqError, match=key):
@@ -159,6 +160,29 @@ def test_learned_online_blocks_beat_the_hadamard(fmt):
     tf = SiteTransform(online=found.value)
     true = sum(rounding.weighted_error(w, tf.backward(grid.fake_quant(tf.forward(w), fmt, torch.float16)), h) for w in ws)
     assert true == pytest.approx(found.error, rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_learned_rope_angles_lower_the_true_rounded_proxy(fmt):
+    """From no rotation, learning the angle of each q/k RoPE pair (shared by a KV group's query heads)
+    lowers the true rounded proxy of q and k, and the error it reports is that of the rotations the
+    method writes (transforms.rope_rotation on the weights, real round-to-nearest)."""
+    d, kv, group = 32, 2, 2
+    wq, wk = planted(128, kv * group * d, seed=3), planted(128, kv * d, seed=4)
+    h = prior(128)
+    found = learn.learn_rope_angles(wq, wk, h, fmt, torch.zeros(kv, d // 2), d, d, steps=100, lr=0.05, scale_dtype=torch.float32)
+    assert found.error < 0.99 * found.start_error, (found.error, found.start_error)
+    r_q = transforms.rope_rotation(found.value.repeat_interleave(group, 0), d)
+    r_k = transforms.rope_rotation(found.value, d)
+    true = sum(rounding.weighted_error(r.right_of(w), grid.fake_quant(r.right_of(w), fmt), h) for w, r in ((wq, r_q), (wk, r_k)))
+    assert true == pytest.approx(found.error, rel=1e-4)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    q, k, q2, k2 = x @ wq, x @ wk, x @ r_q.right_of(wq), x @ r_k.right_of(wk)
+    for head in range(kv * group):  # every query head against its KV group's head: the same scores
+        g = head // group
+        want = q[:, head * d : (head + 1) * d] @ k[:, g * d : (g + 1) * d].T
+        got = q2[:, head * d : (head + 1) * d] @ k2[:, g * d : (g + 1) * d].T
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), head
 
 
 def test_default_run_learns_nothing(tiny, tmp_path):

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import grid, rounding, stats, transforms
+from . import grid, learn, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerResult, LayerWeights
 from .site import (
     Rounding,
@@ -107,14 +107,17 @@ def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Ro
     names = {"q": att.q, "k": att.k, "v": att.v}
     dtype_of = lambda role: layer.scale_dtypes[att.qkv or names[role]]  # noqa: E731
     sites: dict[str, SiteOutcome] = {}
-    rq = rk = None
-    qk_tags: list[str] = []
+    candidates: list[tuple[tuple, list[str]]] = [((None, None), [])]  # (R_q, R_k), tags
     if how.config.qk_transform and _qk_applies(att) and "q" in parts and "k" in parts:
-        rq, rk = rope_rotations(parts["q"], parts["k"], h, a, att, how.at(att.qkv or att.q))
-        qk_tags = ["qk-rope-rotation"] if rq is not None else []
-    for role, rot in (("q", rq), ("k", rk)):
-        if role in parts:
-            sites[role] = round_site(parts[role], h, dtype_of(role), how.at(att.qkv or names[role]), SiteTransform(row=a, col=rot), tags + qk_tags)
+        candidates = _qk_candidates(parts["q"], parts["k"], h, a, att, how.at(att.qkv or att.q), dtype_of("q"))
+    best = None
+    for (rq, rk), qk_tags in candidates:  # the learned factors only where q and k then round better (or forced)
+        trial = {role: round_site(parts[role], h, dtype_of(role), how.at(att.qkv or names[role]), SiteTransform(row=a, col=rot), tags + qk_tags)
+                 for role, rot in (("q", rq), ("k", rk)) if role in parts}  # fmt: skip
+        err = sum(o.error for o in trial.values())
+        if best is None or err < best[0] or (how.config.force_transforms and "qk-rope-learned" in qk_tags):
+            best = (err, trial)
+    sites.update(best[1])
     if "v" in parts:
         sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v"), learn_vo))
     return _Attention(sites, sum(o.error for o in sites.values()))
@@ -125,11 +128,31 @@ def _qk_applies(att: AttentionGeometry) -> bool:
     return att.rope == "half" and not att.qk_norm and bool(att.head_dim and att.num_heads)
 
 
-def rope_rotations(w_q, w_k, h, a, att: AttentionGeometry, how: Rounding):
-    """Per KV group and RoPE pair, the rotation angle (a unit complex factor) that rounds best.
+def _qk_candidates(w_q, w_k, h, a, att: AttentionGeometry, how: Rounding, dtype) -> list[tuple[tuple, list[str]]]:
+    """The searched RoPE rotations, and (with learned_qk_steps) the angles learned from them."""
+    angles = rope_angles(w_q, w_k, h, a, att, how)
+    d, r = att.head_dim, att.rotary_dim or att.head_dim
+    group = att.num_heads // (w_k.shape[1] // d)
+    moved = bool(angles.any())
+    out = [(_rotations(angles, group, d, r) if moved else (None, None), ["qk-rope-rotation"] if moved else [])]
+    config = how.config
+    if config.learned_qk_steps > 0:
+        rows = SiteTransform(row=a)
+        found = learn.learn_rope_angles(rows.forward(w_q), rows.forward(w_k), rows.hessian(h), how.fmt, angles, d, r,
+                                        config.learned_qk_steps, config.learned_qk_lr, dtype)  # fmt: skip
+        if found.moved or config.force_transforms:
+            out.append((_rotations(found.value, group, d, r), ["qk-rope-learned"]))
+    return out
 
-    Returns the column rotations (R_q, R_k), or (None, None) when no pair moves.
-    """
+
+def _rotations(angles: torch.Tensor, group: int, d: int, r: int) -> tuple:
+    """(R_q, R_k): every query head takes its KV group's rotation."""
+    return transforms.rope_rotation(angles.repeat_interleave(group, dim=0), d, r), transforms.rope_rotation(angles, d, r)
+
+
+def rope_angles(w_q, w_k, h, a, att: AttentionGeometry, how: Rounding) -> torch.Tensor:
+    """Per KV group and RoPE pair, the rotation angle (a unit complex factor) that rounds best:
+    [kv, r/2], zero where no rotation pays."""
     d, heads, fmt = att.head_dim, att.num_heads, how.fmt
     r = att.rotary_dim or d
     kv = w_k.shape[1] // d
@@ -148,10 +171,7 @@ def rope_rotations(w_q, w_k, h, a, att: AttentionGeometry, how: Rounding):
     choice = torch.stack(scores).argmin(0)  # [kv, r/2]
     if how.config.force_transforms:
         choice = torch.where(choice == 0, torch.ones_like(choice), choice)
-    if not bool(choice.any()):
-        return None, None
-    angles = torch.tensor(QK_ANGLES, device=w_q.device)[choice]
-    return transforms.rope_rotation(per_query(angles), d, r), transforms.rope_rotation(angles, d, r)
+    return torch.tensor(QK_ANGLES, device=w_q.device)[choice]
 
 
 QK_ANGLES = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8)

@@ -225,3 +225,46 @@ def learn_online(weights: list[torch.Tensor], h, fmt: QuantFormat, start: torch.
 def as_stored(t: torch.Tensor, dtype) -> torch.Tensor:
     """The float32 values of `t` once written in `dtype` (the activation's)."""
     return t.to(dtype).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- Q/K RoPE factors
+
+
+def _column_proxy(delta: torch.Tensor, h) -> torch.Tensor:
+    """d^T H d of every column of D[K, N] -> [N] (differentiable)."""
+    if isinstance(h, rounding.LowRank):
+        return (h.diag.unsqueeze(1) * delta * delta).sum(0) + (h.vec @ delta) ** 2
+    dense = h if torch.is_tensor(h) else h.dense()
+    return (delta * (dense @ delta)).sum(0)
+
+
+def learn_rope_angles(wq, wk, h, fmt: QuantFormat, start: torch.Tensor, head_dim: int, rotary_dim: int, steps: int, lr: float, scale_dtype) -> Learned:
+    """The angle phi per KV group and RoPE pair (i, i + r/2) of a unit factor e^{i phi} on q's pair (every
+    query head of the group) and on k's, so every score stays; from the searched angles `start` [kv, r/2].
+    A rotation keeps a pair's error, so the loss is the transformed weights' error. (A magnitude m on q
+    and 1/m on k would be the general factor, but a column scaled whole rounds to the same codes with its
+    block scales scaled: inert for blocks along K, so not learned.)"""
+    d, half = head_dim, rotary_dim // 2
+    kv = wk.shape[1] // d
+    group = wq.shape[1] // d // kv
+    wq32, wk32 = wq.to(torch.float32), wk.to(torch.float32)
+    phi = start.to(torch.float32).clone().requires_grad_(True)
+    norm = (rounding.weighted_error(wq32, None, h) + rounding.weighted_error(wk32, None, h)) or 1.0
+
+    def rotated(w, angle):
+        w3 = w.reshape(w.shape[0], -1, d)
+        x, y, rest = w3[..., :half], w3[..., half : 2 * half], w3[..., 2 * half :]
+        c, s = torch.cos(angle), torch.sin(angle)
+        return torch.cat([c * x - s * y, s * x + c * y, rest], dim=-1).reshape(w.shape)
+
+    def error(quant) -> torch.Tensor:
+        total = torch.zeros((), device=wq32.device)
+        for w, angle in ((wq32, phi.repeat_interleave(group, 0)), (wk32, phi)):
+            wt = rotated(w, angle)
+            total = total + _column_proxy(wt - quant(wt), h).sum()
+        return total
+
+    loss = lambda: error(lambda w: ste_fake_quant(w, fmt)) / norm  # noqa: E731
+    true_error = lambda: float(error(lambda w: grid.fake_quant(w, fmt, scale_dtype)))  # noqa: E731
+    (angles,), err, start_err = descend([phi], loss, true_error, steps, lr)
+    return Learned(angles, err, start_err)
