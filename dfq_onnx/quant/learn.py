@@ -230,14 +230,6 @@ def as_stored(t: torch.Tensor, dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Q/K RoPE factors
 
 
-def _column_proxy(delta: torch.Tensor, h) -> torch.Tensor:
-    """d^T H d of every column of D[K, N] -> [N] (differentiable)."""
-    if isinstance(h, rounding.LowRank):
-        return (h.diag.unsqueeze(1) * delta * delta).sum(0) + (h.vec @ delta) ** 2
-    dense = h if torch.is_tensor(h) else h.dense()
-    return (delta * (dense @ delta)).sum(0)
-
-
 def learn_rope_angles(wq, wk, h, fmt: QuantFormat, start: torch.Tensor, head_dim: int, rotary_dim: int, steps: int, lr: float, scale_dtype) -> Learned:
     """The angle phi per KV group and RoPE pair (i, i + r/2) of a unit factor e^{i phi} on q's pair (every
     query head of the group) and on k's, so every score stays; from the searched angles `start` [kv, r/2].
@@ -261,7 +253,7 @@ def learn_rope_angles(wq, wk, h, fmt: QuantFormat, start: torch.Tensor, head_dim
         total = torch.zeros((), device=wq32.device)
         for w, angle in ((wq32, phi.repeat_interleave(group, 0)), (wk32, phi)):
             wt = rotated(w, angle)
-            total = total + _column_proxy(wt - quant(wt), h).sum()
+            total = total + proxy(wt - quant(wt), h)
         return total
 
     loss = lambda: error(lambda w: ste_fake_quant(w, fmt)) / norm  # noqa: E731
