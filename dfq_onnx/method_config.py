@@ -1,0 +1,130 @@
+"""The method's configuration: what the math in quant/ reads, and the recipe's [method] section."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from .checks import check_seed, enum_value
+from .errors import DfqError
+
+
+class Method(str, enum.Enum):
+    RTN = "rtn"  # round-to-nearest, byte-identical to ORT's DEFAULT quantizer
+    CAFEQ = "cafeq"  # data-free transforms chosen from the weights, paired transforms, adaptive rounding
+
+
+class DiagonalPrior(str, enum.Enum):
+    """Where the diagonal search may whiten by the prior's per-channel importance (a = h^-alpha/2).
+
+    Whitening trusts the prior channel by channel, and the prior is only as good as its propagation:
+    anchored by a post-norm after every sublayer (Gemma 2/3) it follows real activations closely;
+    through plain residual sums (Llama, Mistral, Qwen, Phi) it does not (tools/prior_vs_real.py),
+    and whitening by it then costs more than it gains. Elsewhere only the weights' spread is used.
+    """
+
+    POST_NORM = "post-norm"  # only in layers whose sublayers end in a post-norm
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class Rotation(str, enum.Enum):
+    """The orthogonal blocks of the online and V/O transforms."""
+
+    HADAMARD = "hadamard"
+    RANDOM = "random"  # seeded random orthogonal blocks: the paper's "Random" baseline (--seed)
+
+
+class HessianForm(str, enum.Enum):
+    """What of the propagated statistics GPTQ rounds under."""
+
+    DIAGONAL_PLUS_MEAN = "diagonal-plus-mean"  # diag(var) + m m^T: O(K) memory, O(K N) GPTQ
+    DENSE = "dense"  # the propagated covariance + m m^T: K x K, the off-diagonal terms too
+
+
+class Prior(str, enum.Enum):
+    PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
+    IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """The method and its knobs, read by the math itself (quant/); round-to-nearest ignores them."""
+
+    name: Method = Method.CAFEQ
+    prior: Prior = Prior.PROPAGATED
+    scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
+    diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
+    diagonal_prior: DiagonalPrior = DiagonalPrior.POST_NORM  # where they may whiten by the prior (see the enum)
+    vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group (alternating)
+    vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
+    qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
+    gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
+    gptq_damp: float = 0.3  # GPTQ's H + damp * mean(diag H) * I: less trust in the prior's per-channel values (recipes)
+    alternations: int = 2  # V/O rounding steps: V, O given V^, then V given O^ ...
+    online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op)
+    online_block: int = 32  # its largest block size
+    online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
+    force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
+    hessian: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN  # the statistics' form GPTQ and the searches use
+    rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
+    seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
+    # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates.
+    learned_diagonal_steps: int = 0  # the norm and up/down diagonals, refined from the searched ones
+    learned_diagonal_lr: float = 0.01  # on the log-scales
+    learned_vo_steps: int = 0  # a general invertible T per KV head on the V/O pair, from the chosen block
+    learned_vo_lr: float = 0.001
+    learned_vo_objective: str = "pair"  # "pair": the rounded pair error (straight-through); "ranges": the smooth surrogate of block ranges
+    learned_online_steps: int = 0  # general invertible blocks of the online transforms, from the Hadamard
+    learned_online_lr: float = 0.001
+    learned_qk_steps: int = 0  # the q/k RoPE rotation angle per pair, refined from the searched one (no q/k norms)
+    learned_qk_lr: float = 0.01
+
+
+def method_config_from(section: dict[str, Any]) -> MethodConfig:
+    values = dict(section)
+    values["name"] = enum_value(Method, values.get("name", Method.CAFEQ.value), "method")
+    if "prior" in values:
+        values["prior"] = enum_value(Prior, values["prior"], "method prior")
+    if "rotation" in values:
+        values["rotation"] = enum_value(Rotation, values["rotation"], "method rotation")
+    if "hessian" in values:
+        values["hessian"] = enum_value(HessianForm, values["hessian"], "method hessian")
+    if "seed" in values:
+        check_seed(values["seed"], "recipe [method] seed")
+    if "diagonal_prior" in values:
+        values["diagonal_prior"] = enum_value(DiagonalPrior, values["diagonal_prior"], "method diagonal_prior")
+    for key in ("scale_search", "diagonal", "vo_pairs", "vo_transform", "qk_transform", "gptq", "force_transforms"):
+        if key in values and not isinstance(values[key], bool):
+            raise DfqError(f"recipe [method] {key} must be true or false")
+    if "online" in values:
+        values["online"] = parse_online(values["online"])
+    if "online_block" in values and (not isinstance(b := values["online_block"], int) or b < 8 or b & (b - 1)):
+        raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
+    if "alternations" in values and not 1 <= values["alternations"] <= 16:
+        raise DfqError(f"recipe [method] alternations must be from 1 to 16, not {values['alternations']}")
+    for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps", "learned_qk_steps"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or not 0 <= values[key] <= 10_000):
+            raise DfqError(f"recipe [method] {key} must be a whole number of steps from 0 (off) to 10000, not {values[key]!r}")
+    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr", "learned_qk_lr", "gptq_damp"):
+        if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or not values[key] > 0):
+            raise DfqError(f"recipe [method] {key} must be a positive number (e.g. {getattr(MethodConfig, key)}), not {values[key]!r}")
+    if values.get("learned_vo_objective", "pair") not in VO_OBJECTIVES:
+        raise DfqError(f"recipe [method] learned_vo_objective must be one of {', '.join(VO_OBJECTIVES)}, not {values['learned_vo_objective']!r}")
+    if "online_min_gain" in values and not isinstance(values["online_min_gain"], (int, float)):
+        raise DfqError("recipe [method] online_min_gain must be a number (a fraction, e.g. 0.05)")
+    return MethodConfig(**values)
+
+
+ONLINE_SITES = ("down", "gate_up")
+VO_OBJECTIVES = ("pair", "ranges")  # what the V/O learner descends (quant/learn.py)
+
+
+def parse_online(value: Any) -> tuple[str, ...]:
+    """Where online rotations may go: a list, or a comma-separated string ("none" for nowhere)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip() and str(i).strip() != "none"]
+    if unknown := [i for i in items if i not in ONLINE_SITES]:
+        raise DfqError(f"unknown online site(s) {unknown}: choose from {', '.join(ONLINE_SITES)}, or none")
+    return tuple(dict.fromkeys(items))
