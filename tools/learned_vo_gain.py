@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
     parser.add_argument("--steps", type=int, default=100, help="the learner's Adam steps [100]")
     parser.add_argument("--lr", type=float, default=0.001, help="its learning rate [0.001]")
+    parser.add_argument("--objective", choices=("pair", "ranges"), default="pair",
+                        help="what it descends: the rounded pair error, or the smooth range surrogate [pair]")
     args = parser.parse_args(argv)
 
     overrides = {k: v for k, v in (("bits", args.bits), ("block_size", args.block_size), ("symmetric", args.symmetric)) if v is not None}
     recipe = load_recipe(DEFAULT_RECIPE).with_overrides(**overrides)
-    recipe = dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, learned_vo_steps=args.steps, learned_vo_lr=args.lr))
+    recipe = dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, learned_vo_steps=args.steps, learned_vo_lr=args.lr,
+                                                                    learned_vo_objective=args.objective))
     rows: list[tuple[float, float]] = []
     learned_pair = value_output._learned_pair
 

@@ -129,13 +129,16 @@ def well_conditioned(blocks: torch.Tensor) -> bool:
     return bool((torch.linalg.cond(blocks.to(torch.float64)) <= CONDITION_LIMIT).all())
 
 
-def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat, fmt_o: QuantFormat, steps: int, lr: float, dtypes) -> Learned:
+def learn_value_output(
+    pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat, fmt_o: QuantFormat, steps: int, lr: float, dtypes, objective: str = "pair"
+) -> Learned:
     """A general invertible T_g per KV head (V' = V T, O' = T^-1 O for its query heads), from
     `start` [kv, d, d], minimising the pair error E||z W_o - z^ O^||^2 of both rounded by
     round-to-nearest; `row_scale` is the norm scaling already on V's rows (or None). The
     straight-through loss sees STE_O_COLUMNS of O's columns in float32 (the error is a sum over
     them); the checks see the whole pair in float64. A T whose condition number passes
-    CONDITION_LIMIT scores infinity: it is never returned."""
+    CONDITION_LIMIT scores infinity: it is never returned. `objective = "ranges"` descends the
+    smooth surrogate of `ranges_loss` instead (no rounding in the loss); the checks are the same."""
     v_dtype, o_dtype = dtypes
     n = pair.w_o.shape[1]
     sub = pair if n <= STE_O_COLUMNS else pair.columns(torch.linspace(0, n - 1, STE_O_COLUMNS, device=pair.w_o.device).long(), torch.float32)
@@ -163,6 +166,9 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
         v_hat, o_hat = rounded(t, sub.w_o, lambda w, fmt, _dtype: ste_fake_quant(w, fmt), sample.rows)
         return sub.error_tensor(v_hat, o_hat, sample) / norm
 
+    if objective == "ranges":
+        loss = ranges_loss(pair, v_rows, a, t, fmt_v, fmt_o)
+
     def true_error() -> float:
         if not well_conditioned(t):
             return float("inf")
@@ -170,6 +176,62 @@ def learn_value_output(pair, row_scale, start: torch.Tensor, fmt_v: QuantFormat,
 
     (best,), err, start_err = descend([t], loss, true_error, steps, lr)
     return Learned(best, err, start_err)
+
+
+RANGE_TEMPERATURE = 0.1  # log-sum-exp temperature, in units of the weight's RMS: its max overshoots by <= 0.1 ln(2 * block) RMS
+
+
+def ranges_loss(pair, v_rows: torch.Tensor, a, t: torch.Tensor, fmt_v: QuantFormat, fmt_o: QuantFormat):
+    """`range_noise_error` as the V/O learner's loss: a closure over `t`, 1 at the start."""
+    error = range_noise_error(pair, v_rows, a, fmt_v, fmt_o)
+    with torch.no_grad():
+        scale = float(sum(error(t))) or 1.0
+    return lambda: sum(error(t)) / scale
+
+
+def range_noise_error(pair, v_rows: torch.Tensor, a, fmt_v: QuantFormat, fmt_o: QuantFormat):
+    """The paper's alternative V/O objective: per-block ranges of V' = V T and O' = T^-1 O, smoothed
+    by log-sum-exp, turned into the pair error they cause if rounding is uniform noise of variance
+    step^2 / 12 (step = range / levels). V's noise N reaches the output as a N T^-1 W_o, so a channel
+    j of V' costs its steps' energy under the value statistics times ||row j of O'||^2; O's noise N'
+    as z T N', so a row i of O' costs its steps' energy times (T^T E[z^T z] T)_ii. Returns
+    T [kv, d, d] -> (V's share, O's share), differentiable in T; `v_rows` is V with `a` divided out."""
+    kv, d, group = pair.kv, pair.d, pair.group
+    k = v_rows.shape[0]
+    h_v = torch.diagonal(pair.value_hessian()).to(torch.float32)  # c diag(C) + m^2
+    row_w = h_v if a is None else h_v * a.squeeze(1) ** 2  # V's error in its original rows is a (N T^-1)
+    block_w = grid.to_row_blocks(row_w.unsqueeze(1), fmt_v.block_size).sum(1)  # [kb, 1]
+    mu = pair.h_true.mean_a.reshape(kv, group, d)[:, 0].to(torch.float32)  # every query head of a group shares it
+    h_z = pair.h_true.blocks.to(torch.float32) + mu.unsqueeze(2) * mu.unsqueeze(1)  # E[z^T z] per KV head [kv, d, d]
+    w_o = pair.w_o.to(torch.float32)
+    m = w_o.shape[1]
+    temp_v = RANGE_TEMPERATURE * float(v_rows.pow(2).mean().sqrt()) or 1.0
+    temp_o = RANGE_TEMPERATURE * float(w_o.pow(2).mean().sqrt()) or 1.0
+
+    def step_sq(w: torch.Tensor, fmt: QuantFormat, temp: float) -> torch.Tensor:
+        """(smooth range / levels)^2 per row block and column [kb, N]."""
+        blocks = grid.to_row_blocks(w, fmt.block_size)
+        top = temp * torch.logsumexp(blocks / temp, 1)
+        bottom = -temp * torch.logsumexp(-blocks / temp, 1)
+        if fmt.symmetric:  # the larger magnitude is 2^(bits-1) steps
+            step = temp * torch.logsumexp(torch.stack([top, -bottom]) / temp, 0) / (1 << (fmt.bits - 1))
+        else:  # max(top, 0) - min(bottom, 0) over 2^bits - 1 steps: the grid always holds zero
+            soft = torch.nn.functional.softplus
+            step = temp * (soft(top / temp) + soft(-bottom / temp)) / grid.grid_max(fmt.bits)
+        return step * step
+
+    def surrogate(tt: torch.Tensor) -> torch.Tensor:
+        t_inv = torch.linalg.inv(tt)
+        v_t = (v_rows.reshape(k, kv, d).transpose(0, 1) @ tt).transpose(0, 1).reshape(k, kv * d)  # V T per group
+        o_t = _per_group(torch.matmul, t_inv, w_o, group)  # T^-1 O
+        u = (step_sq(v_t, fmt_v, temp_v) * block_w).sum(0)  # [kv d]: V' channel j's noise energy under the statistics
+        o_rows = o_t.reshape(kv, group, d, m).pow(2).sum((1, 3)).reshape(-1)  # ||row j of O'||^2 over its query heads
+        z_t = (tt.transpose(1, 2) @ h_z @ tt).diagonal(dim1=1, dim2=2)  # (T^T E[z^T z] T)_ii [kv, d]
+        per_row = z_t.unsqueeze(1).expand(kv, group, d).reshape(-1, 1)  # O' rows, per query head
+        o_noise = grid.to_row_blocks(per_row.expand(-1, m), fmt_o.block_size) * step_sq(o_t, fmt_o, temp_o).unsqueeze(1)
+        return (u * o_rows).sum() / 12.0, o_noise.sum() / 12.0
+
+    return surrogate
 
 
 def _row_blocks(k: int, block: int, most: int, device) -> torch.Tensor:

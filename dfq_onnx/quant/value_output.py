@@ -88,7 +88,8 @@ def _learned_pair(pair: "Pair", a, tf_v: SiteTransform, how_v: Rounding, how_o: 
     eye = torch.eye(d, device=pair.w_v.device)
     start = eye if tf_v.col is None else tf_v.col.blocks[0]
     found = learn.learn_value_output(
-        pair, a, start.expand(kv, d, d), how_v.fmt, how_o.fmt, config.learned_vo_steps, config.learned_vo_lr, (v_dtype, o_dtype)
+        pair, a, start.expand(kv, d, d), how_v.fmt, how_o.fmt, config.learned_vo_steps, config.learned_vo_lr, (v_dtype, o_dtype),
+        config.learned_vo_objective,
     )
     if not (found.moved or config.force_transforms):
         return None
