@@ -41,7 +41,10 @@ import eval_quality  # noqa: E402  (sibling module: sessions, text windows)
 
 VARIANTS = ("real-dense", "real-diag+mean", "prior-dense", "prior-diag+mean")
 # Also accepted: real-rank<R>, prior-rank<R>: diag(var) + m m^T + the covariance's top R eigenpairs
-# (the diagonal kept at var): how much of the off-diagonal structure a rank-R factor carries.
+# (the diagonal kept at var): how much of the off-diagonal structure a rank-R factor carries;
+# real-diag+mean@ROLES (e.g. @o,down): real statistics at those roles' inputs, the prior's elsewhere:
+# which role's prior values cost the most. Roles: qkv, o, gate_up, down.
+ROLE_GROUPS = {"qkv": ("q", "k", "v", "qkv"), "o": ("o",), "gate_up": ("gate", "up", "gate_up"), "down": ("down",)}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -131,16 +134,33 @@ def prior_moments(model, sites) -> dict[str, tuple]:
     return out
 
 
-def hessians(variant: str, real: dict[str, tuple], prior: dict[str, tuple], inputs: dict[str, str]):
-    """Linear -> H in the solver's forms: a dense [K, K] tensor, or rounding.LowRank (diag + m m^T)."""
+def real_roles(variant: str) -> set[str] | None:
+    """The roles a `real-diag+mean@ROLES` variant takes from text (None: the variant says real or prior whole)."""
+    if "@" not in variant:
+        return None
+    groups = [g.strip() for g in variant.split("@", 1)[1].split(",") if g.strip()]
+    unknown = [g for g in groups if g not in ROLE_GROUPS]
+    if unknown:
+        raise SystemExit(f"error: unknown role group {unknown[0]!r} in {variant!r}; use {', '.join(ROLE_GROUPS)}")
+    return {role for g in groups for role in ROLE_GROUPS[g]}
+
+
+def hessians(variant: str, real: dict[str, tuple], prior: dict[str, tuple], inputs: dict[str, str], roles: dict[str, str] | None = None):
+    """Linear -> H in the solver's forms: a dense [K, K] tensor, or rounding.LowRank (diag + m m^T).
+    `roles` (linear -> role) is needed by the `@ROLES` variants."""
     from dfq_onnx.quant import rounding
 
+    mixed = real_roles(variant)
+    if mixed is not None:
+        variant = variant.split("@", 1)[0]
     out, by_value = {}, {}  # linears reading one value (q/k/v) share one H, not a copy each
     for name, value in inputs.items():
         if value in by_value:
             out[name] = by_value[value]
             continue
-        if variant.startswith("real"):
+        if mixed is not None and (roles or {}).get(name) not in mixed:
+            mean, second, _ = prior[name]
+        elif variant.startswith("real"):
             mean, second = real[value]
         else:
             mean, second, _ = prior[name]
@@ -249,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prior statistics: {time.perf_counter() - t0:.0f}s "
           f"({sum(not d for _, _, d in prior.values())} of {len(prior)} linear inputs with a dense propagated covariance)")
     real = {}
+    roles = {name: lin.role.value for name, lin in sites.linears.items()}
     if any(v.startswith("real") for v in variants):
         ids = eval_quality.make_windows(eval_quality.load_text(None, args.calib), args.calib_windows, tokenizer)
         t0 = time.perf_counter()
@@ -256,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real statistics: {len(ids)} windows of {args.calib}, {time.perf_counter() - t0:.0f}s")
     outputs, seconds = [], {}
     for variant in variants:
-        out = out_dir / f"model.gap-{variant}-{tag}.onnx"
-        with solver_with(hessians(variant, real, prior, inputs), args.damp):
+        out = out_dir / f"model.gap-{variant.replace('@', '-at-').replace(',', '+')}-{tag}.onnx"
+        with solver_with(hessians(variant, real, prior, inputs, roles), args.damp):
             seconds[variant] = quantize(reference, out, fmt)
         print(f"{variant}: quantized in {seconds[variant]:.0f}s -> {out.name}", flush=True)
         outputs.append(str(out))
