@@ -23,6 +23,7 @@ from .method_config import (  # noqa: F401  (re-exported: the method's names are
     MethodConfig,
     Prior,
     Rotation,
+    TokenPrior,
     method_config_from,
     parse_online,
 )

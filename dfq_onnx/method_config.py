@@ -43,6 +43,17 @@ class HessianForm(str, enum.Enum):
     DENSE = "dense"  # the propagated covariance + m m^T: K x K, the off-diagonal terms too
 
 
+class TokenPrior(str, enum.Enum):
+    """How the propagated prior weighs the vocabulary rows the residual stream starts from: alike, or
+    by the model's own next-token distribution at the prior's mean final state (one statistics pass
+    first). Like DiagonalPrior, by default only where the prior is anchored by post-norms: on Gemma 3
+    270M it lowers the KL at every setting, on SmolLM2 (pre-norm) it moves it both ways (BENCHMARKS.md)."""
+
+    POST_NORM = "post-norm"  # self where every sublayer ends in a post-norm (Gemma 2/3), uniform elsewhere
+    SELF = "self"
+    UNIFORM = "uniform"
+
+
 class Prior(str, enum.Enum):
     PROPAGATED = "propagated"  # activation statistics propagated through the network from its weights
     IDENTITY = "identity"  # Sigma = I: plain ||W - W_hat||^2
@@ -54,6 +65,7 @@ class MethodConfig:
 
     name: Method = Method.CAFEQ
     prior: Prior = Prior.PROPAGATED
+    token_prior: TokenPrior = TokenPrior.POST_NORM  # the token distribution the prior starts from
     scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
     diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
     diagonal_prior: DiagonalPrior = DiagonalPrior.POST_NORM  # where they may whiten by the prior (see the enum)
@@ -87,6 +99,8 @@ def method_config_from(section: dict[str, Any]) -> MethodConfig:
     values["name"] = enum_value(Method, values.get("name", Method.CAFEQ.value), "method")
     if "prior" in values:
         values["prior"] = enum_value(Prior, values["prior"], "method prior")
+    if "token_prior" in values:
+        values["token_prior"] = enum_value(TokenPrior, values["token_prior"], "method token_prior")
     if "rotation" in values:
         values["rotation"] = enum_value(Rotation, values["rotation"], "method rotation")
     if "hessian" in values:

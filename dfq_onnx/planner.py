@@ -13,7 +13,7 @@ import onnx_ir as ir
 import torch
 
 from . import fast_path, methods
-from .config import Method, Prior, QuantFormat, Recipe
+from .config import Method, Prior, QuantFormat, Recipe, TokenPrior
 from .errors import DfqError
 from .graph import load
 from .graph.sites import Linear, ModelSites, Role
@@ -150,11 +150,13 @@ class Planner:
             norms += [unit.mlp.input_norm, unit.mlp.output_norm]
         norms.append(unit.head_norm)
         for norm in norms:
-            if norm is None:
-                continue
-            arr = load.read_array(self.graph.initializers[norm.initializer].const_value).astype(np.float32).reshape(-1)
-            out[norm.initializer] = torch.from_numpy(arr + 1.0 if norm.plus_one else arr)
+            if norm is not None:
+                out[norm.initializer] = self._gain(norm)
         return out
+
+    def _gain(self, norm) -> torch.Tensor:
+        arr = load.read_array(self.graph.initializers[norm.initializer].const_value).astype(np.float32).reshape(-1)
+        return torch.from_numpy(arr + 1.0 if norm.plus_one else arr)
 
     def initial_statistics(self) -> stats.Moments | None:
         """Residual-stream statistics at the first layer, from the embedding table (for the propagated prior)."""
@@ -162,9 +164,34 @@ class Planner:
         emb = self.sites.embedding
         if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or emb is None:
             return None
-        tensor = self.graph.initializers[emb.initializer].const_value
-        rows = load.iter_rows(tensor, emb.transposed, rows_per_block=1024)
-        return stats.embedding_moments(rows, self.sites.embedding_scale, emb.vocab, self.device)
+        uniform = self._embedding_moments()
+        post_normed = all(p.output_norm is not None for p in (*self.sites.attentions, *self.sites.mlps))
+        if self.sites.lm_head is None or not (method.token_prior == TokenPrior.SELF or (method.token_prior == TokenPrior.POST_NORM and post_normed)):
+            return uniform
+        weights = self.token_weights(uniform)
+        return self._embedding_moments(weights, center=uniform.mean / self.sites.embedding_scale)
+
+    def _embedding_moments(self, weights: torch.Tensor | None = None, center: torch.Tensor | None = None) -> stats.Moments:
+        emb = self.sites.embedding
+        rows = load.iter_rows(self.graph.initializers[emb.initializer].const_value, emb.transposed, rows_per_block=1024)
+        return stats.embedding_moments(rows, self.sites.embedding_scale, emb.vocab, self.device, weights, center)
+
+    def token_weights(self, residual: stats.Moments) -> torch.Tensor:
+        """The token distribution the prior starts from (TokenPrior.SELF): the statistics carried through
+        every layer from `residual` (no rounding), then the model's next-token probabilities at their
+        mean final state (stats.token_distribution)."""
+        label = ""
+        try:  # a bad weight is met here first: say which pass and unit read it
+            for unit in plan_units(self.sites, self.graph):
+                label = unit.label
+                residual = self.statistics(unit, residual)
+            label = methods.HEAD_LABEL
+            head = self.sites.linears[self.sites.lm_head]
+            gain = self._gain(self.sites.lm_head_norm) if self.sites.lm_head_norm is not None else None
+            pieces = self.column_chunks(head.weight.initializer, head.weight.transposed, methods.HEAD_CHUNK)
+            return stats.token_distribution(residual, None if gain is None else gain.to(self.device), pieces)
+        except DfqError as exc:
+            raise DfqError(f"{label} (the prior's token pass): {exc}") from None
 
     # -- planning
 
@@ -234,8 +261,9 @@ class Planner:
         optimising it (the driver of a distributed run chains these ahead of the workers)."""
         if residual is None or unit.is_head:
             return None
+        linears = {lin.node: lin for lin in unit.linears}
         data = methods.UnitInput(
-            weights={lin.node: self.weight(lin).to(self.device) for lin in unit.linears},
+            weights=LazyWeights(linears, lambda name: self.weight(linears[name]).to(self.device)),  # read on first use, as plan() does
             scale_dtypes={},
             gains=self._device_gains(unit),
             biases=self._device_biases(unit),

@@ -206,7 +206,15 @@ def test_a_layers_mlp_weights_are_read_after_its_attention_is_rounded(synthetic,
         events.append(("mlp",))
         return mlp(*args, **kwargs)
 
+    start = planner.Planner.initial_statistics
+
+    def logged_start(self):
+        out = start(self)
+        events.clear()  # the prior's token pass reads every layer once, one at a time, before any rounding
+        return out
+
     monkeypatch.setattr(planner.Planner, "weight", logged_read)
+    monkeypatch.setattr(planner.Planner, "initial_statistics", logged_start)
     monkeypatch.setattr(layer, "optimise_mlp", logged_mlp)
     assert main(["optimize", str(synthetic), "-o", str(tmp_path / "out.onnx"), "--verify", "none", "--quiet"]) == 0
     starts = [i for i, e in enumerate(events) if e[0] == "mlp"]

@@ -10,6 +10,7 @@ The test without Ray installed runs everywhere; the others need the `ray` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from onnx import numpy_helper
 import dfq_onnx
 from dfq_onnx import pipeline
 from dfq_onnx.cli import main
+from dfq_onnx.config import TokenPrior
 from dfq_onnx.errors import DfqError, Interrupted
 
 SETTINGS = {"lm_head": "int8"}  # the head is a unit of its own: 3 units on the tiny model
@@ -164,8 +166,13 @@ def test_a_failing_unit_fails_the_run_with_its_error(tiny, tmp_path, cluster, mo
     monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 0)  # the large-model path: weights checked as read
 
     out = tmp_path / "out" / "model.q4.onnx"
+    out.parent.mkdir(parents=True)
+    # A uniform token prior: the default's token pass would meet the NaN in the driver, before any task
+    # (tests/test_token_prior.py checks that message); here the head's task must be the first reader.
+    uniform = dfq_onnx.load_recipe("cafeq-int4-cuda").with_overrides(**SETTINGS)
+    uniform = dataclasses.replace(uniform, method=dataclasses.replace(uniform.method, token_prior=TokenPrior.UNIFORM))
     with pytest.raises(DfqError, match=rf"lm_head/embedding: weight '{name}' contains NaN"):
-        ray_run(model, out, c.address)
+        dfq_onnx.quantize(model, out, recipe=uniform, ray=c.address, ray_cpus=1)
     assert list(out.parent.iterdir()) == []  # no model, no report, no work directory
 
 

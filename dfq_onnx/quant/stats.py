@@ -65,13 +65,16 @@ COVARIANCE_ROWS = 65536  # embedding rows that enter the covariance (evenly stri
 PICKED_ROWS = 4096  # sampled rows multiplied at once
 
 
-def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments:
-    """Residual stream at the first layer: token embeddings (uniform over the vocabulary) times scale.
+def embedding_moments(chunks, scale: float, vocab: int, device="cpu", weights: torch.Tensor | None = None, center=None) -> Moments:
+    """Residual stream at the first layer: token embeddings (uniform over the vocabulary, or drawn
+    with probabilities `weights`) times scale.
 
     `chunks` yields row blocks of the [vocab, hidden] table, so the table is never whole in memory.
     The covariance of a 262k x 640 table is well estimated from an even subset of rows, which
     keeps this step to seconds for 256k x 3584 tables.
     """
+    if weights is not None:
+        return _weighted_embedding_moments(chunks, scale, vocab, device, weights, center)
     stride = max(1, vocab // COVARIANCE_ROWS)
     total, outer, rows, sampled, start, picked = None, None, 0, 0, 0, []
 
@@ -98,6 +101,48 @@ def embedding_moments(chunks, scale: float, vocab: int, device="cpu") -> Moments
     mean = total / rows
     cov = outer / max(sampled, 1) - torch.outer(mean, mean)
     return Moments(mean * scale, cov * scale * scale)
+
+
+EXACT_ROWS = 16384  # the most probable rows enter a weighted covariance one by one (~80% of the mass on Gemma 3)
+
+
+def _weighted_embedding_moments(chunks, scale: float, vocab: int, device, weights: torch.Tensor, center) -> Moments:
+    """embedding_moments under token probabilities: the mean over every row; the covariance over the
+    EXACT_ROWS most probable rows and every stride-th other row, weighted by the stride (unbiased),
+    taken around `center` (the table's plain mean: rows share a large mean, and E[e e^T] - m m^T
+    would cancel it in float32 products)."""
+    w = (weights / weights.sum()).to(torch.float64).cpu()
+    stride = max(1, vocab // COVARIANCE_ROWS)
+    exact = torch.zeros(vocab, dtype=torch.bool)
+    exact[torch.topk(w, min(EXACT_ROWS, vocab)).indices] = True
+    strided = torch.arange(vocab) % stride == 0
+    cov_w = torch.where(exact, w, torch.where(strided, w * stride, torch.zeros_like(w)))
+    mean, outer, start = None, None, 0
+    for block in chunks:
+        e = torch.as_tensor(block, device=device).to(torch.float32)
+        rows = slice(start, start + e.shape[0])
+        start += e.shape[0]
+        c = e if center is None else e - center.to(e)
+        part = w[rows].to(device) @ c.double()
+        mean = part if mean is None else mean.add_(part)
+        pick = cov_w[rows].nonzero().reshape(-1)
+        if pick.numel():
+            cp = c[pick.to(device)]
+            prod = ((cp * cov_w[rows][pick].to(device, torch.float32).unsqueeze(1)).t() @ cp).double()
+            outer = prod if outer is None else outer.add_(prod)
+    cov = outer - torch.outer(mean, mean)  # E_w[(e - c)(e - c)^T] - (m - c)(m - c)^T: the same covariance
+    mean = mean if center is None else mean + center.to(mean)
+    return Moments(mean * scale, cov * scale * scale)
+
+
+def token_distribution(final: Moments, gain: torch.Tensor | None, head_pieces) -> torch.Tensor:
+    """The model's own next-token probabilities at the prior's mean final state, softmax(mean(norm(x)) W):
+    what the residual stream starts from where no text says which tokens are common. `head_pieces`
+    yields W[hidden, <= n] column pieces of the lm_head in vocabulary order. (A final logit soft-cap,
+    Gemma 2's, is not applied.)"""
+    h = rms_norm(final, gain).mean.to(torch.float32)
+    logits = torch.cat([h.to(piece.device) @ piece.to(torch.float32) for piece in head_pieces])
+    return torch.softmax(logits.double(), 0)
 
 
 def rms_norm(x: Moments, gain: torch.Tensor | None) -> Moments:
