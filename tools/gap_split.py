@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -102,13 +103,16 @@ def recording_prior():
             setattr(mod, name, fn)
 
 
-def prior_moments(model, sites) -> dict[str, tuple]:
-    """Per decoder linear, (E[x], E[x x^T] dense, E[x x^T] diag+mean) of the propagated prior."""
+def prior_moments(model, sites, token_prior=None) -> dict[str, tuple]:
+    """Per decoder linear, (E[x], E[x x^T] dense, E[x x^T] diag+mean) of the propagated prior (started
+    from `token_prior`, the method's default if None)."""
     from dfq_onnx import planner
     from dfq_onnx.config import MethodConfig, Recipe
 
     # Only the propagation is wanted: transforms and GPTQ off (they do not move the statistics).
     cheap = MethodConfig(scale_search=False, diagonal=False, vo_pairs=False, vo_transform=False, qk_transform=False, gptq=False, online=())
+    if token_prior is not None:
+        cheap = dataclasses.replace(cheap, token_prior=token_prior)
     make = planner.Planner(model.graph, sites, Recipe(method=cheap), "cpu", keep_float=False)
     residual = make.initial_statistics()
     out: dict[str, tuple] = {}
