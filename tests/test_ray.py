@@ -17,10 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
+import tiny_models
 
 import dfq_onnx
 from dfq_onnx import pipeline
@@ -152,17 +150,7 @@ def test_a_failing_unit_fails_the_run_with_its_error(tiny, tmp_path, cluster, mo
     """A NaN in the lm_head of a model too large for the up-front check: only the head's task reads
     it; its error ends the run, names the unit and the weight, and nothing is left behind."""
     c, _ = cluster
-    src = model_in(tiny, tmp_path / "src")
-    sites = dfq_onnx.inspect(src)
-    name = sites.linears[sites.lm_head].weight.initializer
-    m = onnx.load(str(src))
-    tensor = next(t for t in m.graph.initializer if t.name == name)
-    values = numpy_helper.to_array(tensor).copy()
-    values[3, 5] = np.nan
-    tensor.CopyFrom(numpy_helper.from_array(values, name))
-    (tmp_path / "in").mkdir()
-    model = tmp_path / "in" / "model.onnx"
-    onnx.save_model(m, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    model, name = tiny_models.with_nan_in_head(model_in(tiny, tmp_path / "src"), tmp_path / "in")
     monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 0)  # the large-model path: weights checked as read
 
     out = tmp_path / "out" / "model.q4.onnx"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import tiny_models
 import torch
 
 from dfq_onnx import planner
@@ -115,25 +116,11 @@ def test_a_bad_head_weight_is_named_by_the_token_pass(tiny, tmp_path, capsys, mo
     """The token pass reads every layer and the lm_head before any rounding: on a model too large for
     the up-front check a NaN there ends the run with the unit, the pass and the weight named, and
     nothing written."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
     from dfq_onnx import pipeline
     from dfq_onnx.cli import main
 
     monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 0)  # the large-model path: weights checked as read
-    src = tiny("dynamo")
-    sites = find_sites(load.load_model(src))
-    name = sites.linears[sites.lm_head].weight.initializer
-    m = onnx.load(str(src))
-    tensor = next(t for t in m.graph.initializer if t.name == name)
-    values = numpy_helper.to_array(tensor).copy()
-    values[3, 5] = np.nan
-    tensor.CopyFrom(numpy_helper.from_array(values, name))
-    model = tmp_path / "in" / "model.onnx"
-    model.parent.mkdir()
-    onnx.save_model(m, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    model, name = tiny_models.with_nan_in_head(tiny("dynamo"), tmp_path / "in")
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
     assert main(["optimize", str(model), "-o", str(out), "--verify", "none", "--quiet"]) != 0

@@ -294,3 +294,25 @@ def _optimum(hf: Path, out: Path) -> None:
         main_export(str(hf), output=out, task="text-generation-with-past", device="cpu", do_validation=False)
     except Exception as exc:
         raise ExportUnsupported(f"optimum-onnx main_export: {type(exc).__name__}: {str(exc)[:600]}") from exc
+
+
+def with_nan_in_head(src: Path, folder: Path) -> tuple[Path, str]:
+    """A copy of `src` in `folder` (external data) whose lm_head weight holds one NaN: (its path, the
+    weight's initializer name)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    import dfq_onnx
+
+    sites = dfq_onnx.inspect(src)
+    name = sites.linears[sites.lm_head].weight.initializer
+    m = onnx.load(str(src))
+    tensor = next(t for t in m.graph.initializer if t.name == name)
+    values = numpy_helper.to_array(tensor).copy()
+    values[3, 5] = np.nan
+    tensor.CopyFrom(numpy_helper.from_array(values, name))
+    folder.mkdir(parents=True)
+    model = folder / "model.onnx"
+    onnx.save_model(m, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    return model, name

@@ -11,6 +11,10 @@ mean vector and the text's. Token priors: `uniform` (every vocabulary row alike)
 own next-token distribution at the prior's mean final state: method.token_prior = "self"), `text` (the
 unigram counts of the calibration windows: what no data-free method has, an upper reference).
 The real statistics are gap_split.py's (and its --cache files are interchangeable).
+
+`--mlp-check` asks where the prior loses down's input: the gated MLP's moment formulas (stats.py) fed
+with the text's mean and covariance of the MLP input, the text's covariance with the prior's mean, the
+prior's covariance with the text's mean, and the prior's own (every third layer; log-corr at down).
 """
 from __future__ import annotations
 
@@ -61,6 +65,33 @@ def per_role(prior: dict, real: dict, inputs: dict, sites) -> dict[str, list[tup
     return {role: sorted(rows) for role, rows in out.items() if rows}
 
 
+def mlp_check(model, sites, prior: dict, real: dict, inputs: dict) -> None:
+    """Print, every third layer, the log-corr at down's input of stats.gated_mlp_hidden under mixed moments."""
+    from dfq_onnx import planner
+    from dfq_onnx.config import MethodConfig, Recipe
+    from dfq_onnx.quant import stats
+
+    make = planner.Planner(model.graph, sites, Recipe(method=MethodConfig(gptq=False)), "cpu", keep_float=False)
+    labels = ("text", "prior mean + text cov", "text mean + prior cov", "prior")
+    print("down's input, log-corr with the text's E[x^2] when the MLP formulas get: " + " | ".join(labels))
+    for mlp in sorted(sites.mlps, key=lambda m: m.layer):
+        if mlp.layer % 3:
+            continue
+        wg, wu = make.weight(sites.linears[mlp.gate]), make.weight(sites.linears[mlp.up])
+        if mlp.gate == mlp.up:  # one fused linear: gate columns first
+            wg, wu = wg[:, : wg.shape[1] // 2], wg[:, wg.shape[1] // 2 :]
+        p_mean, p_second, _ = prior[mlp.gate]
+        r_mean, r_second = real[inputs[mlp.gate]]
+        p_cov, r_cov = p_second - torch.outer(p_mean, p_mean), r_second - torch.outer(r_mean, r_mean)
+        target = np.log(np.maximum(torch.diagonal(real[inputs[mlp.down]][1]).numpy(), 1e-30))
+        corrs = []
+        for mean, cov in ((r_mean, r_cov), (p_mean, r_cov), (r_mean, p_cov), (p_mean, p_cov)):
+            u = stats.gated_mlp_hidden(stats.Moments(mean, cov), wg, wu, stats.activation_kind(mlp.activation))
+            energy = np.log(np.maximum((u.variances() + u.mean**2).numpy(), 1e-30))
+            corrs.append(float(np.corrcoef(energy, target)[0, 1]))
+        print(f"  layer {mlp.layer:>2}: " + " | ".join(f"{c:.2f}" for c in corrs))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--token-priors", default="uniform,self,text")
     p.add_argument("--layers", action="store_true", help="print every layer, not only the means")
+    p.add_argument("--mlp-check", action="store_true", help="also feed the MLP formulas mixed moments (see above)")
     p.add_argument("--cache", type=Path, help="keep the real statistics here (.pt) and reuse them (same model, text, windows)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -86,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: prior against {len(ids)} windows of {args.calib}; per role, mean over layers")
     print(f"{'token prior':<12} " + "  ".join(f"{role + ' log-corr':>14} {role + ' cos':>9}" for role in ROLES))
     for token_prior in [t.strip() for t in args.token_priors.split(",") if t.strip()]:
-        rows = per_role(prior_under(model, sites, token_prior, counts), real, inputs, sites)
+        prior = prior_under(model, sites, token_prior, counts)
+        rows = per_role(prior, real, inputs, sites)
         print(f"{token_prior:<12} " + "  ".join(
             f"{np.mean([c for _, c, _ in rows[r]]):>14.3f} {np.mean([m for _, _, m in rows[r]]):>9.3f}" for r in ROLES if r in rows))
         if args.layers:
             for role, values in rows.items():
                 print(f"  {role:<5} log-corr " + " ".join(f"{c:.2f}" for _, c, _ in values))
                 print(f"  {role:<5} cos      " + " ".join(f"{m:.2f}" for _, _, m in values))
+        if args.mlp_check:
+            mlp_check(model, sites, prior, real, inputs)
     return 0
 
 
