@@ -10,6 +10,10 @@ calibration text. This tool runs the *same solver*, no transforms, with H from:
     prior dense      the propagated covariance + m m^T (the method's statistics, dense)
     prior diag+mean  what the method's GPTQ uses today
 
+and between them, for either source: `-rankR` (diagonal + the covariance's top R eigenpairs + mean),
+`-shrunkA` (diagonal + mean + A times the off-diagonal covariance), `real-diag+mean@ROLES` (real
+statistics at those roles' inputs only),
+
 and measures each quantized model on real text. real dense -> real diag+mean is the cost of the
 Hessian's structure, real diag+mean -> prior diag+mean the cost of the prior's values, and the
 distance from real dense to GPTQ's own result is the solver's.
@@ -172,11 +176,21 @@ def hessians(variant: str, real: dict[str, tuple], prior: dict[str, tuple], inpu
             out[name] = second.float()
         elif "-rank" in variant:
             out[name] = low_rank_plus_diagonal(mean, second, int(variant.rsplit("rank", 1)[1])).float()
+        elif "-shrunk" in variant:
+            out[name] = shrunk_covariance(mean, second, float(variant.rsplit("shrunk", 1)[1])).float()
         else:
             var = torch.diagonal(second) - mean * mean
             out[name] = rounding.LowRank(var.clamp(min=0).float(), mean.float())
         by_value[value] = out[name]
     return out
+
+
+def shrunk_covariance(mean: torch.Tensor, second: torch.Tensor, keep: float) -> torch.Tensor:
+    """m m^T + diag(var) + keep * (the covariance's off-diagonal part): trusting the off-diagonal
+    structure a fraction `keep` (0: diag + mean, 1: dense), the variances and mean kept exact."""
+    cov = second - torch.outer(mean, mean)
+    diag = torch.diag(torch.diagonal(cov))
+    return torch.outer(mean, mean) + diag + keep * (cov - diag)
 
 
 def low_rank_plus_diagonal(mean: torch.Tensor, second: torch.Tensor, rank: int) -> torch.Tensor:

@@ -9,8 +9,15 @@ Per role (q/k/v's input, o's, gate/up's, down's), averaged over the layers: `log
 correlation of log E[x_k^2] per channel, prior against text; `mean cos`, the cosine between the prior's
 mean vector and the text's. Token priors: `uniform` (every vocabulary row alike), `self` (the model's
 own next-token distribution at the prior's mean final state: method.token_prior = "self"), `text` (the
-unigram counts of the calibration windows: what no data-free method has, an upper reference).
+unigram counts of the calibration windows: what no data-free method has, an upper reference), and
+variants not in the method: `self/T` (its logits divided by T), `self*2` (the pass run again from the
+distribution the first gave), `rank` (Zipf over the vocabulary index, 1 / (i + 100): BPE vocabularies
+number tokens roughly by frequency). `H` is each distribution's entropy, `CE` the text's cross-entropy
+under it (nats; the text's own unigram entropy is the floor).
 The real statistics are gap_split.py's (and its --cache files are interchangeable).
+
+`--structure R` asks whether the prior's covariance points where the text's does: per layer, the share
+of the text's top-R correlation energy that the prior's own top-R directions hold.
 
 `--mlp-check` asks where the prior loses down's input: the gated MLP's moment formulas (stats.py) fed
 with the text's mean and covariance of the MLP input, the text's covariance with the prior's mean, the
@@ -32,17 +39,34 @@ if str(TOOLS) not in sys.path:
 import eval_quality  # noqa: E402  (sibling modules: sessions, text windows, statistics)
 import gap_split  # noqa: E402
 
+RANK_OFFSET = 100  # the `rank` token prior: p_i ~ 1 / (i + RANK_OFFSET) for vocabulary index i
 ROLES = ("q", "o", "gate", "down")  # one linear per input: k/v read q's, up reads gate's
 
 
-def prior_under(model, sites, token_prior: str, counts: np.ndarray | None):
-    """gap_split.prior_moments with the prior started from `token_prior` (text: `counts` as weights)."""
+def prior_under(model, sites, token_prior: str, counts: np.ndarray | None, seen: list | None = None):
+    """gap_split.prior_moments with the prior started from `token_prior` (text: `counts` as weights;
+    `seen` gets the token weights used)."""
     from dfq_onnx import planner
     from dfq_onnx.config import TokenPrior
 
     original = planner.Planner.token_weights
-    if token_prior == "text":
-        planner.Planner.token_weights = lambda self, residual: torch.as_tensor(counts, dtype=torch.float64)
+
+    def weights(self, residual):
+        if token_prior == "text":
+            w = torch.as_tensor(counts, dtype=torch.float64)
+        elif token_prior == "rank":  # Zipf over the vocabulary's order (BPE numbers merges by frequency)
+            w = 1.0 / (torch.arange(self.sites.embedding.vocab, dtype=torch.float64) + RANK_OFFSET)
+        else:
+            w = original(self, residual)
+            if token_prior == "self*2":  # once more, from the start the first distribution gives
+                w = original(self, self._embedding_moments(w, center=residual.mean / self.sites.embedding_scale))
+            elif token_prior.startswith("self/"):  # softmax(logits / T)
+                w = w ** (1.0 / float(token_prior.split("/", 1)[1]))
+        if seen is not None:
+            seen.append(w / w.sum())
+        return w
+
+    planner.Planner.token_weights = weights
     try:
         return gap_split.prior_moments(model, sites, TokenPrior.UNIFORM if token_prior == "uniform" else TokenPrior.SELF)
     finally:
@@ -92,6 +116,32 @@ def mlp_check(model, sites, prior: dict, real: dict, inputs: dict) -> None:
         print(f"  layer {mlp.layer:>2}: " + " | ".join(f"{c:.2f}" for c in corrs))
 
 
+def correlation_top(second: torch.Tensor, mean: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The correlation matrix of a second moment and its top `rank` eigenvectors."""
+    cov = second.double() - torch.outer(mean.double(), mean.double())
+    scale = torch.diagonal(cov).clamp(min=1e-30).rsqrt()
+    corr = cov * torch.outer(scale, scale)
+    return corr, torch.linalg.eigh(corr)[1][:, -rank:]
+
+
+def structure_check(sites, prior: dict, real: dict, inputs: dict, rank: int) -> None:
+    """Print, per role and layer, how much of the text's top-`rank` correlation energy the prior's own
+    top-`rank` directions hold (1: the same subspace; random directions: rank / K)."""
+    rows: dict[str, list[tuple[float, float]]] = {role: [] for role in ROLES}
+    for name, lin in sorted(sites.linears.items(), key=lambda item: item[1].layer if item[1].layer is not None else -1):
+        if lin.role.value not in rows or name not in prior or prior[name][2]:  # a diagonal prior has no directions
+            continue
+        r_corr, r_top = correlation_top(real[inputs[name]][1], real[inputs[name]][0], rank)
+        _, p_top = correlation_top(prior[name][1], prior[name][0], rank)
+        best = float(torch.trace(r_top.T @ r_corr @ r_top))
+        rows[lin.role.value].append((float(torch.trace(p_top.T @ r_corr @ p_top)) / best, rank / best))  # tr(corr) = K
+    print(f"share of the text's top-{rank} correlation energy that the prior's top-{rank} directions hold, per layer")
+    for role, values in rows.items():
+        if values:
+            chance = np.mean([c for _, c in values])
+            print(f"  {role:<5} " + " ".join(f"{v:.2f}" for v, _ in values) + f"   (random directions: {chance:.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-priors", default="uniform,self,text")
     p.add_argument("--layers", action="store_true", help="print every layer, not only the means")
     p.add_argument("--mlp-check", action="store_true", help="also feed the MLP formulas mixed moments (see above)")
+    p.add_argument("--structure", type=int, metavar="R", help="also compare the covariances' top-R correlation directions")
     p.add_argument("--cache", type=Path, help="keep the real statistics here (.pt) and reuse them (same model, text, windows)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
@@ -116,11 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     real = gap_split.cached_real_moments(args.cache, reference, sorted(set(inputs.values())), ids, args.threads)
     counts = np.bincount(np.asarray(ids).reshape(-1), minlength=sites.embedding.vocab).astype(np.float64)
     print(f"{args.model}: prior against {len(ids)} windows of {args.calib}; per role, mean over layers")
-    print(f"{'token prior':<12} " + "  ".join(f"{role + ' log-corr':>14} {role + ' cos':>9}" for role in ROLES))
+    text_p = torch.as_tensor(counts / counts.sum())
+    print(f"text unigram entropy {float(-(text_p[text_p > 0] * text_p[text_p > 0].log()).sum()):.2f} nats")
+    print(f"{'token prior':<12} {'':<17}" + "  ".join(f"{role + ' log-corr':>14} {role + ' cos':>9}" for role in ROLES))
     for token_prior in [t.strip() for t in args.token_priors.split(",") if t.strip()]:
-        prior = prior_under(model, sites, token_prior, counts)
+        seen: list[torch.Tensor] = []
+        prior = prior_under(model, sites, token_prior, counts, seen)
         rows = per_role(prior, real, inputs, sites)
-        print(f"{token_prior:<12} " + "  ".join(
+        w = seen[0] if seen else torch.full_like(text_p, 1.0 / len(text_p))
+        entropy = float(-(w[w > 0] * w[w > 0].log()).sum())
+        cross = float(-(text_p * w.clamp(min=1e-300).log()).sum())
+        print(f"{token_prior:<12} H {entropy:5.2f} CE {cross:5.2f} " + "  ".join(
             f"{np.mean([c for _, c, _ in rows[r]]):>14.3f} {np.mean([m for _, _, m in rows[r]]):>9.3f}" for r in ROLES if r in rows))
         if args.layers:
             for role, values in rows.items():
@@ -128,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {role:<5} cos      " + " ".join(f"{m:.2f}" for _, _, m in values))
         if args.mlp_check:
             mlp_check(model, sites, prior, real, inputs)
+        if args.structure:
+            structure_check(sites, prior, real, inputs, args.structure)
     return 0
 
 
