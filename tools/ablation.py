@@ -48,6 +48,7 @@ ROWS = [
      {"keys": {"gptq": "false", **LEARNED}}),
     ("gptq", "GPTQ only (no diagonal, Q/K, V/O or online transform)", {"keys": NO_TRANSFORMS}),
     ("undamped", "full method, GPTQ damped by 0.01 (the default until 2026-12-03)", {"keys": {"gptq_damp": "0.01"}}),
+    ("uniform", "full method, uniform token prior (the default until 2026-12-04)", {"keys": {"token_prior": '"uniform"'}}),
     ("full", "**full method (the default recipe)**", {}),
     ("full-learned", "full method + the three learners at 100 steps", {"keys": LEARNED}),
 ]
