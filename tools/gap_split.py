@@ -10,11 +10,9 @@ calibration text. This tool runs the *same solver*, no transforms, with H from:
     prior dense      the propagated covariance + m m^T (the method's statistics, dense)
     prior diag+mean  what the method's GPTQ uses today
 
-and between them, for either source: `-rankR` (diagonal + the covariance's top R eigenpairs + mean),
-`-shrunkA` (diagonal + mean + A times the off-diagonal covariance), `real-diag+mean@ROLES` (real
-statistics at those roles' inputs only),
-
-and measures each quantized model on real text. real dense -> real diag+mean is the cost of the
+(and between them, for either source: `-rankR`, diagonal + the covariance's top R eigenpairs + mean;
+`-shrunkA`, diagonal + mean + A times the off-diagonal covariance; `real-diag+mean@ROLES`, real
+statistics at those roles' inputs only), and measures each quantized model on real text. real dense -> real diag+mean is the cost of the
 Hessian's structure, real diag+mean -> prior diag+mean the cost of the prior's values, and the
 distance from real dense to GPTQ's own result is the solver's.
 

@@ -126,7 +126,7 @@ def correlation_top(second: torch.Tensor, mean: torch.Tensor, rank: int) -> tupl
 
 def structure_check(sites, prior: dict, real: dict, inputs: dict, rank: int) -> None:
     """Print, per role and layer, how much of the text's top-`rank` correlation energy the prior's own
-    top-`rank` directions hold (1: the same subspace; random directions: rank / K)."""
+    top-`rank` directions hold (1: the same subspace; random directions hold rank / that energy, as tr(corr) = K)."""
     rows: dict[str, list[tuple[float, float]]] = {role: [] for role in ROLES}
     for name, lin in sorted(sites.linears.items(), key=lambda item: item[1].layer if item[1].layer is not None else -1):
         if lin.role.value not in rows or name not in prior or prior[name][2]:  # a diagonal prior has no directions
@@ -134,7 +134,7 @@ def structure_check(sites, prior: dict, real: dict, inputs: dict, rank: int) -> 
         r_corr, r_top = correlation_top(real[inputs[name]][1], real[inputs[name]][0], rank)
         _, p_top = correlation_top(prior[name][1], prior[name][0], rank)
         best = float(torch.trace(r_top.T @ r_corr @ r_top))
-        rows[lin.role.value].append((float(torch.trace(p_top.T @ r_corr @ p_top)) / best, rank / best))  # tr(corr) = K
+        rows[lin.role.value].append((float(torch.trace(p_top.T @ r_corr @ p_top)) / best, rank / best))
     print(f"share of the text's top-{rank} correlation energy that the prior's top-{rank} directions hold, per layer")
     for role, values in rows.items():
         if values:
