@@ -13,8 +13,9 @@ calibration text. This tool runs the *same solver*, no transforms, with H from:
 (and between them, for either source: `-rankR`, diagonal + the covariance's top R eigenpairs + mean;
 `-shrunkA`, diagonal + mean + A times the off-diagonal covariance; `real-diag+mean@ROLES`, real
 statistics at those roles' inputs only), and measures each quantized model on real text.
-real dense -> real diag+mean is the cost of the Hessian's structure, real diag+mean -> prior diag+mean the cost of the prior's values, and the
-distance from real dense to GPTQ's own result is the solver's.
+real dense -> real diag+mean is the cost of the Hessian's structure, real diag+mean -> prior
+diag+mean the cost of the prior's values, and the distance from real dense to GPTQ's own result is
+the solver's.
 
     python tools/gap_split.py --model gemma3 --bits 4 --block-size 32 --symmetric
     python tools/gap_split.py --bits 3 --block-size 32 --asymmetric --calib-windows 128 --windows 16
