@@ -7,6 +7,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from dfq_onnx.config import OutputFormat, Recipe
+from dfq_onnx.errors import DfqError
 from dfq_onnx.plan import UnitPlan
 
 from .context import PlanContext
@@ -40,7 +41,21 @@ def passes_for(plan: UnitPlan, output_format: OutputFormat, context: PlanContext
 def apply_plan(model: ir.Model, plan: UnitPlan, output_format: OutputFormat, context: PlanContext) -> None:
     passes = passes_for(plan, output_format, context)
     if passes:
+        run(passes, model)
+
+
+def run(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
+    """The passes in order; a pass that failed on the disk (OSError) or on the model (DfqError) raises
+    that error itself, not onnx-ir's PassError around it, so the caller says it in one line."""
+    try:
         ir.passes.PassManager(passes)(model)
+    except ir.passes.PassError as exc:
+        cause = exc.__cause__
+        while isinstance(cause, ir.passes.PassError):  # one wrapper per pass and one per step
+            cause = cause.__cause__
+        if isinstance(cause, (OSError, DfqError)):
+            raise cause from None
+        raise
 
 
 # Where a QDQ model keeps the accuracy level its fused MatMulNBits should run at: ORT takes it from a
@@ -53,7 +68,7 @@ def finish(model: ir.Model, recipe: Recipe, container_bits: set[int]) -> list[st
     returns what the report should say about it."""
     if recipe.output_format != OutputFormat.QDQ or recipe.float_output:
         return []
-    ir.passes.PassManager([RaiseOpsetForQdq(min(container_bits, default=recipe.quant.container_bits))])(model)
+    run([RaiseOpsetForQdq(min(container_bits, default=recipe.quant.container_bits))], model)
     if not recipe.accuracy_level:
         return []
     model.metadata_props[QDQ_ACCURACY_KEY] = str(recipe.accuracy_level)

@@ -772,13 +772,17 @@ def _file_size_limit(limit: int):
     "limit,verify",
     [
         pytest.param(64 << 10, "none", id="quantized-layers"),
+        # Past one layer's checkpoint (~120 KiB of packed codes and scales), so the first write that
+        # fails is the output data file's second layer, inside the graph pass that emits it.
+        pytest.param(160 << 10, "none", id="inside-a-graph-pass"),
         slow(400 << 10, "none", id="float-tensor-copy"),
         slow(64 << 10, "auto", id="verification-copies"),
     ],
 )
 def test_file_size_limit_during_the_write(tiny, tmp_path, limit, verify):
-    """The output's data file (400 KiB: in the copy of the float embedding) or the float copies
-    verification builds beside it (auto) cannot grow past the limit."""
+    """The checkpoint (64 KiB), the output's data file (160 KiB: while a pass emits a layer; 400 KiB: in
+    the copy of the float embedding) or the float copies verification builds beside it (auto) cannot
+    grow past the limit."""
     model = copy_tiny(tiny, tmp_path / "in")
     case, proc = optimize(model, fresh_out(tmp_path), "--verify", verify, preexec_fn=_file_size_limit(limit))
     expect(proc, case, ok=False, needles=["no space left while writing", "nothing was published"])
