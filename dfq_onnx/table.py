@@ -15,7 +15,7 @@ def render(headers: list[str], rows: list[list[str]], right: set[int] = frozense
     def line(cells):
         return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return "\n".join(line(r).rstrip() for r in [headers, ["-" * w for w in widths], *rows])
 
 
 def structure_table(sites: ModelSites, path: Path) -> str:
@@ -74,6 +74,9 @@ def structure_table(sites: ModelSites, path: Path) -> str:
 
 
 def result_table(report: Report) -> str:
+    recipe = report.recipe
+    q = recipe["quant"]
+    floating = bool(recipe.get("float_output"))  # --bits 16: the transforms are written, the weights stay float
     rows = []
     for r in report.by_role():
         rows.append(
@@ -81,11 +84,10 @@ def result_table(report: Report) -> str:
                 r.role,
                 str(r.count),
                 r.shape,
-                f"{r.bits_per_weight:.2f}",
+                "float" if floating else f"{r.bits_per_weight:.2f}",
                 f"{100 * r.rtn_rel_error:.3f}%",
                 f"{100 * r.rel_error:.3f}%",
                 r.transforms,
-                f"{r.seconds:.2f}",
             ]
         )
     t = report.totals()
@@ -94,24 +96,28 @@ def result_table(report: Report) -> str:
             "total",
             str(t["linears"]),
             f"{t['weights'] / 1e6:.1f}M w",
-            f"{t['bits_per_weight']:.2f}",
+            "float" if floating else f"{t['bits_per_weight']:.2f}",
             f"{100 * t['rtn_rel_error']:.3f}%",
             f"{100 * t['rel_error']:.3f}%",
             "",
-            f"{sum(s.seconds for s in report.sites):.2f}",
         ]
     )
-    recipe = report.recipe
-    q = recipe["quant"]
-    head = (
-        f"{report.output}: int{q['bits']} block {q['block_size']} "
-        f"{'symmetric' if q['symmetric'] else 'asymmetric'}, {recipe['output_format']}, "
-        f"method {recipe['method']['name']}, lm_head {recipe['lm_head']}"
-    )
-    lines = [head, "", render(["role", "count", "shape", "bits/w", "rtn err", "err", "transforms", "sec"], rows, right={1, 3, 4, 5, 7})]
-    if q["bits"] == 3:
+    grid = f"int{q['bits']} block {q['block_size']} {'symmetric' if q['symmetric'] else 'asymmetric'}"
+    if floating:
+        head = (
+            f"{report.output}: float (--bits 16): transforms only, weights kept in float "
+            f"(transforms planned for {grid}), method {recipe['method']['name']}"
+        )
+    else:
+        head = f"{report.output}: {grid}, {recipe['output_format']}, method {recipe['method']['name']}, lm_head {recipe['lm_head']}"
+    lines = [head, "", render(["role", "count", "shape", "bits/w", "rtn err", "err", "transforms"], rows, right={1, 3, 4, 5})]
+    lines.append(_time_line(report))
+    if floating:
+        lines.append(f"rtn err, err: what round-to-nearest and the method would lose at {grid}; nothing was rounded.")
+    elif q["bits"] == 3:
         lines.append("3-bit codes are stored in 4-bit containers (accuracy of 3 bits, size of 4).")
-    lines.append(_fast_path_line(report))
+    if not floating:
+        lines.append(_fast_path_line(report))
     excluded = [s.name for s in report.sites if "excluded" in s.transforms]
     if excluded:
         lines.append(f"kept in float (exclude): {len(excluded)} linear(s): {', '.join(excluded[:4])}{' ...' if len(excluded) > 4 else ''}")
@@ -156,6 +162,28 @@ def result_table(report: Report) -> str:
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _time_line(report: Report) -> str:
+    """Seconds per unit of work. A layer's linears are optimised together (pairs, transforms, GPTQ over the
+    layer) and each site carries an equal share of its layer's time, so there is no time per role to show."""
+    units: dict[str, float] = {}
+    for s in report.sites:
+        key = f"layer {s.layer}" if s.layer is not None else ("lm_head" if s.role == "lm_head" else "other linears")
+        units[key] = units.get(key, 0.0) + s.seconds
+    layers = {k: v for k, v in units.items() if k.startswith("layer ")}
+    parts = []
+    if layers:
+        slowest = max(layers, key=layers.get)
+        total = sum(layers.values())
+        parts.append(
+            f"{len(layers)} layer{'s' if len(layers) > 1 else ''} in {total:.2f}s"
+            + (f" (mean {total / len(layers):.2f}s, slowest {slowest}: {layers[slowest]:.2f}s)" if len(layers) > 1 else "")
+        )
+    parts += [f"{k} {v:.2f}s" for k, v in units.items() if not k.startswith("layer ")]
+    if not parts:
+        return "time: no linears optimised"
+    return f"time: {', '.join(parts)}; total {sum(units.values()):.2f}s (a layer's linears are optimised together: there is no time per role)"
 
 
 def _fast_path_line(report: Report) -> str:
