@@ -4,7 +4,10 @@ After each unit the pipeline saves that unit's plan (plan.py: arrays and a JSON 
 hidden work directory (`.<name>.partial/`), then a manifest that says how many plans are final and
 the propagated statistics the next unit starts from. `--resume` applies the saved plans again,
 through the same passes as a first run, and continues with the next unit: the finished file is
-byte-identical to an uninterrupted run. Nothing here is unpickled.
+byte-identical to an uninterrupted run. A plan carries the float weights the exactness check
+needs (when the run compares logits), so a resumed run rebuilds the verification mirrors and is
+held to the same checks as a first run; a plan that fails its digest stops the run. Nothing here
+is unpickled.
 """
 
 from __future__ import annotations
@@ -27,15 +30,19 @@ MANIFEST = "checkpoint.json"
 FORMAT = 2
 
 
-def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str, threads: int) -> str:
+def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device: str, threads: int, keep_float: bool) -> str:
     """What the finished units depend on: the input's bytes (graph hashed, data by size and time),
-    recipe, device and torch's thread count (threads.py)."""
+    recipe, device, torch's thread count (threads.py), and whether plans keep the float weights the
+    exactness check reads (a run that verifies cannot resume from plans without them)."""
     h = hashlib.sha256()
     h.update(Path(input_path).read_bytes())
     for path in sorted(data_files):
         st = path.stat()
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    settings = {"recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "threads": threads, "version": __version__}
+    settings = {
+        "recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "threads": threads,
+        "keep_float": keep_float, "version": __version__,
+    }  # fmt: skip
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -53,16 +60,20 @@ def plan_path(work: Path, index: int) -> Path:
     return work / f"plan-{index:05d}.npz"
 
 
-def save_plan(work: Path, index: int, unit_plan: plan.UnitPlan) -> None:
-    plan.save(unit_plan, plan_path(work, index))
+def save_plan(work: Path, index: int, unit_plan: plan.UnitPlan, exact_weights: dict[str, np.ndarray]) -> None:
+    plan.save(unit_plan, plan_path(work, index), exact_weights)
 
 
-def load_plans(work: Path, count: int) -> list[plan.UnitPlan]:
-    return [load_plan(work, i) for i in range(count)]
-
-
-def load_plan(work: Path, index: int) -> plan.UnitPlan:
-    return plan.load(plan_path(work, index))
+def load_plan(work: Path, index: int) -> tuple[plan.UnitPlan, dict[str, np.ndarray]]:
+    """A finished unit's plan and the float weights it rounded; plan.DamagedPlan, naming the work
+    directory, when the file is not what the run wrote."""
+    try:
+        return plan.load(plan_path(work, index))
+    except plan.DamagedPlan as exc:
+        raise plan.DamagedPlan(
+            f"the unfinished run in {work} cannot be resumed: {exc}; nothing was published. "
+            "Run the same command without --resume to start afresh"
+        ) from None
 
 
 def has_plan(work: Path, index: int) -> bool:
@@ -87,7 +98,7 @@ def load(work: Path, expected: str) -> tuple[State | None, str | None]:
     except (OSError, ValueError):
         return None, "the unfinished run's checkpoint is unreadable"
     if data.get("format") != FORMAT or data.get("fingerprint") != expected:
-        return None, "the unfinished run was made from another input, recipe or version"
+        return None, "the unfinished run was made from another input, recipe, version or verification mode"
     done = data["units_done"]
     if not all(plan_path(work, i).is_file() for i in range(done)):
         return None, "the unfinished run's plans are incomplete"

@@ -166,7 +166,7 @@ class Driver:
                 while next_stats < len(self.units) and next_stats < next_apply + window:
                     i, unit = next_stats, self.units[next_stats]
                     if checkpoint.has_plan(self.work, i):  # finished by an earlier, interrupted run
-                        ready[i] = Finished(i, checkpoint.load_plan(self.work, i), {}, "", "", 0.0)
+                        ready[i] = Finished(i, *checkpoint.load_plan(self.work, i), "", "", 0.0)
                         self.reused += 1
                         done_sites += len(ready[i].plan.sites)
                     else:
@@ -185,7 +185,7 @@ class Driver:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ref)
                 finished = self._result(ray, ref, i)
-                checkpoint.save_plan(self.work, i, finished.plan)
+                checkpoint.save_plan(self.work, i, finished.plan, finished.rounded_float)
                 ready[i] = finished
                 self.placements.append(
                     {
@@ -295,7 +295,7 @@ def _planner(job: Job) -> tuple[planner.Planner, list[methods.Unit]]:
             units.append(head)
         make = planner.Planner(model.graph, sites, job.recipe, job.device, keep_float=job.keep_float)
         _STATE.update(key=key, model=model, make=make, units=units)
-    seen = checkpoint.fingerprint(path, load.external_data_files(_STATE["model"]), job.recipe, job.device, job.threads)
+    seen = checkpoint.fingerprint(path, load.external_data_files(_STATE["model"]), job.recipe, job.device, job.threads, job.keep_float)
     if seen != job.fingerprint:
         raise DfqError(
             f"{path} on node {os.uname().nodename} is not the file the driver read (changed since, or another copy): "

@@ -25,7 +25,7 @@ from .mirror import Mirror
 from .passes.apply import apply_plan, finish
 from .passes.context import PlanContext
 from .passes.online_rotation import rotation_name
-from .plan import UnitPlan
+from .plan import DamagedPlan, UnitPlan
 from .progress import ProgressFn
 from .quant import stats
 from .report import Report
@@ -101,9 +101,13 @@ def _float_tensors(sites: ModelSites) -> list[str]:
 def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions, allocation=None) -> Report:
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
-    key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads)
-    state, notes = _start(work, key, options.resume)
+    notes: list[str] = []
     verify_mode = _verify_mode(options.verify, model, notes)  # sized on the input's weights, before rewriting
+    mirror_names = _mirror_names(recipe, verify_mode)
+    keep_float = "exact" in mirror_names  # the plans keep the float weights the exactness check reads
+    key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads, keep_float)
+    state, start_notes = _start(work, key, options.resume)
+    notes = start_notes + notes
     writer = save.ExternalDataWriter(work, location)  # a resumed run writes its finished plans again
     units = planner.plan_units(sites, model.graph)
     if (head := planner.head_unit(sites, recipe)) is not None:
@@ -116,12 +120,13 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     cluster = distributed.Cluster(options.ray, options.threads) if options.ray else contextlib.nullcontext()
     driver = None
     try:
-        # a Ray run also takes up plans its predecessor finished out of order: no mirror follows those
-        kept_ahead = options.ray is not None and any(checkpoint.has_plan(work, i) for i in range(resumed, len(units)))
-        mirrors = _mirrors(input_path, work, recipe, verify_mode, resumed or kept_ahead, notes)
-        make = planner.Planner(model.graph, sites, recipe, options.device, keep_float="exact" in mirrors)
-        for plan in checkpoint.load_plans(work, resumed):
+        # a resumed run rebuilds the mirrors from the saved plans: it is checked as a first run is
+        mirrors = {name: Mirror(input_path, work, f".verify-{name}") for name in mirror_names}
+        make = planner.Planner(model.graph, sites, recipe, options.device, keep_float=keep_float)
+        for index in range(resumed):
+            plan, exact_weights = checkpoint.load_plan(work, index)
             apply_plan(model, plan, recipe.output_format, context)
+            notes += mirror.follow(mirrors, plan, sites, exact_weights)
             plans.append(plan.summary())
         residual = _on(state.residual, options.device) if resumed else make.initial_statistics()
         if progress:
@@ -161,7 +166,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         if not done:  # nothing worth resuming
             shutil.rmtree(work, ignore_errors=True)
         raise Interrupted(_interrupted_message(work, output_path, done, len(units))) from None
-    except (VerificationFailed, Resumable):
+    except (VerificationFailed, Resumable, DamagedPlan):
         _close(writer, mirrors)  # the work directory stays: for inspection, or to resume
         raise
     except BaseException:
@@ -205,7 +210,7 @@ def _local_plans(make: planner.Planner, units, start: int, residual, work: Path)
     for index in range(start, len(units)):
         planned = make.plan(units[index], residual)
         residual = planned.residual
-        checkpoint.save_plan(work, index, planned.plan)
+        checkpoint.save_plan(work, index, planned.plan, planned.rounded_float)
         yield index, planned
         del planned  # not held while the next unit is computed
 
@@ -232,15 +237,11 @@ def _start(work: Path, key: str, resume: bool) -> tuple[checkpoint.State, list[s
     return checkpoint.State(fingerprint=key), notes
 
 
-def _mirrors(input_path: Path, work: Path, recipe: Recipe, verify_mode: str, resumed: int, notes: list[str]) -> dict[str, Mirror]:
+def _mirror_names(recipe: Recipe, verify_mode: str) -> list[str]:
     """The float copies that verification compares against (only when logits are compared)."""
     if verify_mode != "compare" or recipe.float_output:
-        return {}  # a float output is itself compared with the input
-    if resumed:
-        notes.append("a resumed run is verified by running it and comparing its logits, not by the exactness and fidelity checks")
-        return {}
-    names = ["dequantized"] if recipe.method.name == Method.RTN else ["exact", "dequantized"]  # RTN transforms nothing
-    return {name: Mirror(input_path, work, f".verify-{name}") for name in names}
+        return []  # a float output is itself compared with the input
+    return ["dequantized"] if recipe.method.name == Method.RTN else ["exact", "dequantized"]  # RTN transforms nothing
 
 
 def _close(writer: save.ExternalDataWriter, mirrors: dict[str, Mirror]) -> None:

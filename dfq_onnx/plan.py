@@ -4,22 +4,31 @@ A plan holds numpy arrays and names only (no graph objects, no file offsets): pe
 rounded weight (or, for float output, its transformed float weight), the float tensors it changed
 (norm gains, moved biases), the online rotations to insert, and what the report says of each
 site. Passes (dfq_onnx.passes) apply a plan to a graph; a checkpoint is the list of finished plans,
-each saved as one .npz of arrays with a JSON header (read back with allow_pickle=False).
+each saved as one .npz of arrays with a JSON header (read back with allow_pickle=False). The file
+also carries the transformed float weights the exactness check needs (when the run verifies
+them), and a digest of everything in it, checked when it is read: a plan changed or damaged on
+disk is refused, never applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from .config import QuantFormat
+from .errors import DfqError
 from .graph import pack
 from .report import SiteResult
 
-FORMAT = 1
+FORMAT = 2
+
+
+class DamagedPlan(DfqError):
+    """A saved plan that is not what the run wrote (changed or damaged since)."""
 
 
 @dataclasses.dataclass
@@ -74,8 +83,9 @@ class UnitPlan:
         return dataclasses.replace(self, quantized={}, float_weights={}, gains={}, biases={}, embedding=None)
 
 
-def save(plan: UnitPlan, path: Path) -> None:
-    """One .npz: the arrays, and a JSON header that names them (written whole, then renamed)."""
+def save(plan: UnitPlan, path: Path, exact_weights: dict[str, np.ndarray] | None = None) -> None:
+    """One .npz: the arrays, and a JSON header that names them and holds their digest (written
+    whole, then renamed). `exact_weights`: linear -> the float W[K, N] that was rounded."""
     arrays: dict[str, np.ndarray] = {}
 
     def put(array: np.ndarray | None) -> str | None:
@@ -108,7 +118,9 @@ def save(plan: UnitPlan, path: Path) -> None:
         "embedding_tied": plan.embedding_tied,
         "sites": [dataclasses.asdict(s) for s in plan.sites],
         "notes": plan.notes,
+        "exact_weights": {name: put(w) for name, w in (exact_weights or {}).items()},
     }
+    header["digest"] = _digest(header, arrays)
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -116,34 +128,55 @@ def save(plan: UnitPlan, path: Path) -> None:
     tmp.replace(path)
 
 
-def load(path: Path) -> UnitPlan:
-    with np.load(path, allow_pickle=False) as data:
-        header = json.loads(bytes(data["header"]).decode())
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: plan format {header.get('format')}, expected {FORMAT}")
+def _digest(header: dict, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the header (its digest aside) and of every array's name, type, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "digest"}, sort_keys=True).encode())
+    for key in sorted(arrays):
+        a = arrays[key]
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
 
-        def get(key: str | None) -> np.ndarray | None:
-            return None if key is None else data[key]
 
-        def quantized(d: dict) -> QuantizedWeight:
-            fmt = QuantFormat(*d["fmt"])
-            n, kb, bs = d["codes_shape"]
-            codes = pack.unpack_along_last(get(d["codes"]), fmt.container_bits, bs).reshape(n, kb, bs)
-            return QuantizedWeight(codes, get(d["scales"]), get(d["zero_points"]), d["k"], fmt)
+def load(path: Path) -> tuple[UnitPlan, dict[str, np.ndarray]]:
+    """The plan and its exact float weights (empty when the run did not keep them); DamagedPlan when
+    the file's content does not match the digest it was written with."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        header = json.loads(bytes(arrays.pop("header")).decode())
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise DamagedPlan(f"{path.name} cannot be read ({type(exc).__name__})") from None
+    if header.get("format") != FORMAT:
+        raise DamagedPlan(f"{path.name} has plan format {header.get('format')}, this version writes {FORMAT}")
+    if header.get("digest") != _digest(header, arrays):
+        raise DamagedPlan(f"{path.name} does not match the digest it was written with (changed or damaged since)")
+    return _from_header(header, arrays), {name: arrays[k] for name, k in header["exact_weights"].items()}
 
-        plan = UnitPlan(
-            label=header["label"],
-            quantized={name: quantized(d) for name, d in header["quantized"].items()},
-            float_weights={name: get(k) for name, k in header["float_weights"].items()},
-            gains={name: get(k) for name, k in header["gains"].items()},
-            biases={name: get(k) for name, k in header["biases"].items()},
-            online=[OnlineRotation(r["linears"], get(r["block"]), r["k"], r["layer"]) for r in header["online"]],
-            embedding_tied=header["embedding_tied"],
-            sites=[SiteResult(**s) for s in header["sites"]],
-            notes=header["notes"],
-        )
-        if header["embedding"] is not None:
-            plan.embedding = quantized(header["embedding"])
-        elif plan.embedding_tied:
-            plan.embedding = next(iter(plan.quantized.values()))
+
+def _from_header(header: dict, data: dict[str, np.ndarray]) -> UnitPlan:
+    def get(key: str | None) -> np.ndarray | None:
+        return None if key is None else data[key]
+
+    def quantized(d: dict) -> QuantizedWeight:
+        fmt = QuantFormat(*d["fmt"])
+        n, kb, bs = d["codes_shape"]
+        codes = pack.unpack_along_last(get(d["codes"]), fmt.container_bits, bs).reshape(n, kb, bs)
+        return QuantizedWeight(codes, get(d["scales"]), get(d["zero_points"]), d["k"], fmt)
+
+    plan = UnitPlan(
+        label=header["label"],
+        quantized={name: quantized(d) for name, d in header["quantized"].items()},
+        float_weights={name: get(k) for name, k in header["float_weights"].items()},
+        gains={name: get(k) for name, k in header["gains"].items()},
+        biases={name: get(k) for name, k in header["biases"].items()},
+        online=[OnlineRotation(r["linears"], get(r["block"]), r["k"], r["layer"]) for r in header["online"]],
+        embedding_tied=header["embedding_tied"],
+        sites=[SiteResult(**s) for s in header["sites"]],
+        notes=header["notes"],
+    )
+    if header["embedding"] is not None:
+        plan.embedding = quantized(header["embedding"])
+    elif plan.embedding_tied:
+        plan.embedding = next(iter(plan.quantized.values()))
     return plan

@@ -25,6 +25,7 @@ from dfq_onnx import pipeline
 from dfq_onnx.cli import main
 from dfq_onnx.config import TokenPrior
 from dfq_onnx.errors import DfqError, Interrupted
+from test_verify_gate import negate_saved_scales
 
 SETTINGS = {"lm_head": "int8"}  # the head is a unit of its own: 3 units on the tiny model
 OBJECT_STORE = 80 << 20  # bytes per node: the tiny model's plans are kilobytes
@@ -144,6 +145,29 @@ def test_driver_stopped_then_resumed_redoes_only_missing_units(tiny, tmp_path, c
     assert model_bytes(out) == local_bytes
     assert report.resumed_units == len(kept)
     assert len(report.distributed["units"]) == 3 - len(kept)  # only the missing units were computed
+    assert report.verification["checks"] == ["exactness", "fidelity"]  # the mirrors follow the kept plans too
+
+
+def test_a_resumed_cluster_run_refuses_plans_changed_on_disk(tiny, tmp_path, cluster):
+    """The plans an interrupted run kept (in order or ahead of it) are checked against their digests
+    before they are applied: one changed on disk stops the run, nothing is published."""
+    c, _ = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+
+    def stop_after_first_unit(label, done, total):
+        if " on " in label:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="--resume"):
+        ray_run(model, out, c.address, progress=stop_after_first_unit)
+    kept = sorted((out.parent / ".model.q4.onnx.partial").glob("plan-*.npz"))
+    assert kept
+    for plan_file in kept:
+        negate_saved_scales(plan_file)
+    with pytest.raises(DfqError, match=r"plan-\d+\.npz does not match the digest"):
+        dfq_onnx.quantize(model, out, ray=c.address, ray_cpus=1, resume=True, **SETTINGS)
+    assert not out.exists() and not out.with_name("model.q4.report.json").exists()
 
 
 def test_a_failing_unit_fails_the_run_with_its_error(tiny, tmp_path, cluster, monkeypatch):

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import dfq_onnx
 from conftest import file_digests
 from dfq_onnx.cli import main
+from dfq_onnx.errors import Interrupted
 from dfq_onnx.graph import pack
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import find_sites
@@ -71,15 +73,15 @@ def test_a_bias_left_behind_by_a_transform_is_not_published(tiny_family, tmp_pat
     assert json.loads((tmp_path / "q.report.json").read_text())["verification"]["verified"] is False
 
 
+def swap_nibbles(b: np.ndarray, bits: int) -> np.ndarray:
+    """A packing defect: high and low nibbles swapped."""
+    return ((b >> 4) | (b << 4)).astype(np.uint8) if bits == 4 else b
+
+
 def test_bytes_that_do_not_decode_to_the_rounded_weights_are_not_published(tiny, tmp_path, capsys, monkeypatch):
     """A packing defect (high and low nibbles swapped) passes every other check: the model loads and runs."""
     real = pack.matmulnbits_b
-
-    def swapped(codes, bits):
-        b = real(codes, bits)
-        return ((b >> 4) | (b << 4)).astype(np.uint8) if bits == 4 else b
-
-    monkeypatch.setattr(pack, "matmulnbits_b", swapped)
+    monkeypatch.setattr(pack, "matmulnbits_b", lambda codes, bits: swap_nibbles(real(codes, bits), bits))
     out = tmp_path / "q.onnx"
     line = refuse(capsys, str(tiny("dynamo")), "-o", str(out), "--method", "rtn")
     assert line.startswith("dfq-onnx: error: fidelity check failed") and "layer 0" in line, line
@@ -94,3 +96,72 @@ def test_healthy_runs_pass_with_margin(tiny_family, tmp_path, family):
     v = json.loads((tmp_path / "q.report.json").read_text())["verification"]
     assert v["exactness_rel_error"] < v["exactness_limit"] / 100, v
     assert v["fidelity_rel_error"] < v["fidelity_limit"] / 100, v
+
+
+# -- a resumed run is held to the same checks as a first run
+
+
+def interrupted_after_first_unit(model: Path, out: Path, **settings) -> Path:
+    """Run until the first unit's plan is saved, then stop as Ctrl-C would; returns the work directory."""
+
+    def stop(label, done, total):
+        if label != "start":
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="--resume"):
+        dfq_onnx.quantize(model, out, progress=stop, **settings)
+    work = out.parent / f".{out.name}.partial"
+    assert (work / "plan-00000.npz").is_file()
+    return work
+
+
+def negate_saved_scales(plan_file: Path) -> None:
+    """Edit a saved plan as a damaged disk or a stray script would: every scale negated (finite
+    logits, another function), the rest of the file, its header included, as it was."""
+    with np.load(plan_file, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    header = json.loads(bytes(arrays["header"]).decode())
+    for q in header["quantized"].values():
+        arrays[q["scales"]] = -arrays[q["scales"]]
+    with open(plan_file, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_a_resumed_run_refuses_a_plan_changed_on_disk(tiny, tmp_path, capsys):
+    model = tiny("dynamo")
+    out = tmp_path / "q.onnx"
+    work = interrupted_after_first_unit(model, out)
+    negate_saved_scales(work / "plan-00000.npz")
+    line = refuse(capsys, str(model), "-o", str(out), "--resume")
+    assert "plan-00000.npz" in line and "digest" in line and "without --resume" in line, line
+    assert outputs_at(out) == []
+    assert (work / "plan-00000.npz").is_file()  # kept for inspection
+
+
+def test_a_resumed_run_is_checked_for_fidelity(tiny, tmp_path, capsys, monkeypatch):
+    """A packing defect in the run that resumes reaches the units it re-applies from their saved
+    plans: the fidelity check, rebuilt from those plans, refuses it."""
+    model = tiny("dynamo")
+    out = tmp_path / "q.onnx"
+    interrupted_after_first_unit(model, out)
+    real = pack.matmulnbits_b
+    monkeypatch.setattr(pack, "matmulnbits_b", lambda codes, bits: swap_nibbles(real(codes, bits), bits))
+    line = refuse(capsys, str(model), "-o", str(out), "--resume")
+    assert line.startswith("dfq-onnx: error: fidelity check failed") and "layer 0" in line, line
+    assert outputs_at(out) == []
+
+
+def test_a_resumed_run_runs_every_check_of_a_first_run(tiny, tmp_path):
+    """Undisturbed, the resumed run publishes the bytes of an uninterrupted one, after both checks."""
+    model = tiny("dynamo")
+    first = tmp_path / "first" / "q.onnx"
+    first.parent.mkdir()
+    dfq_onnx.quantize(model, first)
+    out = tmp_path / "resumed" / "q.onnx"
+    out.parent.mkdir()
+    interrupted_after_first_unit(model, out)
+    report = dfq_onnx.quantize(model, out, resume=True)
+    assert report.resumed_units >= 1
+    assert report.verification["checks"] == ["exactness", "fidelity"]
+    for name in ("q.onnx", "q.onnx.data"):
+        assert (out.parent / name).read_bytes() == (first.parent / name).read_bytes(), name
