@@ -73,7 +73,7 @@ def optimize(
     save.check_output_path(output_path, input_path, load.external_data_files(model))
     sites = find_sites(model)
     check_exclude(recipe, sites)
-    if load.weight_bytes(model) <= VERIFY_AUTO_LIMIT:  # larger models are checked as each weight is read
+    if load.weight_bytes(model) <= verify_auto_limit():  # larger models are checked as each weight is read
         load.check_finite(model, _float_tensors(sites))
     options = dataclasses.replace(options, threads=threads.use(options.threads))
     with save.OutputLock(output_path):
@@ -101,13 +101,11 @@ def _float_tensors(sites: ModelSites) -> list[str]:
 def _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions, allocation=None) -> Report:
     work = save.work_dir_for(output_path)
     location = save.data_location_for(output_path)
-    notes: list[str] = []
-    verify_mode = _verify_mode(options.verify, model, notes)  # sized on the input's weights, before rewriting
+    verify_mode, unverified_why = _verify_mode(options.verify, model)  # sized on the input's weights
     mirror_names = _mirror_names(recipe, verify_mode)
     keep_float = "exact" in mirror_names  # the plans keep the float weights the exactness check reads
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads, keep_float)
-    state, start_notes = _start(work, key, options.resume)
-    notes = start_notes + notes
+    state, notes = _start(work, key, options.resume)
     writer = save.ExternalDataWriter(work, location)  # a resumed run writes its finished plans again
     units = planner.plan_units(sites, model.graph)
     if (head := planner.head_unit(sites, recipe)) is not None:
@@ -185,7 +183,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         notes=notes + sites.notes + plan_notes + context.notes
         + [f"{name} fell back to identity statistics: {why}" for name, why in sites.unmatched.items()],
     )
-    report.verification = {"verified": True, **verification} if verification else {"verified": False, "why": f"--verify {verify_mode}"}
+    report.verification = {"verified": True, **verification} if verification else {"verified": False, "why": unverified_why}
     report.online = [_rotation_entry(r) for p in plans for r in p.online]
     report.resumed_units = resumed + (driver.reused if driver else 0)
     if driver is not None:
@@ -259,21 +257,33 @@ def _interrupted_message(work: Path, output: Path, done: int, total: int) -> str
     )
 
 
-VERIFY_AUTO_LIMIT = 2 << 30  # bytes of input weights up to which "auto" compares logits in ORT
+VERIFY_AUTO_LIMIT: int | None = None  # bytes of input weights up to which "auto" compares logits; None: from memory
+# ONNX Runtime holds one float model at a time while verifying (the input, then each float copy);
+# on a 2.3 GiB fp32 model the whole check peaked at 3.3 GB (1.4x its weights). Twice that is asked of
+# the memory available when the run starts.
+VERIFY_MEMORY_PER_WEIGHT_BYTE = 2.8
 
 
-def _verify_mode(requested: str, model: ir.Model, notes: list[str]) -> str:
-    """"auto" compares small models; a large one is not loaded in ORT, whose memory would dwarf ours."""
+def verify_auto_limit() -> int:
+    if VERIFY_AUTO_LIMIT is not None:
+        return VERIFY_AUTO_LIMIT
+    return int(memory.available_bytes() / VERIFY_MEMORY_PER_WEIGHT_BYTE)
+
+
+def _verify_mode(requested: str, model: ir.Model) -> tuple[str, str | None]:
+    """The mode, and why the output is not run when "auto" decides so: a model whose float copies
+    would not fit in the memory available is not loaded in ORT."""
     if requested != "auto":
-        return requested
-    size = load.weight_bytes(model)
-    if size <= VERIFY_AUTO_LIMIT:
-        return "compare"
-    notes.append(
-        f"the output was not loaded in ONNX Runtime: the input's weights are {size / 2**30:.1f} GiB and ORT would hold "
-        "them in memory; pass --verify run (or compare) to check it anyway"
+        return requested, None if requested != "none" else "--verify none"
+    size, limit = load.weight_bytes(model), verify_auto_limit()
+    if size <= limit:
+        return "compare", None
+    why = (
+        f"--verify auto: the input's weights ({size / 2**30:.1f} GiB) need about {size * VERIFY_MEMORY_PER_WEIGHT_BYTE / 2**30:.1f} "
+        f"GiB to verify, more than the {limit * VERIFY_MEMORY_PER_WEIGHT_BYTE / 2**30:.1f} GiB available; pass --verify run "
+        "(or compare) to check it anyway"
     )
-    return "none"
+    return "none", why
 
 
 def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str, recipe: Recipe, checks: dict[str, Path]) -> dict | None:

@@ -14,9 +14,10 @@ import pytest
 
 import dfq_onnx
 from conftest import file_digests
+from dfq_onnx import memory, pipeline, verify
 from dfq_onnx.cli import main
 from dfq_onnx.errors import Interrupted
-from dfq_onnx.graph import pack
+from dfq_onnx.graph import pack, rewrite
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import find_sites
 from dfq_onnx.quant import site
@@ -165,3 +166,71 @@ def test_a_resumed_run_runs_every_check_of_a_first_run(tiny, tmp_path):
     assert report.verification["checks"] == ["exactness", "fidelity"]
     for name in ("q.onnx", "q.onnx.data"):
         assert (out.parent / name).read_bytes() == (first.parent / name).read_bytes(), name
+
+
+# -- each check, planted
+
+
+def test_non_finite_logits_are_not_published(tiny, tmp_path, capsys, monkeypatch):
+    """One scale written as +inf: finite weights in, an inf column in the written model. `--verify run`
+    runs no mirror, so the finite-logits check is the gate here."""
+    real = rewrite.PackedWeight.matmulnbits_tensors
+
+    def one_inf_scale(self):
+        out = real(self)
+        scales, dtype = out["scales"]
+        scales = scales.copy()
+        scales[0, 0] = np.inf
+        return {**out, "scales": (scales, dtype)}
+
+    monkeypatch.setattr(rewrite.PackedWeight, "matmulnbits_tensors", one_inf_scale)
+    out = tmp_path / "q.onnx"
+    line = refuse(capsys, str(tiny("dynamo")), "-o", str(out), "--method", "rtn", "--verify", "run")
+    assert line.startswith("dfq-onnx: error: the written model produced non-finite logits"), line
+    assert outputs_at(out) == []
+
+
+def test_qdq_bytes_that_do_not_decode_to_the_rounded_weights_are_not_published(tiny, tmp_path, capsys, monkeypatch):
+    """The QDQ layout has packing code of its own (signed sub-byte values, row-major): its defect too is caught."""
+    real = rewrite._pack_flat
+    monkeypatch.setattr(rewrite, "_pack_flat", lambda values, bits: swap_nibbles(real(values, bits), bits))
+    out = tmp_path / "q.onnx"
+    line = refuse(capsys, str(tiny("dynamo")), "-o", str(out), "--method", "rtn", "--format", "qdq")
+    assert line.startswith("dfq-onnx: error: fidelity check failed") and "layer 0" in line, line
+    assert outputs_at(out) == []
+
+
+def test_fp16_limits_pass_a_healthy_run_and_refuse_a_defect(tiny, tmp_path, capsys, monkeypatch):
+    """fp16 exports get the looser limits (verify.py): a correct run stays well under them, and a
+    packing defect is still far above."""
+    model = tiny("genai-fp16")
+    out = tmp_path / "ok.onnx"
+    assert main(["optimize", str(model), "-o", str(out), "--quiet"]) == 0
+    v = json.loads((tmp_path / "ok.report.json").read_text())["verification"]
+    assert (v["exactness_limit"], v["fidelity_limit"]) == (verify.EXACT_LIMIT["float16"], verify.FIDELITY_LIMIT["float16"])
+    assert v["exactness_rel_error"] < v["exactness_limit"] / 5 and v["fidelity_rel_error"] < v["fidelity_limit"] / 5, v
+
+    real = pack.matmulnbits_b
+    monkeypatch.setattr(pack, "matmulnbits_b", lambda codes, bits: swap_nibbles(real(codes, bits), bits))
+    bad = tmp_path / "bad.onnx"
+    line = refuse(capsys, str(model), "-o", str(bad), "--method", "rtn")
+    assert line.startswith("dfq-onnx: error: fidelity check failed"), line
+    assert outputs_at(bad) == []
+
+
+def test_a_model_past_the_auto_limit_says_why_it_was_not_verified(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 1 << 10)  # 1 KiB: any model is past it
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--method", "rtn"]) == 0
+    why = json.loads((tmp_path / "q.report.json").read_text())["verification"]
+    assert why["verified"] is False and why["why"].startswith("--verify auto: the input's weights"), why
+    assert "GiB" in why["why"] and "--verify run" in why["why"], why
+    printed = capsys.readouterr()
+    assert "NOT verified (--verify auto: the input's weights" in printed.out + printed.err
+
+
+def test_the_auto_limit_follows_the_available_memory(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 28 << 30)
+    assert pipeline.verify_auto_limit() == int((28 << 30) / pipeline.VERIFY_MEMORY_PER_WEIGHT_BYTE)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 << 30)
+    assert pipeline.verify_auto_limit() < 1 << 30
