@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from . import genai_folder
-from .config import DEFAULT_RECIPE, OutputFormat, Recipe, load_recipe
+from .config import DEFAULT_RECIPE, Recipe, load_recipe
 from .errors import DfqError
 from .graph.sites import ModelSites
 from .progress import ProgressBar, ProgressFn
@@ -52,8 +52,9 @@ def quantize(
     keyword overrides replace its settings: bits (2, 3, 4, 8; 16 applies the transforms only),
     block_size, symmetric, output_format ("matmulnbits" or "qdq"), lm_head ("keep", "int8",
     "int4"), method ("cafeq" or "rtn"), online, accuracy_level, exclude (node names or roles kept
-    in float), fast (True: every learner the recipe turns on, off). `output` defaults to `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai
-    folder. `progress` is a callable (label, done, total), or True for a bar on stderr.
+    in float), fast (True: every learner the recipe turns on, off). `output` defaults to
+    `<model>.q<bits>.onnx`, or `<folder>-q<bits>/` for a genai folder (`qdq<bits>` for QDQ, `float`
+    with bits 16). `progress` is a callable (label, done, total), or True for a bar on stderr.
     `verify` is "auto", "compare", "run" or "none" (see `dfq-onnx optimize --help`).
     `threads`: torch threads of the optimisation (default: torch's); the bytes depend on it. It is
     fixed when torch starts: a process that already runs torch must have been started with it
@@ -176,19 +177,16 @@ def _paths(model: Path, output: Path | None, recipe: Recipe) -> tuple[Path, Path
     folder = genai_folder.find(model)
     if folder is None:
         return model, output, {}
-    destination = genai_folder.output_folder(folder, output, _suffix(recipe))
+    from .graph import load
+    from .pipeline import output_suffix
+
+    destination = genai_folder.output_folder(folder, output, output_suffix(recipe))
     if destination is None:  # `-o file.onnx`: the model alone
         return folder.model, output, {}
     target = destination / folder.model_file
-    from .graph import load
 
     data_files = load.external_data_files(load.load_model(folder.model))
     return folder.model, target, genai_folder.companions(folder, data_files, target.name)
-
-
-def _suffix(recipe: Recipe) -> str:
-    kind = "qdq" if recipe.output_format == OutputFormat.QDQ else "q"
-    return "float" if recipe.float_output else f"{kind}{recipe.quant.bits}"
 
 
 def check_device(name: str) -> str:

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=None,
-        help="output .onnx path (default: <model>.q<bits>.onnx); for an onnxruntime-genai input, a folder that "
+        help="output .onnx path (default: <model>.q<bits>.onnx, .qdq<bits>.onnx for QDQ, .float.onnx for --bits 16); for an onnxruntime-genai input, a folder that "
         "onnxruntime-genai loads as it is (genai_config.json and tokenizer files carried; default: <folder>-q<bits>), "
         "or an .onnx path for the model alone",
     )

@@ -47,9 +47,16 @@ class RunOptions:
             raise DfqError(f"unknown verify mode '{self.verify}': use auto, compare, run or none")
 
 
+def output_suffix(recipe: Recipe) -> str:
+    """What names an output by its recipe: q4, qdq3, or float (--bits 16 writes float weights)."""
+    if recipe.float_output:
+        return "float"
+    return f"{'qdq' if recipe.output_format == OutputFormat.QDQ else 'q'}{recipe.quant.bits}"
+
+
 def default_output_path(input_path: Path, recipe: Recipe) -> Path:
-    suffix = "qdq" if recipe.output_format == OutputFormat.QDQ else "q"
-    return input_path.with_name(f"{input_path.stem}.{suffix}{recipe.quant.bits}.onnx")
+    """<model>.<suffix>.onnx beside the input (a genai folder's default is <folder>-<suffix>/)."""
+    return input_path.with_name(f"{input_path.stem}.{output_suffix(recipe)}.onnx")
 
 
 def inspect(input_path: Path) -> ModelSites:

@@ -102,3 +102,17 @@ def test_inspect_returns_the_structure(tiny):
     assert {lin.role.value for lin in sites.linears.values()} >= {"o", "gate", "up", "down"}
     # a genai folder is inspected through its decoder
     assert dfq_onnx.inspect(tiny("genai-fp32").parent).linears.keys() == sites.linears.keys()
+
+
+def test_default_output_names_agree_for_a_model_and_a_folder(tiny, tmp_path):
+    """One naming rule: <model>.<suffix>.onnx for a lone model, <folder>-<suffix>/ for a genai folder,
+    with the suffix `float` where --bits 16 writes float weights."""
+    model = lone_model(tiny, tmp_path / "lone")
+    folder = tmp_path / "folder"
+    shutil.copytree(tiny("genai-fp32").parent, folder, ignore=shutil.ignore_patterns("cache"))
+    for flags, suffix in ((["--bits", "16"], "float"), (["--format", "qdq", "--bits", "8"], "qdq8")):
+        common = ["--method", "rtn", "--verify", "none", "--quiet"] if suffix != "float" else ["--verify", "none", "--quiet"]
+        assert main(["optimize", str(model), *flags, *common]) == 0
+        assert (model.parent / f"model.{suffix}.onnx").is_file(), sorted(p.name for p in model.parent.iterdir())
+        assert main(["optimize", str(folder), *flags, *common]) == 0
+        assert (tmp_path / f"folder-{suffix}" / "model.onnx").is_file(), sorted(p.name for p in tmp_path.iterdir())
