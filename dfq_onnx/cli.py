@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="before publishing: compare (check in ONNX Runtime on random ids that the transforms keep the input's "
         "logits and that the written model computes the method's dequantized weights; a failure publishes nothing), "
-        "run (only run the output), or none; auto compares models up to 2 GiB of weights and skips larger ones "
-        "(ORT would hold them in RAM) [auto]",
+        "run (only run the output), or none; auto compares a model whose float copies fit in the memory available "
+        "(about 2.8 bytes per weight byte) and says why it skips a larger one [auto]",
     )
     o.add_argument(
         "--resume",
