@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="before publishing: compare (check in ONNX Runtime on random ids that the transforms keep the input's "
         "logits and that the written model computes the method's dequantized weights; a failure publishes nothing), "
         "run (only run the output), or none; auto compares a model whose float copies fit in the memory available "
-        "(about 2.8 bytes per weight byte) and says why it skips a larger one [auto]",
+        "(about 3 bytes per weight byte) and says why it skips a larger one [auto]",
     )
     o.add_argument(
         "--resume",
