@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -181,10 +182,20 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """Load a recipe by built-in name (e.g. 'rtn-int4') or by path to a TOML file."""
+    """Load a recipe by built-in name (e.g. 'rtn-int4') or by path to a TOML file.
+
+    An argument that looks like a path (a directory separator, or a .toml ending) must be a file:
+    falling back to the built-in recipe of the same stem would run a recipe the user did not write.
+    """
     path = Path(name_or_path)
     if not path.is_file():
         recipes = builtin_recipes()
+        separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+        if any(s in name_or_path for s in separators) or name_or_path.endswith(".toml"):
+            raise DfqError(
+                f"recipe file {name_or_path} does not exist: give an existing TOML file or a built-in recipe "
+                f"({', '.join(sorted(recipes))})"
+            )
         stem = path.name[: -len(".toml")] if path.name.endswith(".toml") else path.name
         if stem not in recipes:
             raise DfqError(
