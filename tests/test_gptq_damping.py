@@ -12,17 +12,17 @@ asserted, so the test fails if damping is not applied at all (equal errors) or i
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import pytest
 import torch
 
+import independent
+import tiny_models as T
 from dfq_onnx import config
 from dfq_onnx.cli import main
 from dfq_onnx.config import MethodConfig, QuantFormat, recipe_from_dict
 from dfq_onnx.errors import DfqError
 from dfq_onnx.quant import rounding
-from dfq_onnx.quant.layer import RTN_TOLERANCE
 
 FORMATS = [QuantFormat(4, 32, True), QuantFormat(2, 32, False)]
 
@@ -60,18 +60,22 @@ def test_recipe_rejects_a_bad_damping(value):
 
 
 def test_the_recipe_damping_reaches_the_rounding(tiny_family, tmp_path):
-    """The same model with gptq_damp 0.01 and the default: different codes, both never worse than
-    round-to-nearest per site (the proxy compares under the undamped H)."""
+    """The same model with gptq_damp 0.01 and the default: different codes, and both no further from
+    the input than a real round-to-nearest model (ONNX Runtime's logits)."""
     model = tiny_family("gemma2", "genai-fp32")
     recipe = tmp_path / "undamped.toml"
     default = config.builtin_recipes()[config.DEFAULT_RECIPE].read_text()
     assert "\ngptq_damp = 0.3 " in default
     recipe.write_text(default.replace("\ngptq_damp = 0.3 ", "\ngptq_damp = 0.01 "))  # only the damping differs
-    data = {}
-    for tag, extra in (("default", []), ("undamped", ["--recipe", str(recipe)])):
-        out = tmp_path / f"{tag}.onnx"
+    data, outputs = {}, {}
+    for tag, extra in (("default", []), ("undamped", ["--recipe", str(recipe)]), ("rtn", ["--method", "rtn"])):
+        out = outputs[tag] = tmp_path / f"{tag}.onnx"
         assert main(["optimize", str(model), "-o", str(out), "--verify", "none", "--quiet", *extra]) == 0
         data[tag] = out.with_suffix(".onnx.data").read_bytes() if out.with_suffix(".onnx.data").exists() else out.read_bytes()
-        report = json.loads(out.with_name(f"{tag}.report.json").read_text())
-        assert all(s["rel_error"] <= s["rtn_rel_error"] * (1 + RTN_TOLERANCE) for s in report["sites"])
     assert data["default"] != data["undamped"]
+    ids = np.random.default_rng(0).integers(0, T.VOCAB, size=(2, 16))
+    ref = independent.logits(model, ids)
+    kl = {tag: independent.mean_kl(ref, independent.logits(out, ids)) for tag, out in outputs.items()}
+    # No slack above RTN's KL: the method's margin holds it (measured KL / RTN's: default 0.71, undamped
+    # 0.66); test_never_worse says why the per-site guard alone would not.
+    assert 0 < kl["default"] <= kl["rtn"] and 0 < kl["undamped"] <= kl["rtn"], kl
