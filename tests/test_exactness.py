@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
+import independent
 import tiny_models as T
 from dfq_onnx.cli import main
 from dfq_onnx.verify import feeds, logits_of, session
@@ -23,35 +23,6 @@ ALL_TRANSFORMS = {"norm-diag", "up-down-diag", "qk-rope-rotation", "vo-hadamard"
 def logits(path: Path, ids: np.ndarray) -> np.ndarray:
     sess = session(path)
     return logits_of(sess, feeds(sess, ids, T.HEAD_DIM))
-
-
-def initializers(path: Path) -> dict[str, np.ndarray]:
-    """Every initializer of a model, external data included, in float64 where it is floating point."""
-    arrays = {i.name: numpy_helper.to_array(i, base_dir=str(path.parent)) for i in onnx.load(path, load_external_data=False).graph.initializer}
-    return {name: a.astype(np.float64) if a.dtype.kind == "f" else a for name, a in arrays.items()}
-
-
-def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, np.ndarray] | None]:
-    """For each linear (node name): the inserted rotation it reads, found in the written graph itself,
-    as (name of the rotating MatMul, its constant b x b block), or None when its input is not rotated.
-
-    A rotation is what insert_block_rotation builds: x -> Reshape -> MatMul(x, T[b, b] constant) ->
-    Reshape -> the linear; only Reshapes may stand between the rotating MatMul and the linear."""
-    graph = onnx.load(path, load_external_data=False).graph
-    consts = initializers(path)
-    producer = {out: node for node in graph.node for out in node.output}
-    by_name = {node.name: node for node in graph.node}
-    found = {}
-    for name in linears:
-        node, hit = producer.get(by_name[name].input[0]), None
-        while node is not None and node.op_type == "Reshape":
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == "MatMul" and node.name not in linears:
-            block = consts.get(node.input[1])
-            if block is not None and block.ndim == 2 and block.shape[0] == block.shape[1]:
-                hit = (node.name, block)
-        found[name] = hit
-    return found
 
 
 def forced(model: Path, tmp_path: Path, recipe_text: str) -> tuple[Path, Path, dict, set[str]]:
@@ -72,7 +43,7 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
     # One inserted rotation per activation and layer, counted in the written graph: the down input
     # (K = 352: Hadamard blocks of 32) and the input gate and up share (K = 128: blocks of 64).
     mlp_in, down = {"gate", "up", "gate_up"}, {"down"}
-    front = rotations_in_front(out, [lin["name"] for lin in linears])
+    front = independent.rotations_in_front(out, [lin["name"] for lin in linears])
     fp16 = style == "genai-fp16"
     for layer in range(T.LAYERS):
         for roles, b in ((mlp_in, 64), (down, 32)):
@@ -90,12 +61,18 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
     assert len(rotated) == 2 * T.LAYERS, sorted(rotated)
     others = [lin["name"] for lin in linears if lin["role"] not in mlp_in | down]
     assert not any(front[name] for name in others), [name for name in others if front[name]]
-    # The report lists what the graph holds.
-    assert report["online"]["rotations"] == len(report["online"]["inserted"]) == 2 * T.LAYERS, report["online"]
+    # The report lists what the graph holds: as many rotations as the graph has, each entry's linears
+    # reading one rotation of its block size, and no other linear reading one.
+    inserted = report["online"]["inserted"]
+    assert report["online"]["rotations"] == len(inserted) == len(rotated), (report["online"]["rotations"], sorted(rotated))
+    assert {n for entry in inserted for n in entry["nodes"]} == {name for name, hit in front.items() if hit}
+    for entry in inserted:
+        assert len({front[n][0] for n in entry["nodes"]}) == 1, entry
+        assert front[entry["nodes"][0]][1].shape == (entry["block"], entry["block"]), entry
     # The transforms changed the written weights: every linear of a layer moved by more than 10% of its
     # norm (measured: 0.76 to 1.43), 200x fp16 storage rounding (2^-11 relative), so the logits check
     # below is not vacuous.
-    before, after = initializers(model), initializers(out)
+    before, after = independent.initializers(model), independent.initializers(out)
     for lin in (lin for lin in linears if lin["layer"] is not None):
         w0, w1 = before[lin["weight"]], after[lin["weight"]]
         assert w1.shape == w0.shape, lin["name"]
@@ -133,19 +110,29 @@ def test_learned_transforms_preserve_logits(tiny, tmp_path, style):
     graph = onnx.load(out, load_external_data=False).graph
     learned = [i for i in graph.initializer if i.name.startswith("online_rotation") and len(i.dims) == 3]
     assert len(learned) == 2 * T.LAYERS, [i.name for i in graph.initializer if i.name.startswith("online")]
-    arrays = initializers(out)
+    arrays = independent.initializers(out)
     for init in learned:  # general, not orthogonal: fp16 storage of a Hadamard moves A A^T by <= 1e-3
         a = arrays[init.name]
         assert np.abs(a @ a.transpose(0, 2, 1) - np.eye(a.shape[-1])).max() > 1e-2, init.name
     assert_same_logits(tiny, style, model, out, report)
 
 
-def test_method_lowers_proxy_against_rtn_on_every_role(tiny, tmp_path):
-    out = tmp_path / "q.onnx"
-    assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--bits", "3", "--quiet"]) == 0
-    report = json.loads((tmp_path / "q.report.json").read_text())
-    for role in report["roles"]:
-        assert role["rel_error"] < role["rtn_rel_error"], role
+def test_method_beats_round_to_nearest_at_3_bits(tiny, tmp_path):
+    """3-bit on the dynamo export (q, k, v, gate, up, down: every role its own linear): the method's
+    model is closer to the input than a real round-to-nearest model, on ONNX Runtime's logits."""
+    model = tiny("dynamo")
+    outputs = {}
+    for method in ("cafeq", "rtn"):
+        outputs[method] = tmp_path / method / "q.onnx"
+        outputs[method].parent.mkdir()
+        assert main(["optimize", str(model), "-o", str(outputs[method]), "--bits", "3", "--method", method, "--verify", "none", "--quiet"]) == 0
+    ids = np.random.default_rng(3).integers(0, T.VOCAB, size=(4, 32))
+    ref = logits(model, ids)
+    kl = {m: independent.mean_kl(ref, logits(out, ids)) for m, out in outputs.items()}
+    # Measured method 3.5e-3, RTN 5.1e-3 (0.68x) on these 128 tokens. 0.85x leaves the method a margin
+    # and fails a method no better than round-to-nearest (equal KL), and also the transforms without
+    # the method's rounding (round-to-nearest after them measured 0.87x).
+    assert 0 < kl["cafeq"] < 0.85 * kl["rtn"], kl
 
 
 def test_online_none_inserts_no_rotation(tiny, tmp_path):
@@ -155,6 +142,9 @@ def test_online_none_inserts_no_rotation(tiny, tmp_path):
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["online"]["rotations"] == 0
     assert not any(t.startswith("online") for site in report["sites"] for t in site["transforms"])
-    import onnx
-
     assert not any(n.name.endswith("_online_rotate") for n in onnx.load(out, load_external_data=False).graph.node)
+    # Nor does any rounded linear read a constant rotation, whatever its name (the graph, read as above).
+    rounded = [n.name for n in onnx.load(out, load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    assert len(rounded) == 7 * T.LAYERS, rounded  # q, k, v, o, gate, up, down
+    front = independent.rotations_in_front(out, rounded)
+    assert not any(front.values()), [name for name, hit in front.items() if hit]
