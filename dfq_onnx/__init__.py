@@ -21,6 +21,7 @@ _LAZY = {
     "quantize": "api",
     "inspect": "api",
     "plan_budget": "api",
+    "evaluate": "api",
     "Report": "report",
     "SiteResult": "report",
     "Recipe": "config",

@@ -114,6 +114,16 @@ def quantize(
             raise
 
 
+def evaluate(reference: str | Path, candidates, **options) -> dict:
+    """Compare quantized models with their reference in ONNX Runtime: per candidate, KL(reference ||
+    candidate) per token, top-1 agreement and perplexity, on sequences the reference samples (default),
+    a text (text=FILE) or multiple-choice tasks (tasks=DIR); a plain dict. What `dfq-onnx eval` does;
+    options as `dfq_onnx.evaluation.evaluate` names them."""
+    from .evaluation import evaluate as run
+
+    return run(reference, candidates, **options)
+
+
 def inspect(model: str | Path) -> ModelSites:
     """What the tool finds in a model: per layer, each linear's role and shape, pairs, norms, RoPE."""
     from .pipeline import inspect as find

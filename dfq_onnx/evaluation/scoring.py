@@ -1,0 +1,85 @@
+"""One forward of the same token sequences through the reference and every candidate: KL(reference ||
+candidate) per position, top-1 agreement, and each model's log-probability of the next token."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from ..errors import DfqError
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits - logits.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclasses.dataclass
+class Totals:
+    """Sums over the scored positions of one model."""
+
+    kl: float = 0.0
+    top1: float = 0.0
+    positions: int = 0
+    nll: float = 0.0
+    tokens: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "kl": self.kl / self.positions if self.positions else None,
+            "top1": self.top1 / self.positions if self.positions else None,
+            "ppl": math.exp(self.nll / self.tokens) if self.tokens else None,
+            "positions": self.positions,
+            "tokens": self.tokens,
+        }
+
+
+def score(models, ids: np.ndarray, compare: np.ndarray, predict: np.ndarray, totals: list[Totals], progress=None) -> list[np.ndarray]:
+    """Run `ids` [batch, seq] through every model (models[0] is the reference).
+
+    `compare` [batch, seq]: positions whose next-token distributions are compared (KL, top-1);
+    `predict` [batch, seq - 1]: positions t whose log-probability of ids[t + 1] counts for perplexity.
+    Adds to `totals` (one per model); returns each model's log-probabilities of the next tokens
+    [batch, seq - 1] (float64)."""
+    out = []
+    ref_lp = ref_p = ref_top = None
+    for i, model in enumerate(models):
+        logits = model.logits(ids)
+        if ref_lp is not None and logits.shape != (*ids.shape, ref_lp.shape[-1]):
+            raise DfqError(
+                f"candidate {model.label} gives logits of shape {list(logits.shape)}, the reference "
+                f"{list((*ids.shape, ref_lp.shape[-1]))}; compare models of the same vocabulary"
+            )
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            raise DfqError(f"{model.label} gives logits of shape {list(logits.shape)}; expected [batch, sequence, vocab]")
+        lp = log_softmax(logits)
+        nxt = np.take_along_axis(lp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0].astype(np.float64)
+        if ref_lp is None:
+            ref_lp, ref_p, ref_top = lp, np.exp(lp), lp.argmax(-1)
+            kl, top1 = np.zeros(ids.shape), np.ones(ids.shape)
+        else:
+            kl = (ref_p * (ref_lp - lp)).sum(-1, dtype=np.float64)
+            top1 = (lp.argmax(-1) == ref_top).astype(np.float64)
+        t = totals[i]
+        t.kl += float(kl[compare].sum())
+        t.top1 += float(top1[compare].sum())
+        t.positions += int(compare.sum())
+        t.nll -= float(nxt[predict].sum())
+        t.tokens += int(predict.sum())
+        out.append(nxt)
+        if progress is not None:
+            progress(model.label)
+    return out
+
+
+def stderr(p: float, n: int) -> float:
+    """Standard error of a proportion p over n questions: sqrt(p(1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def paired_stderr(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a - b) over paired questions: sample std of the differences / sqrt(n)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")

