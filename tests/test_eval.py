@@ -190,3 +190,19 @@ def test_errors(models, tiny, tmp_path, capsys):
     text.write_text("t5 t17 t30\n")
     _one_line_error(capsys, ["eval", str(torchscript), str(torchscript), "--text", str(text)], "no tokenizer")
     _one_line_error(capsys, ["eval", str(ref), str(q8), "--length", "1"], "--length")
+    _one_line_error(capsys, ["eval", str(ref), str(q8), "--length", "300"], "context length (256")
+
+
+def test_task_sequences_keep_the_continuation_within_the_context_length():
+    from dfq_onnx.evaluation.tasks import _sequence
+
+    class Words:
+        def encode(self, text):
+            return [int(w[1:]) for w in text.split()]
+
+    assert _sequence(Words(), BOS, "t5 t6 t7", " t8 t9") == ([BOS, 5, 6, 7, 8, 9], 2)
+    assert _sequence(Words(), BOS, "t5 t6 t7", " t8 t9", longest=4) == ([BOS, 7, 8, 9], 2)  # the context's start goes
+    assert _sequence(Words(), None, "t5 t6 t7", " t8 t9", longest=4) == ([6, 7, 8, 9], 2)
+    assert _sequence(Words(), None, "", " t8 t9") == ([8, 9], 1)  # nothing predicts the first token
+    with pytest.raises(dfq_onnx.DfqError, match="context length"):
+        _sequence(Words(), BOS, "t5", " t8 t9 t10", longest=3)

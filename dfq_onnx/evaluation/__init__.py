@@ -86,10 +86,13 @@ def evaluate(
     ref = models_.load(reference, threads)
     models = [ref, *(models_.load(c, threads, like=ref) for c in candidates)]
     bos = models_.bos_token_id(ref.folder)
+    longest = models_.context_length(ref.folder)
+    if mode != "tasks" and longest is not None and length > longest:
+        raise DfqError(f"--length {length} exceeds the reference's context length ({longest} tokens)")
     totals = [Totals() for _ in models]
     bar = ProgressBar(desc="eval") if progress is True else None
     counter = _Progress(bar or progress or None)
-    settings = {"seed": seed, "batch": batch, "bos_token_id": bos}
+    settings = {"seed": seed, "batch": batch, "bos_token_id": bos, "context_length": longest}
     result: dict = {"mode": mode, "settings": settings}
     task_results = None
     with contextlib.closing(bar) if bar else contextlib.nullcontext():
@@ -97,7 +100,7 @@ def evaluate(
             tokenizer = models_.Tokenizer(ref.folder, str(reference))
             chosen = {name: subsample(qs, limit, seed) for name, qs in task_set.items()}
             settings.update(tasks=str(tasks), limit=limit)
-            task_results = run_tasks(models, tokenizer, bos, chosen, totals, batch, counter)
+            task_results = run_tasks(models, tokenizer, bos, chosen, totals, batch, counter, longest)
         else:
             if mode == "generated":
                 counter.total(length - 1 + -(-samples // batch) * len(models))

@@ -83,6 +83,18 @@ def _config(folder: Path) -> dict:
         return {}
 
 
+def context_length(folder: Path) -> int | None:
+    """The longest sequence the model takes: genai_config.json's context_length, else config.json's
+    max_position_embeddings; None if neither says."""
+    value = _config(folder).get("model", {}).get("context_length")
+    if not isinstance(value, int):
+        try:
+            value = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            value = None
+    return value if isinstance(value, int) and value > 1 else None
+
+
 def bos_token_id(folder: Path) -> int | None:
     """bos_token_id from genai_config.json or config.json beside the model; None if neither says."""
     candidates = [_config(folder).get("model", {})]

@@ -95,9 +95,10 @@ def subsample(questions: list[Question], limit: int | None, seed: int) -> list[Q
     return [questions[i] for i in sorted(pick)]
 
 
-def _sequence(tokenizer, bos: int | None, context: str, continuation: str) -> tuple[list[int], int]:
+def _sequence(tokenizer, bos: int | None, context: str, continuation: str, longest: int | None = None) -> tuple[list[int], int]:
     """(token ids, number of continuation tokens at the end). The continuation's tokens are those
-    of context + continuation after the context's own (the split lm-evaluation-harness makes)."""
+    of context + continuation after the context's own (the split lm-evaluation-harness makes); a
+    sequence longer than `longest` loses the start of its context (the bos token is kept)."""
     ctx = tokenizer.encode(context)
     whole = tokenizer.encode(context + continuation)
     cont = whole[len(ctx):] if whole[: len(ctx)] == ctx and len(whole) > len(ctx) else tokenizer.encode(continuation)
@@ -106,17 +107,22 @@ def _sequence(tokenizer, bos: int | None, context: str, continuation: str) -> tu
     prefix = ([bos] if bos is not None else []) + ctx
     if not prefix:  # nothing predicts the first token: it is context
         prefix, cont = cont[:1], cont[1:]
+    if longest is not None and len(prefix) + len(cont) > longest:
+        keep = longest - len(cont) - (bos is not None)
+        if keep < (bos is None) or not cont:
+            raise DfqError(f"the continuation {continuation!r} has {len(cont)} tokens, more than the model's context length {longest}")
+        prefix = ([bos] if bos is not None else []) + prefix[len(prefix) - keep :]
     return prefix + cont, len(cont)
 
 
-def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch: int, progress=None) -> dict[str, dict]:
+def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch: int, progress=None, longest=None) -> dict[str, dict]:
     """Per task, per model: accuracy and length-normalised accuracy, with standard errors, and the
     paired standard error of each model's difference from the reference (models[0])."""
     seqs = []  # (task, question number, choice idx, ids, continuation tokens)
     for name, questions in tasks.items():
         for qn, q in enumerate(questions):
             for idx, (context, continuation) in q.choices.items():
-                ids, n = _sequence(tokenizer, bos, context, continuation)
+                ids, n = _sequence(tokenizer, bos, context, continuation, longest)
                 seqs.append((name, qn, idx, ids, n))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][3]))
     groups, current = [], []
