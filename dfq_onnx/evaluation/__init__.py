@@ -90,7 +90,7 @@ def evaluate(
     if mode != "tasks" and longest is not None and length > longest:
         raise DfqError(f"--length {length} exceeds the reference's context length ({longest} tokens)")
     totals = [Totals() for _ in models]
-    bar = ProgressBar(desc="eval") if progress is True else None
+    bar = ProgressBar(desc="eval", unit="step") if progress is True else None
     counter = _Progress(bar or progress or None)
     settings = {"seed": seed, "batch": batch, "bos_token_id": bos, "context_length": longest}
     result: dict = {"mode": mode, "settings": settings}
