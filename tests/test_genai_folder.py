@@ -1,6 +1,6 @@
-"""onnxruntime-genai folders in, folders out: onnxruntime-genai loads and generates from the
-quantized folder, `--bits 16` (transforms applied, no rounding) generates the input's tokens, and
-the input folder is never modified."""
+"""onnxruntime-genai folders in, folders out: onnxruntime-genai loads the quantized folder and, at
+8 bits, generates the input's first greedy tokens; `--bits 16` (transforms applied, no rounding)
+generates the input's tokens; the input folder is never modified."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 
+import independent
 import quickstart  # tools/ (on the path through tiny_models)
 from conftest import file_digests
 from dfq_onnx.cli import main
@@ -28,15 +30,15 @@ def genai_folder(tiny_family, tmp_path: Path, family: str = "llama") -> Path:
     return dst
 
 
-def greedy(folder: Path) -> list[int]:
-    return quickstart.greedy(og.Model(str(folder)), PROMPT, NEW_TOKENS)  # what the README's first command runs
+def greedy(folder: Path, tokens: int = NEW_TOKENS) -> list[int]:
+    return quickstart.greedy(og.Model(str(folder)), PROMPT, tokens)  # what the README's first command runs
 
 
 def test_quantized_folder_loads_and_generates(tiny_family, tmp_path):
     src = genai_folder(tiny_family, tmp_path)
     before = file_digests(src / "genai_config.json")
-    assert main(["optimize", str(src), "--quiet"]) == 0
-    out = src.with_name(src.name + "-q4")  # the default: beside the input folder
+    assert main(["optimize", str(src), "--bits", "8", "--quiet"]) == 0
+    out = src.with_name(src.name + "-q8")  # the default: beside the input folder
     assert file_digests(src / "genai_config.json") == before, "the input folder changed"
     # Everything but the decoder and its data is carried; the config names the new decoder.
     carried = {p.name for p in src.iterdir()} - {"model.onnx", "model.onnx.data"}
@@ -45,9 +47,16 @@ def test_quantized_folder_loads_and_generates(tiny_family, tmp_path):
     config_out = json.loads((out / "genai_config.json").read_text())
     assert config_out["model"]["decoder"]["filename"] == "model.onnx" and config_out == config_in
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    tokens = greedy(out)
-    assert len(tokens) == len(PROMPT) + NEW_TOKENS and tokens[: len(PROMPT)] == PROMPT
-    assert "MatMulNBits" in (out / "model.onnx").read_bytes().decode("latin-1")
+    # onnxruntime-genai decodes the 8-bit folder greedily as it decodes the input: the same first
+    # tokens. The random tiny model's next-token distribution is nearly flat: its top-1 margins over
+    # the first 8 steps measured 0.11, 0.031, 0.021, 5.2e-3, 0.099, 0.029, 1.2e-3, 2.2e-4, while 8 bits
+    # moves each logit by up to 5.4e-3, so two logits can swap where the margin is below ~1.1e-2.
+    # All 8 tokens match today, but only the first 3 are beyond that noise: those must match.
+    tokens, want = greedy(out, 8), greedy(src, 8)
+    assert len(tokens) == len(want) == len(PROMPT) + 8 and tokens[: len(PROMPT) + 3] == want[: len(PROMPT) + 3], (tokens, want)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
 
 
 def test_bits16_folder_generates_the_input_tokens(tiny_family, tmp_path):
@@ -58,7 +67,9 @@ def test_bits16_folder_generates_the_input_tokens(tiny_family, tmp_path):
     recipe.write_text('[method]\nforce_transforms = true\n')
     assert main(["optimize", str(src), "-o", str(out), "--bits", "16", "--recipe", str(recipe), "--quiet"]) == 0
     report = json.loads((out / "model.report.json").read_text())
-    assert report["online"]["rotations"] > 0  # transforms were really applied, not a plain copy
+    # Transforms were really applied, not a plain copy: linears read rotations found in the written graph.
+    front = independent.rotations_in_front(out / "model.onnx", [lin["name"] for lin in report["structure"]["linears"]])
+    assert any(front.values())
     assert greedy(out) == greedy(src)
 
 
