@@ -152,9 +152,10 @@ def initializers(path: Path) -> dict[str, np.ndarray]:
     return {name: a.astype(np.float64) if a.dtype.kind == "f" else a for name, a in arrays.items()}
 
 
-def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, np.ndarray] | None]:
+def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, str, np.ndarray] | None]:
     """For each linear (node name): the inserted rotation it reads, found in the written graph itself,
-    as (name of the rotating MatMul, its constant b x b block), or None when its input is not rotated.
+    as (name of the rotating MatMul, its constant's name, the constant b x b block in float64), or None
+    when its input is not rotated.
 
     A rotation is what insert_block_rotation builds: x -> Reshape -> MatMul(x, T[b, b] constant) ->
     Reshape -> the linear; only Reshapes may stand between the rotating MatMul and the linear."""
@@ -170,6 +171,6 @@ def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, n
         if node is not None and node.op_type == "MatMul" and node.name not in linears:
             block = consts.get(node.input[1])
             if block is not None and block.ndim == 2 and block.shape[0] == block.shape[1]:
-                hit = (node.name, block)
+                hit = (node.name, node.input[1], block)
         found[name] = hit
     return found

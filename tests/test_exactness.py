@@ -51,7 +51,7 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
             assert readers, (layer, roles)
             got = {front[name][0] if front[name] else None for name in readers}
             assert len(got) == 1 and None not in got, f"layer {layer} {sorted(roles)}: {got}"  # one, shared
-            block = front[readers[0]][1]
+            block = front[readers[0]][2]
             assert block.shape == (b, b), (layer, roles, block.shape)
             # A Hadamard block: entries +-1/sqrt(b), orthogonal. fp16 storage rounds each entry by <= 2^-11
             # relative, so T T^T moves from I by <= 2 * 2^-11 (b terms of 1/b each); fp32 by ~b * 2^-24.

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
+import independent
 import tiny_models as T
 from conftest import file_digests
 from dfq_onnx.cli import main
@@ -239,27 +240,6 @@ def test_every_role_shape_and_pair_found(cell, family, style):
             assert p.detail["applies"], p.detail
 
 
-def rotations_in_front(path: Path, linears: list[str]) -> dict[str, tuple[str, str, np.ndarray] | None]:
-    """For each linear (node name): the rotation its input passes through, read from the written graph
-    as (the rotating MatMul's name, its constant's name, the constant b x b block in float64), or None.
-    An inserted rotation is x -> Reshape -> MatMul(x, T[b, b] constant) -> Reshape -> the linear."""
-    graph = onnx.load(path, load_external_data=False).graph
-    consts = {t.name: t for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    by_name = {node.name: node for node in graph.node}
-    found = {}
-    for name in linears:
-        node, hit = producer.get(by_name[name].input[0]), None
-        while node is not None and node.op_type == "Reshape":
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == "MatMul" and node.name not in linears and node.input[1] in consts:
-            block = onnx.numpy_helper.to_array(consts[node.input[1]], base_dir=str(path.parent)).astype(np.float64)
-            if block.ndim == 2 and block.shape[0] == block.shape[1]:
-                hit = (node.name, node.input[1], block)
-        found[name] = hit
-    return found
-
-
 def check_online_rotations(fam: T.Family, model: Path, out: Path, report: dict, fp16: bool) -> None:
     """FORCE's online rotations, counted in the written graph against the input's own linears: per
     layer one in front of the MLP input (K = hidden: Hadamard blocks of 64) that gate and up (or
@@ -276,7 +256,7 @@ def check_online_rotations(fam: T.Family, model: Path, out: Path, report: dict, 
     # Every MatMul that reads an inserted block (named online_rotation<b>..., one tensor per distinct block).
     inserted = {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1].startswith("online_rotation")}
     assert len(inserted) == 2 * fam.layers, sorted(inserted)
-    front = rotations_in_front(out, [lin.node for lin in sites.linears.values()])
+    front = independent.rotations_in_front(out, [lin.node for lin in sites.linears.values()])
     found, rotating_nodes = [], set()
     for layer, readers, k, b in expected:
         got = {front[name][0] if front[name] else None for name in readers}

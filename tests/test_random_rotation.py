@@ -56,7 +56,7 @@ def test_random_rotation_float_output_is_exact(tiny, tmp_path):
     # Not a plain copy: the MLP inputs read random blocks (found in the graph, not orthogonal signed
     # Hadamards), and the V/O pairs' weights moved.
     front = independent.rotations_in_front(out, [lin["name"] for lin in linears])
-    blocks = [hit[1] for hit in front.values() if hit]
+    blocks = [hit[2] for hit in front.values() if hit]
     assert blocks and not any(np.allclose(np.abs(b) * np.sqrt(len(b)), 1) for b in blocks)
     before, after = independent.initializers(model), independent.initializers(out)
     for lin in (lin for lin in linears if lin["role"] in ("v", "o")):
