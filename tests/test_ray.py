@@ -125,20 +125,26 @@ def test_run_survives_a_lost_node_with_the_same_bytes(tiny, tmp_path, cluster, l
     assert {u["node"] for u in units} == {survivor}
 
 
-def test_driver_stopped_then_resumed_redoes_only_missing_units(tiny, tmp_path, cluster, local_bytes):
-    c, _ = cluster
-    model = model_in(tiny, tmp_path / "in")
-    out = tmp_path / "out" / "model.q4.onnx"
+def stopped_after_first_unit(model: Path, out: Path, address: str) -> list[Path]:
+    """A cluster run stopped (as Ctrl-C would) once a first unit is back; the plans it kept."""
 
-    def stop_after_first_unit(label, done, total):
+    def stop(label, done, total):
         if " on " in label:
             raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match="--resume"):
-        ray_run(model, out, c.address, progress=stop_after_first_unit)
+        ray_run(model, out, address, progress=stop)
     assert not out.exists()
-    kept = sorted(p.name for p in (out.parent / ".model.q4.onnx.partial").glob("plan-*.npz"))
+    kept = sorted((out.parent / f".{out.name}.partial").glob("plan-*.npz"))
     assert kept, "the finished unit's plan is the checkpoint"
+    return kept
+
+
+def test_driver_stopped_then_resumed_redoes_only_missing_units(tiny, tmp_path, cluster, local_bytes):
+    c, _ = cluster
+    model = model_in(tiny, tmp_path / "in")
+    out = tmp_path / "out" / "model.q4.onnx"
+    kept = stopped_after_first_unit(model, out, c.address)
 
     out.parent.mkdir(exist_ok=True)
     report = dfq_onnx.quantize(model, out, ray=c.address, ray_cpus=1, resume=True, **SETTINGS)
@@ -154,16 +160,7 @@ def test_a_resumed_cluster_run_refuses_plans_changed_on_disk(tiny, tmp_path, clu
     c, _ = cluster
     model = model_in(tiny, tmp_path / "in")
     out = tmp_path / "out" / "model.q4.onnx"
-
-    def stop_after_first_unit(label, done, total):
-        if " on " in label:
-            raise KeyboardInterrupt
-
-    with pytest.raises(Interrupted, match="--resume"):
-        ray_run(model, out, c.address, progress=stop_after_first_unit)
-    kept = sorted((out.parent / ".model.q4.onnx.partial").glob("plan-*.npz"))
-    assert kept
-    for plan_file in kept:
+    for plan_file in stopped_after_first_unit(model, out, c.address):
         negate_saved_scales(plan_file)
     with pytest.raises(DfqError, match=r"plan-\d+\.npz does not match the digest"):
         dfq_onnx.quantize(model, out, ray=c.address, ray_cpus=1, resume=True, **SETTINGS)
