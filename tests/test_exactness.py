@@ -68,7 +68,7 @@ def test_transforms_preserve_logits(tiny, tmp_path, style):
     assert {n for entry in inserted for n in entry["nodes"]} == {name for name, hit in front.items() if hit}
     for entry in inserted:
         assert len({front[n][0] for n in entry["nodes"]}) == 1, entry
-        assert front[entry["nodes"][0]][1].shape == (entry["block"], entry["block"]), entry
+        assert front[entry["nodes"][0]][2].shape == (entry["block"], entry["block"]), entry
     # The transforms changed the written weights: every linear of a layer moved by more than 10% of its
     # norm (measured: 0.76 to 1.43), 200x fp16 storage rounding (2^-11 relative), so the logits check
     # below is not vacuous.
