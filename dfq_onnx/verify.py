@@ -58,10 +58,10 @@ def session(path: Path, threads: int | None = None, label: str | None = None):
     try:
         return rt.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise DfqError(f"ONNX Runtime cannot load {label or path.name}: {_first_line(exc)}") from None
+        raise DfqError(f"ONNX Runtime cannot load {label or path.name}: {first_line(exc)}") from None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
 
@@ -109,15 +109,15 @@ def logits_of(sess, feed: dict[str, np.ndarray], label: str = "the model") -> np
     try:
         return sess.run([names[index]], feed)[0].astype(np.float32)
     except Exception as exc:
-        raise DfqError(f"ONNX Runtime cannot run {label}: {_first_line(exc)}") from None
+        raise DfqError(f"ONNX Runtime cannot run {label}: {first_line(exc)}") from None
 
 
 def model_logits(path: Path, ids: np.ndarray, sites: ModelSites, label: str | None = None) -> np.ndarray:
     sess = session(path, label=label)
-    return logits_of(sess, feeds(sess, ids, _head_dim(sites), sites.kv_windows), label or path.name)
+    return logits_of(sess, feeds(sess, ids, head_dim_of(sites), sites.kv_windows), label or path.name)
 
 
-def _head_dim(sites: ModelSites) -> int | None:
+def head_dim_of(sites: ModelSites) -> int | None:
     return next((a.head_dim for a in sites.attentions if a.head_dim), None)
 
 
@@ -235,7 +235,7 @@ def first_divergence(path: Path, ref_path: Path, sites: ModelSites, ids: np.ndar
         a = _probe(path, [name for _, name in probes], ids, sites, scratch / ".probe-a")
         b = _probe(ref_path, [name for _, name in probes], ids, sites, scratch / ".probe-b")
     except Exception as exc:  # localisation is a courtesy: the failure itself is already established
-        return f"an unknown place ({_first_line(exc)})"
+        return f"an unknown place ({first_line(exc)})"
     for label, name in probes:
         if name in a and name in b and relative(a[name], b[name]) > limit:
             return f"{label} ({name})"
@@ -269,7 +269,7 @@ def _probe(path: Path, linears: list[str], ids: np.ndarray, sites: ModelSites, p
     probe = probe_dir / path.name
     onnx.save(model, str(probe))
     sess = session(probe, label=f"a probe of {path.name}")
-    feed = feeds(sess, ids, _head_dim(sites), sites.kv_windows)
+    feed = feeds(sess, ids, head_dim_of(sites), sites.kv_windows)
     names = list(wanted)
     values = sess.run(names, feed)
     return {wanted[n]: v.astype(np.float32) for n, v in zip(names, values)}

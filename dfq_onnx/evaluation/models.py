@@ -69,7 +69,7 @@ def _cache_layout(path: Path, folder: Path) -> tuple[int | None, dict[str, int]]
         from ..api import inspect
 
         sites = inspect(path)
-        return verify._head_dim(sites), dict(sites.kv_windows or {})
+        return verify.head_dim_of(sites), dict(sites.kv_windows or {})
     except Exception:  # an architecture the quantizer does not read can still be evaluated
         decoder = _config(folder).get("model", {}).get("decoder", {})
         size = decoder.get("head_size")
@@ -125,14 +125,14 @@ class Tokenizer:
             try:
                 self._tok = Fast.from_file(str(folder / "tokenizer.json"))
             except Exception as exc:
-                raise DfqError(f"cannot read {folder / 'tokenizer.json'}: {verify._first_line(exc)}") from None
+                raise DfqError(f"cannot read {folder / 'tokenizer.json'}: {verify.first_line(exc)}") from None
         elif (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.model").is_file():
             try:
                 from transformers import AutoTokenizer
 
                 self._hf = AutoTokenizer.from_pretrained(str(folder))
             except Exception as exc:
-                raise DfqError(f"cannot load the tokenizer in {folder}: {verify._first_line(exc)}") from None
+                raise DfqError(f"cannot load the tokenizer in {folder}: {verify.first_line(exc)}") from None
         else:
             raise DfqError(
                 f"no tokenizer beside the reference {label} (tokenizer.json, or a Hugging Face tokenizer in {folder}); "
