@@ -47,7 +47,9 @@ def ort():
     return onnxruntime
 
 
-def session(path: Path, threads: int | None = None, label: str | None = None):
+def session(path: Path, threads: int | None = None, label: str | None = None, serialized: bytes | None = None):
+    """A CPU session of `path`, or of `serialized` (a changed copy of it, whose external data is
+    read from `path`'s folder)."""
     rt = ort()
     opts = rt.SessionOptions()
     # Fused QDQ -> MatMulNBits defaults to int8 activations on CPU; keep float for a fair check.
@@ -55,8 +57,10 @@ def session(path: Path, threads: int | None = None, label: str | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if serialized is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
     try:
-        return rt.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return rt.InferenceSession(serialized if serialized is not None else str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise DfqError(f"ONNX Runtime cannot load {label or path.name}: {first_line(exc)}") from None
 

@@ -206,3 +206,22 @@ def test_task_sequences_keep_the_continuation_within_the_context_length():
     assert _sequence(Words(), None, "", " t8 t9") == ([8, 9], 1)  # nothing predicts the first token
     with pytest.raises(dfq_onnx.DfqError, match="context length"):
         _sequence(Words(), BOS, "t5", " t8 t9 t10", longest=3)
+
+
+@pytest.mark.parametrize("style", ["genai-fp32", "dynamo", "torchscript"])
+def test_the_head_runs_only_where_scored(tiny, style):
+    """The evaluation copy of each export computes the head at the asked positions alone, and its
+    logits there are the plain session's (the input's files untouched)."""
+    from dfq_onnx.evaluation import models as eval_models
+
+    path = tiny(style)
+    before = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()}
+    model = eval_models.load(path)
+    assert model.positioned
+    ids = np.random.default_rng(0).integers(3, 200, size=(3, 9))
+    sess = verify.session(path)
+    full = verify.logits_of(sess, verify.feeds(sess, ids, model.head_dim, model.windows)).reshape(ids.size, -1)
+    at = np.array([0, 8, 9, 17, 26])
+    np.testing.assert_allclose(model.logits_at(ids, at), full[at], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.logits(ids).reshape(ids.size, -1), full, rtol=1e-5, atol=1e-5)
+    assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before

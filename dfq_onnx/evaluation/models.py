@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import genai_folder, verify
 from ..errors import DfqError
+from . import head
 
 
 @dataclasses.dataclass
@@ -24,12 +25,39 @@ class Model:
 
     @property
     def inputs(self) -> list[str]:
-        return [i.name for i in self.session.get_inputs()]
+        return [i.name for i in self.session.get_inputs() if i.name != head.POSITIONS]
+
+    @property
+    def positioned(self) -> bool:
+        """Whether the head runs only at the positions asked for (see evaluation/head.py)."""
+        return any(i.name == head.POSITIONS for i in self.session.get_inputs())
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """[batch, seq, vocab] float32 logits for full sequences, no cache (empty past caches)."""
+        if self.positioned:
+            return self.logits_at(ids, np.arange(ids.size)).reshape(*ids.shape, -1)
         feed = verify.feeds(self.session, ids, self.head_dim, self.windows)
         return verify.logits_of(self.session, feed, self.label)
+
+    def logits_at(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """[len(positions), vocab] float32 logits at `positions`, indices into the flattened
+        [batch * seq] positions of `ids`; the head runs only there when the graph allows it."""
+        positions = np.asarray(positions, np.int64)
+        if not self.positioned:
+            return self.logits(ids).reshape(ids.size, -1)[positions]
+        feed = verify.feeds(_Inputs(self.session), ids, self.head_dim, self.windows)
+        feed[head.POSITIONS] = positions
+        return verify.logits_of(self.session, feed, self.label)[0]
+
+
+class _Inputs:
+    """A session as `verify.feeds` sees it: its inputs without the positions (fed separately)."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def get_inputs(self):
+        return [i for i in self._session.get_inputs() if i.name != head.POSITIONS]
 
 
 def resolve(model: str | Path) -> tuple[Path, Path]:
@@ -49,7 +77,8 @@ def load(model: str | Path, threads: int | None = None, like: Model | None = Non
     """A session of `model`; with `like` (the reference), its graph inputs must be the reference's
     and it is fed with the reference's cache layout."""
     path, folder = resolve(model)
-    sess = verify.session(path, threads=threads, label=str(model))
+    layout = None if like is not None else _cache_layout(path, folder)
+    sess = verify.session(path, threads=threads, label=str(model), serialized=_positioned_copy(path, layout and layout[2]))
     m = Model(str(model), path, folder, sess)
     if like is not None:
         if sorted(m.inputs) != sorted(like.inputs):
@@ -59,21 +88,29 @@ def load(model: str | Path, threads: int | None = None, like: Model | None = Non
             )
         m.head_dim, m.windows = like.head_dim, like.windows
         return m
-    m.head_dim, m.windows = _cache_layout(path, folder)
+    m.head_dim, m.windows = layout[:2]
     return m
 
 
-def _cache_layout(path: Path, folder: Path) -> tuple[int | None, dict[str, int]]:
-    """Head size and fixed-capacity sliding-window caches, as `verify` feeds them."""
+def _positioned_copy(path: Path, lm_head: str | None) -> bytes | None:
+    """The graph with its head at chosen positions (evaluation/head.py), or None to run it as it is."""
+    try:
+        return head.session_bytes(path, lm_head)
+    except Exception:  # noqa: BLE001 (a graph this edit does not fit, or over protobuf's 2 GB: run it whole)
+        return None
+
+
+def _cache_layout(path: Path, folder: Path) -> tuple[int | None, dict[str, int], str | None]:
+    """Head size, fixed-capacity sliding-window caches (as `verify` feeds them) and the lm_head's node."""
     try:
         from ..api import inspect
 
         sites = inspect(path)
-        return verify.head_dim_of(sites), dict(sites.kv_windows or {})
+        return verify.head_dim_of(sites), dict(sites.kv_windows or {}), sites.lm_head
     except Exception:  # an architecture the quantizer does not read can still be evaluated
         decoder = _config(folder).get("model", {}).get("decoder", {})
         size = decoder.get("head_size")
-        return (size if isinstance(size, int) else None), {}
+        return (size if isinstance(size, int) else None), {}, None
 
 
 def _config(folder: Path) -> dict:

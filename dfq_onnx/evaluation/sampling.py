@@ -14,14 +14,14 @@ def generate(reference, samples: int, length: int, temperature: float, seed: int
     `bos`, or drawn uniformly from the vocabulary; numpy's default_rng(seed) draws everything."""
     rng = np.random.default_rng(seed)
     if bos is None:
-        vocab = reference.logits(np.zeros((1, 1), np.int64)).shape[-1]
+        vocab = reference.logits_at(np.zeros((1, 1), np.int64), np.zeros(1)).shape[-1]
         first = rng.integers(0, vocab, size=samples)
     else:
         first = np.full(samples, bos)
     ids = np.zeros((samples, length), np.int64)
     ids[:, 0] = first
     for t in range(1, length):
-        logits = reference.logits(ids[:, :t])[:, -1].astype(np.float64)
+        logits = reference.logits_at(ids[:, :t], np.arange(samples) * t + t - 1).astype(np.float64)
         if temperature == 0:
             ids[:, t] = logits.argmax(-1)
         else:

@@ -43,22 +43,36 @@ def score(models, ids: np.ndarray, compare: np.ndarray, predict: np.ndarray, tot
     `predict` [batch, seq - 1]: positions t whose log-probability of ids[t + 1] counts for perplexity.
     Adds to `totals` (one per model); returns each model's log-probabilities of the next tokens
     [batch, seq - 1] (float64)."""
+    batch, seq = ids.shape
+    counts = np.concatenate([predict, np.zeros((batch, 1), bool)], axis=1).reshape(-1)
+    nexts = score_at(models, ids, np.arange(ids.size), compare.reshape(-1), counts, totals, progress)
+    return [nxt.reshape(batch, seq)[:, :-1] for nxt in nexts]
+
+
+def score_at(models, ids: np.ndarray, at: np.ndarray, compare: np.ndarray, predict: np.ndarray, totals: list[Totals], progress=None) -> list[np.ndarray]:
+    """`score` at chosen positions only: `at` indexes the flattened [batch * seq] positions of `ids`
+    (the head runs there alone when the model allows it); `compare` and `predict` are masks over
+    `at`. Returns each model's log-probability of the token after each position of `at` (float64;
+    0 where there is none: the last position of a row)."""
+    flat = ids.reshape(-1)
+    has_next = (at + 1) % ids.shape[1] != 0
+    targets = np.where(has_next, flat[np.minimum(at + 1, flat.size - 1)], 0)
     out = []
     ref_lp = ref_p = ref_top = None
     for i, model in enumerate(models):
-        logits = model.logits(ids)
-        if ref_lp is not None and logits.shape != (*ids.shape, ref_lp.shape[-1]):
-            raise DfqError(
-                f"candidate {model.label} gives logits of shape {list(logits.shape)}, the reference "
-                f"{list((*ids.shape, ref_lp.shape[-1]))}; compare models of the same vocabulary"
-            )
-        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        logits = model.logits_at(ids, at)
+        if logits.ndim != 2 or logits.shape[0] != len(at):
             raise DfqError(f"{model.label} gives logits of shape {list(logits.shape)}; expected [batch, sequence, vocab]")
+        if ref_lp is not None and logits.shape != ref_lp.shape:
+            raise DfqError(
+                f"candidate {model.label} gives logits over {logits.shape[-1]} tokens, the reference over "
+                f"{ref_lp.shape[-1]}; compare models of the same vocabulary"
+            )
         lp = log_softmax(logits)
-        nxt = np.take_along_axis(lp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0].astype(np.float64)
+        nxt = np.where(has_next, lp[np.arange(len(at)), targets], 0.0).astype(np.float64)
         if ref_lp is None:
             ref_lp, ref_p, ref_top = lp, np.exp(lp), lp.argmax(-1)
-            kl, top1 = np.zeros(ids.shape), np.ones(ids.shape)
+            kl, top1 = np.zeros(len(at)), np.ones(len(at))
         else:
             kl = (ref_p * (ref_lp - lp)).sum(-1, dtype=np.float64)
             top1 = (lp.argmax(-1) == ref_top).astype(np.float64)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DfqError
-from .scoring import paired_stderr, score, stderr
+from .scoring import paired_stderr, score_at, stderr
 
 SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -124,28 +124,28 @@ def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch:
             for idx, (context, continuation) in q.choices.items():
                 ids, n = _sequence(tokenizer, bos, context, continuation, longest)
                 seqs.append((name, qn, idx, ids, n))
+    # Sorted by length, `batch` at a time, padded on the right: a causal model's positions never see
+    # the padding after them, so each row's scores are what it gets alone.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][3]))
-    groups, current = [], []
-    for i in order:
-        if current and (len(current) == batch or len(seqs[current[0]][3]) != len(seqs[i][3])):
-            groups.append(current)
-            current = []
-        current.append(i)
-    groups.append(current)
+    groups = [order[k : k + batch] for k in range(0, len(order), batch)]
     if progress is not None:
         progress.total(len(groups) * len(models))
     ll = [{} for _ in models]
     for group in groups:
-        ids = np.asarray([seqs[i][3] for i in group], np.int64)
-        length = ids.shape[1]
-        predict = np.zeros((len(group), length - 1), bool)
+        width = max(len(seqs[i][3]) for i in group)
+        ids = np.zeros((len(group), width), np.int64)
+        at, owner = [], []
         for row, i in enumerate(group):
-            predict[row, length - 1 - seqs[i][4] :] = True
-        compare = np.concatenate([predict, np.zeros((len(group), 1), bool)], axis=1)
-        token_lp = score(models, ids, compare, predict, totals, progress)
-        for m, lp in enumerate(token_lp):
+            tokens, n = seqs[i][3], seqs[i][4]
+            ids[row, : len(tokens)] = tokens
+            at += [row * width + t for t in range(len(tokens) - 1 - n, len(tokens) - 1)]
+            owner += [row] * n
+        at, owner = np.asarray(at, np.int64), np.asarray(owner)
+        everywhere = np.ones(len(at), bool)
+        for m, lp in enumerate(score_at(models, ids, at, everywhere, everywhere, totals, progress)):
+            sums = np.bincount(owner, weights=lp, minlength=len(group))
             for row, i in enumerate(group):
-                ll[m][seqs[i][:3]] = float(lp[row][predict[row]].sum())
+                ll[m][seqs[i][:3]] = float(sums[row])
     results = {}
     for name, questions in tasks.items():
         correct = []  # per model: (acc per question, acc_norm per question)
