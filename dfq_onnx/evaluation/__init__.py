@@ -49,6 +49,7 @@ def evaluate(
     *,
     text: str | Path | None = None,
     tasks: str | Path | None = None,
+    tokenizer: str | Path | None = None,
     samples: int = 8,
     length: int = 64,
     temperature: float = 0.8,
@@ -60,7 +61,8 @@ def evaluate(
 ) -> dict:
     """Compare `candidates` (.onnx files or onnxruntime-genai folders) with `reference`; see the module
     docstring for the modes (`text`: a UTF-8 file; `tasks`: a directory of *.jsonl[.gz] task files;
-    neither: generated). Returns a plain dict: {"mode", "settings", "reference", "candidates": [{"model",
+    neither: generated; `tokenizer`: the folder of the tokenizer of both, by default the reference's).
+    Returns a plain dict: {"mode", "settings", "reference", "candidates": [{"model",
     "kl", "top1", "ppl", "positions", "tokens", "tasks": {name: {"acc", "acc_norm", "stderr",
     "acc_norm_stderr", "n", "acc_diff", "acc_diff_stderr", ...}}}]} (plus "sequences" when generated).
     `progress`: a callable (label, done, total), or True for a bar on stderr."""
@@ -79,14 +81,19 @@ def evaluate(
     mode = "tasks" if tasks is not None else "text" if text is not None else "generated"
     for model in [reference, *candidates]:
         models_.resolve(model)  # every path is checked before any model loads
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise DfqError(f"tokenizer folder {tokenizer} does not exist (or is not a directory)")
     if text is not None and not Path(text).is_file():
         raise DfqError(f"text file {text} does not exist")
     task_set = read_tasks(tasks) if tasks is not None else None
 
     ref = models_.load(reference, threads)
     models = [ref, *(models_.load(c, threads, like=ref) for c in candidates)]
-    bos = models_.bos_token_id(ref.folder)
-    longest = models_.context_length(ref.folder)
+    # The model's folder says its first token and context length; else the tokenizer's folder (a
+    # Hugging Face folder beside an export that has no config of its own).
+    folders = [ref.folder] + ([Path(tokenizer)] if tokenizer is not None else [])
+    bos = next((b for b in map(models_.bos_token_id, folders) if b is not None), None)
+    longest = next((n for n in map(models_.context_length, folders) if n is not None), None)
     if mode != "tasks" and longest is not None and length > longest:
         raise DfqError(f"--length {length} exceeds the reference's context length ({longest} tokens)")
     totals = [Totals() for _ in models]
@@ -97,10 +104,10 @@ def evaluate(
     task_results = None
     with contextlib.closing(bar) if bar else contextlib.nullcontext():
         if mode == "tasks":
-            tokenizer = models_.Tokenizer(ref.folder, str(reference))
+            encoder = models_.Tokenizer(Path(tokenizer or ref.folder), str(reference))
             chosen = {name: subsample(qs, limit, seed) for name, qs in task_set.items()}
             settings.update(tasks=str(tasks), limit=limit)
-            task_results = run_tasks(models, tokenizer, bos, chosen, totals, batch, counter, longest)
+            task_results = run_tasks(models, encoder, bos, chosen, totals, batch, counter, longest)
         else:
             if mode == "generated":
                 counter.total(length - 1 + -(-samples // batch) * len(models))
@@ -108,12 +115,12 @@ def evaluate(
                 settings.update(samples=samples, length=length, temperature=temperature)
                 result["sequences"] = ids.tolist()
             else:
-                tokenizer = models_.Tokenizer(ref.folder, str(reference))
+                encoder = models_.Tokenizer(Path(tokenizer or ref.folder), str(reference))
                 try:
                     content = Path(text).read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
                     raise DfqError(f"cannot read text file {text} as UTF-8: {exc}") from None
-                ids = text_windows(tokenizer.encode(content), samples, length, bos)
+                ids = text_windows(encoder.encode(content), samples, length, bos)
                 settings.update(text=str(text), samples=int(ids.shape[0]), length=length)
                 counter.total(-(-len(ids) // batch) * len(models))
             for start in range(0, len(ids), batch):
