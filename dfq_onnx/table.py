@@ -145,14 +145,16 @@ def result_table(report: Report) -> str:
                 f"{check} check passed: logits within {v[f'{check}_rel_error']:.1e} relative "
                 f"(limit {v[f'{check}_limit']:.0e}) of the {'input' if check == 'exactness' else 'dequantized weights'}"
             )
-        if "max_abs_error" in v:
+        q = v.get("quality")
+        if q and "kl" in q:
             lines.append(
-                f"ONNX Runtime (CPU) ran the output on {v['tokens']} random token ids: logits differ from the "
-                f"input's by max {v['max_abs_error']:.4g} (relative {v['rel_max_error']:.3g}), mean {v['mean_abs_error']:.4g}, "
-                f"top-1 agreement {100 * v['top1_agreement']:.0f}%"
+                f"quality, data-free: on {q['samples']} sequences of {q['length']} tokens the input sampled itself, "
+                f"KL(input || output) {q['kl']:.4g} per token, top-1 agreement {100 * q['top1']:.0f}%, "
+                f"perplexity {q['ppl']:.3g} (input {q['input_ppl']:.3g}); `dfq-onnx eval` measures more"
             )
-            lines.append("(a smoke test on random ids, not a quality measure: tools/eval_quality.py measures quality on real text)")
-        else:
+        elif q:
+            lines.append(f"quality not measured: {q['skipped']}")
+        if "max_abs_error" not in v:
             lines.append(f"verified: ONNX Runtime (CPU) loads and runs the output ({v['tokens']} random ids)")
     if report.distributed:
         lines.append(_ray_line(report.distributed))

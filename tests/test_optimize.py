@@ -244,3 +244,33 @@ def test_a_recipe_path_that_does_not_exist_is_an_error(tiny, tmp_path, monkeypat
     assert recipe in err and "does not exist" in err
     assert all(name in err for name in ("cafeq-int4-cuda", "rtn-int4", "random-rotation")), err
     assert not out.exists()
+
+
+def _kl_per_token(input_path: Path, output_path: Path, ids: np.ndarray) -> float:
+    a, b = (logits(p, ids).astype(np.float64) for p in (input_path, output_path))
+    a, b = (x - x.max(-1, keepdims=True) for x in (a, b))
+    la, lb = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (a, b))
+    return float((np.exp(la) * (la - lb)).sum(-1).mean())
+
+
+def test_closing_lines_report_quality_on_the_inputs_own_samples(tiny, tmp_path, capsys):
+    """Where the output is compared with the input, `optimize` ends with the KL on sequences the
+    input sampled itself (recomputed here from both models' logits), not a line about random ids;
+    --verify none measures nothing."""
+    model = tiny("genai-fp32")
+    capsys.readouterr()
+    kls = {}
+    for bits, flags in (("8", []), ("2", ["--block-size", "32", "--asymmetric"])):
+        out = tmp_path / f"q{bits}.onnx"
+        assert main(["optimize", str(model), "-o", str(out), "--method", "rtn", "--bits", bits, *flags]) == 0
+        printed = capsys.readouterr().out
+        report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+        q = report["verification"]["quality"]
+        ids = np.array(q["sequences"])
+        assert ids.shape == (4, 32)
+        assert q["kl"] == pytest.approx(_kl_per_token(model, out, ids), rel=1e-3, abs=1e-7)
+        assert "quality, data-free" in printed and f"{q['kl']:.4g}" in printed and "random token ids" not in printed
+        kls[bits] = q["kl"]
+    assert 0 < kls["8"] < kls["2"]
+    report = run_cli(model, tmp_path / "none.onnx", "--method", "rtn", "--verify", "none")
+    assert report["verification"].get("quality") is None
