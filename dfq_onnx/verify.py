@@ -105,13 +105,18 @@ def feeds(sess, ids: np.ndarray, head_dim: int | None, windows: dict[str, int] |
     return out
 
 
-def logits_of(sess, feed: dict[str, np.ndarray], label: str = "the model") -> np.ndarray:
+def logits_name(sess, label: str = "the model") -> str:
+    """The output holding the logits: "logits", else the first output."""
     names = [o.name for o in sess.get_outputs()]
     if not names:
         raise DfqError(f"{label} has no graph outputs; export it with its logits as an output")
-    index = names.index("logits") if "logits" in names else 0
+    return "logits" if "logits" in names else names[0]
+
+
+def logits_of(sess, feed: dict[str, np.ndarray], label: str = "the model") -> np.ndarray:
+    name = logits_name(sess, label)
     try:
-        return sess.run([names[index]], feed)[0].astype(np.float32)
+        return sess.run([name], feed)[0].astype(np.float32)
     except Exception as exc:
         raise DfqError(f"ONNX Runtime cannot run {label}: {first_line(exc)}") from None
 

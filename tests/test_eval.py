@@ -246,3 +246,14 @@ def test_a_tokenizer_folder_for_an_export_without_one(models, tiny, tmp_path, ca
     assert got["settings"]["bos_token_id"] == BOS and got["candidates"][0]["ppl"] == pytest.approx(ppl, rel=1e-5)
     _one_line_error(capsys, ["eval", str(bare), str(bare), "--text", str(text)], "no tokenizer")
     _one_line_error(capsys, ["eval", str(bare), str(bare), "--text", str(text), "--tokenizer", str(tmp_path / "nope")], "tokenizer folder", "nope")
+
+
+def test_sampling_through_the_kv_cache_follows_the_full_recompute(models):
+    """The genai export samples through its own KV cache; greedy steps are the argmax of the
+    reference's logits over the whole sequence, recomputed here without any cache."""
+    from dfq_onnx.evaluation import models as eval_models
+
+    assert eval_models.load(models[0]).cache_outputs() is not None
+    got = dfq_onnx.evaluate(models[0], models[1], samples=3, length=20, temperature=0)
+    ids = np.array(got["sequences"])
+    assert (ids[:, 1:] == logprobs(models[0], ids)[:, :-1].argmax(-1)).all()

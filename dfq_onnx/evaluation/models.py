@@ -50,6 +50,46 @@ class Model:
         return verify.logits_of(self.session, feed, self.label)[0]
 
 
+    def cache_outputs(self) -> dict[str, str] | None:
+        """Past cache input -> its present output, when the graph returns every cache it takes and
+        none has a fixed capacity (sliding windows as onnxruntime-genai allocates them); else None."""
+        pasts = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not pasts or self.windows:
+            return None
+        names = {p: p.replace("past_key_values", "present", 1) if p.startswith("past_key_values") else "present_" + p[5:] for p in pasts}
+        return names if set(names.values()) <= outputs else None
+
+    def step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Feed `ids` [batch, new] after the cached `past` (None: the start); returns the logits at
+        each row's last position [batch, vocab] and the caches to pass to the next step."""
+        names = self.cache_outputs()
+        batch, new = ids.shape
+        feed = verify.feeds(_Inputs(self.session), ids, self.head_dim, self.windows)
+        done = 0
+        if past:
+            feed.update(past)
+            done = next(iter(past.values())).shape[2]
+        for name, value in list(feed.items()):
+            if name == "attention_mask":
+                feed[name] = np.ones((batch, done + new), value.dtype)
+            elif name == "position_ids":
+                feed[name] = np.broadcast_to(np.arange(done, done + new, dtype=value.dtype), (batch, new)).copy()
+            elif name == "cache_position":
+                feed[name] = np.arange(done, done + new, dtype=value.dtype)
+        if self.positioned:
+            feed[head.POSITIONS] = np.arange(batch, dtype=np.int64) * new + new - 1
+        outputs = [verify.logits_name(self.session), *names.values()]
+        try:
+            logits, *presents = self.session.run(outputs, feed)
+        except Exception as exc:
+            raise DfqError(f"ONNX Runtime cannot run {self.label}: {verify.first_line(exc)}") from None
+        logits = logits.astype(np.float32).reshape(-1, logits.shape[-1])
+        if not self.positioned:
+            logits = logits.reshape(batch, new, -1)[:, -1]
+        return logits, dict(zip(names, presents))
+
+
 class _Inputs:
     """A session as `verify.feeds` sees it: its inputs without the positions (fed separately)."""
 

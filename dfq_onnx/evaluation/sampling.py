@@ -10,7 +10,8 @@ from ..errors import DfqError
 
 def generate(reference, samples: int, length: int, temperature: float, seed: int, bos: int | None, progress=None) -> np.ndarray:
     """`samples` sequences of `length` tokens the reference samples at `temperature` (0: greedy),
-    all in one batch, without a KV cache (each step reruns the full prefix). The first token is
+    all in one batch, through the graph's KV cache where it has one (else each step reruns the
+    prefix). The first token is
     `bos`, or drawn uniformly from the vocabulary; numpy's default_rng(seed) draws everything."""
     rng = np.random.default_rng(seed)
     if bos is None:
@@ -20,8 +21,14 @@ def generate(reference, samples: int, length: int, temperature: float, seed: int
         first = np.full(samples, bos)
     ids = np.zeros((samples, length), np.int64)
     ids[:, 0] = first
+    cached = reference.cache_outputs() is not None
+    past = None
     for t in range(1, length):
-        logits = reference.logits_at(ids[:, :t], np.arange(samples) * t + t - 1).astype(np.float64)
+        if cached:  # one new token per step after the cache of the ones before
+            logits, past = reference.step(ids[:, t - 1 : t], past)
+            logits = logits.astype(np.float64)
+        else:
+            logits = reference.logits_at(ids[:, :t], np.arange(samples) * t + t - 1).astype(np.float64)
         if temperature == 0:
             ids[:, t] = logits.argmax(-1)
         else:
