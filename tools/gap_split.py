@@ -21,6 +21,8 @@ the solver's.
     python tools/gap_split.py --bits 3 --block-size 32 --asymmetric --calib-windows 128 --windows 16
 
 Statistics come from the tuning text (Persuasion), quality is measured on Pride and Prejudice.
+`--calib generated` measures them instead on sequences the model samples itself (seeded, from its
+first token, through its onnxruntime-genai export's KV cache): the statistics a data-free run may use.
 Only this tool reads text: it hands the quantization path a method of its own for the run.
 """
 from __future__ import annotations
@@ -212,6 +214,24 @@ def cached_real_moments(cache: Path | None, model_path: Path, values: list[str],
     return real
 
 
+def calibration_ids(args, reference: Path, tokenizer: Path) -> np.ndarray:
+    """Windows of the calibration text, or with --calib generated, sequences the model samples
+    itself (its onnxruntime-genai export, through its KV cache: the same weights as `reference`)."""
+    if args.calib != "generated":
+        return eval_quality.make_windows(eval_quality.load_text(None, args.calib), args.calib_windows, tokenizer)
+    from dfq_onnx.evaluation import models, sampling
+
+    genai = reference.parent.parent / "genai"
+    if not (genai / "model.onnx").is_file():
+        raise SystemExit(f"error: --calib generated samples with {genai}; build it with the model's tools/build_*.py --styles genai")
+    sampler = models.load(genai)
+    bos = models.bos_token_id(genai)
+    t0 = time.perf_counter()
+    ids = sampling.generate(sampler, args.calib_windows, args.calib_length, args.temperature, args.seed, bos)
+    print(f"generated {args.calib_windows} x {args.calib_length} tokens at temperature {args.temperature}: {time.perf_counter() - t0:.0f}s")
+    return ids
+
+
 # ----------------------------------------------------------------------------- quantization
 
 
@@ -258,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True)
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
-    p.add_argument("--calib", default="persuasion", help="text of the real statistics (default: persuasion, the tuning text)")
-    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--calib", default="persuasion", help="text of the real statistics (default: persuasion, the tuning text), "
+                   "or 'generated': sequences the model samples itself (no text)")
+    p.add_argument("--calib-windows", type=int, default=128, help="windows of the text, or sequences with --calib generated")
+    p.add_argument("--calib-length", type=int, default=512, help="--calib generated: tokens per sequence [512]")
+    p.add_argument("--temperature", type=float, default=0.8, help="--calib generated: sampling temperature [0.8]")
+    p.add_argument("--seed", type=int, default=0, help="--calib generated: seed [0]")
     p.add_argument("--novel", default="prideprejudice", help="text the quality is measured on")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -288,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     real = {}
     roles = {name: lin.role.value for name, lin in sites.linears.items()}
     if any(v.startswith("real") for v in variants):
-        ids = eval_quality.make_windows(eval_quality.load_text(None, args.calib), args.calib_windows, tokenizer)
+        ids = calibration_ids(args, reference, tokenizer)
         t0 = time.perf_counter()
         real = cached_real_moments(args.cache, reference, sorted(set(inputs.values())), ids, args.threads)
-        print(f"real statistics: {len(ids)} windows of {args.calib}, {time.perf_counter() - t0:.0f}s")
+        print(f"real statistics: {len(ids)} sequences of {args.calib}, {time.perf_counter() - t0:.0f}s")
     outputs, seconds = [], {}
     for variant in variants:
         out = out_dir / f"model.gap-{variant.replace('@', '-at-').replace(',', '+')}-{tag}.onnx"
