@@ -112,7 +112,15 @@ def _choice_logprobs(folder, context, conts):
     return np.array([lp[i, -2, c] for i, c in enumerate(conts)])
 
 
-def test_tasks_mode(models, tmp_path):
+@pytest.mark.parametrize("through_cache", [True, False], ids=["shared-contexts", "padded-batches"])
+def test_tasks_mode(models, tmp_path, monkeypatch, through_cache):
+    """Both ways of scoring (each context once through the KV cache; whole sequences padded into
+    batches, as an export without a cache is scored) give each choice's log-likelihood as a plain
+    session computes it alone."""
+    from dfq_onnx.evaluation import models as eval_models
+
+    if not through_cache:
+        monkeypatch.setattr(eval_models.Model, "cache_outputs", lambda self: None)
     ref, q8, q2 = models
     qs = _questions(np.random.default_rng(3), 12)
     ref_ll = [_choice_logprobs(ref, c, k) for c, k in qs]

@@ -60,9 +60,10 @@ class Model:
         names = {p: p.replace("past_key_values", "present", 1) if p.startswith("past_key_values") else "present_" + p[5:] for p in pasts}
         return names if set(names.values()) <= outputs else None
 
-    def step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, ids: np.ndarray, past: dict[str, np.ndarray] | None, at: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Feed `ids` [batch, new] after the cached `past` (None: the start); returns the logits at
-        each row's last position [batch, vocab] and the caches to pass to the next step."""
+        `at` (indices into the flattened [batch * new] positions; by default each row's last)
+        [len(at), vocab], and the caches to pass to the next step."""
         names = self.cache_outputs()
         batch, new = ids.shape
         feed = verify.feeds(_Inputs(self.session), ids, self.head_dim, self.windows)
@@ -77,8 +78,9 @@ class Model:
                 feed[name] = np.broadcast_to(np.arange(done, done + new, dtype=value.dtype), (batch, new)).copy()
             elif name == "cache_position":
                 feed[name] = np.arange(done, done + new, dtype=value.dtype)
+        at = np.arange(batch, dtype=np.int64) * new + new - 1 if at is None else np.asarray(at, np.int64)
         if self.positioned:
-            feed[head.POSITIONS] = np.arange(batch, dtype=np.int64) * new + new - 1
+            feed[head.POSITIONS] = at
         outputs = [verify.logits_name(self.session), *names.values()]
         try:
             logits, *presents = self.session.run(outputs, feed)
@@ -86,7 +88,7 @@ class Model:
             raise DfqError(f"ONNX Runtime cannot run {self.label}: {verify.first_line(exc)}") from None
         logits = logits.astype(np.float32).reshape(-1, logits.shape[-1])
         if not self.positioned:
-            logits = logits.reshape(batch, new, -1)[:, -1]
+            logits = logits[at]
         return logits, dict(zip(names, presents))
 
 

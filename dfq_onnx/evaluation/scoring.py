@@ -56,12 +56,20 @@ def score_at(models, ids: np.ndarray, at: np.ndarray, compare: np.ndarray, predi
     0 where there is none: the last position of a row)."""
     flat = ids.reshape(-1)
     has_next = (at + 1) % ids.shape[1] != 0
-    targets = np.where(has_next, flat[np.minimum(at + 1, flat.size - 1)], 0)
+    targets = np.where(has_next, flat[np.minimum(at + 1, flat.size - 1)], -1)
+    return compare_rows(models, lambda model: model.logits_at(ids, at), targets, compare, predict, totals, progress)
+
+
+def compare_rows(models, logits_of, targets: np.ndarray, compare: np.ndarray, predict: np.ndarray, totals: list[Totals], progress=None) -> list[np.ndarray]:
+    """The core of `score_at`: `logits_of(model)` gives [n, vocab] rows, the same positions for every
+    model; `targets` [n] the next token of each row (-1: none). Adds to `totals`; returns each
+    model's log-probability of its targets (0 where there is none)."""
+    rows = np.arange(len(targets))
     out = []
     ref_lp = ref_p = ref_top = None
     for i, model in enumerate(models):
-        logits = model.logits_at(ids, at)
-        if logits.ndim != 2 or logits.shape[0] != len(at):
+        logits = logits_of(model)
+        if logits.ndim != 2 or logits.shape[0] != len(targets):
             raise DfqError(f"{model.label} gives logits of shape {list(logits.shape)}; expected [batch, sequence, vocab]")
         if ref_lp is not None and logits.shape != ref_lp.shape:
             raise DfqError(
@@ -69,10 +77,10 @@ def score_at(models, ids: np.ndarray, at: np.ndarray, compare: np.ndarray, predi
                 f"{ref_lp.shape[-1]}; compare models of the same vocabulary"
             )
         lp = log_softmax(logits)
-        nxt = np.where(has_next, lp[np.arange(len(at)), targets], 0.0).astype(np.float64)
+        nxt = np.where(targets >= 0, lp[rows, np.maximum(targets, 0)], 0.0).astype(np.float64)
         if ref_lp is None:
             ref_lp, ref_p, ref_top = lp, np.exp(lp), lp.argmax(-1)
-            kl, top1 = np.zeros(len(at)), np.ones(len(at))
+            kl, top1 = np.zeros(len(targets)), np.ones(len(targets))
         else:
             kl = (ref_p * (ref_lp - lp)).sum(-1, dtype=np.float64)
             top1 = (lp.argmax(-1) == ref_top).astype(np.float64)

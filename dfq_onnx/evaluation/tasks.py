@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DfqError
-from .scoring import paired_stderr, score_at, stderr
+from .scoring import compare_rows, paired_stderr, score_at, stderr
 
 SUFFIXES = (".jsonl", ".jsonl.gz")
 
@@ -124,6 +124,57 @@ def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch:
             for idx, (context, continuation) in q.choices.items():
                 ids, n = _sequence(tokenizer, bos, context, continuation, longest)
                 seqs.append((name, qn, idx, ids, n))
+    if all(m.cache_outputs() is not None for m in models):
+        ll = _shared_contexts(models, seqs, totals, progress)
+    else:
+        ll = _padded_batches(models, seqs, batch, totals, progress)
+    return _results(models, tasks, ll)
+
+
+def _shared_contexts(models, seqs, totals, progress) -> list[dict]:
+    """Each context once, through the graph's KV cache; then its choices' continuations together,
+    each row after a copy of that cache (padded on the right: a causal row never sees its padding)."""
+    by_prefix: dict[tuple, list[int]] = {}
+    for i, (_, _, _, ids, n) in enumerate(seqs):
+        by_prefix.setdefault(tuple(ids[: len(ids) - n]), []).append(i)
+    if progress is not None:
+        progress.total(len(by_prefix) * len(models))
+    ll = [{} for _ in models]
+    for prefix, group in by_prefix.items():
+        conts = [seqs[i][3][len(prefix) :] for i in group]
+        width = max(len(c) for c in conts) - 1
+        rest = np.zeros((len(group), max(width, 1)), np.int64)
+        at, targets, owner = [], [], []
+        for row, cont in enumerate(conts):
+            rest[row, : len(cont) - 1] = cont[:-1]
+            at += [row * rest.shape[1] + k for k in range(len(cont) - 1)]
+            targets += cont
+            owner += [row] * len(cont)
+
+        def logits_of(model, prefix=prefix, rest=rest, at=at, conts=conts):
+            """Rows in the order of `targets`: per choice, the context's last position (it predicts
+            the first continuation token), then the continuation's own positions."""
+            last, past = model.step(np.asarray([prefix], np.int64), None)
+            if not at:
+                return np.concatenate([last] * len(conts), axis=0)
+            tiled = {k: np.repeat(v, len(conts), axis=0) for k, v in past.items()}
+            more, _ = model.step(rest, tiled, np.asarray(at))
+            rows, k = [], 0
+            for cont in conts:
+                rows += [last, more[k : k + len(cont) - 1]]
+                k += len(cont) - 1
+            return np.concatenate(rows, axis=0)
+
+        everywhere = np.ones(len(targets), bool)
+        owner = np.asarray(owner)
+        for m, lp in enumerate(compare_rows(models, logits_of, np.asarray(targets), everywhere, everywhere, totals, progress)):
+            sums = np.bincount(owner, weights=lp, minlength=len(group))
+            for row, i in enumerate(group):
+                ll[m][seqs[i][:3]] = float(sums[row])
+    return ll
+
+
+def _padded_batches(models, seqs, batch, totals, progress) -> list[dict]:
     # Sorted by length, `batch` at a time, padded on the right: a causal model's positions never see
     # the padding after them, so each row's scores are what it gets alone.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][3]))
@@ -146,6 +197,10 @@ def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch:
             sums = np.bincount(owner, weights=lp, minlength=len(group))
             for row, i in enumerate(group):
                 ll[m][seqs[i][:3]] = float(sums[row])
+    return ll
+
+
+def _results(models, tasks, ll) -> dict[str, dict]:
     results = {}
     for name, questions in tasks.items():
         correct = []  # per model: (acc per question, acc_norm per question)
