@@ -127,6 +127,7 @@ def evaluate(
                 chunk = ids[start : start + batch]
                 compare = np.ones(chunk.shape, bool)
                 score(models, chunk, compare, compare[:, 1:], totals, counter)
+                models_.release_memory()
     entries = []
     for m, (model, total) in enumerate(zip(models, totals)):
         entry = {"model": model.label, **total.summary()}

@@ -102,6 +102,18 @@ class _Inputs:
         return [i for i in self._session.get_inputs() if i.name != head.POSITIONS]
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system (glibc's malloc_trim; nothing elsewhere). ONNX Runtime's
+    buffers for hundreds of input shapes otherwise stay with the process: an evaluation of three
+    Gemma 3 270M models on tasks grew past 20 GB without it and stays near 4 GB with it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resolve(model: str | Path) -> tuple[Path, Path]:
     """(the .onnx file, its folder) of an .onnx path or an onnxruntime-genai folder."""
     path = Path(model)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DfqError
+from .models import release_memory
 from .scoring import compare_rows, paired_stderr, score_at, stderr
 
 SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -132,8 +133,9 @@ def run(models, tokenizer, bos, tasks: dict[str, list[Question]], totals, batch:
 
 
 def _shared_contexts(models, seqs, totals, progress) -> list[dict]:
-    """Each context once, through the graph's KV cache; then its choices' continuations together,
-    each row after a copy of that cache (padded on the right: a causal row never sees its padding)."""
+    """Each context once, through the graph's KV cache; then each choice's continuation after that
+    cache, one at a time (onnxruntime-genai's attention takes several new tokens after a cache in
+    batches of one only)."""
     by_prefix: dict[tuple, list[int]] = {}
     for i, (_, _, _, ids, n) in enumerate(seqs):
         by_prefix.setdefault(tuple(ids[: len(ids) - n]), []).append(i)
@@ -142,35 +144,27 @@ def _shared_contexts(models, seqs, totals, progress) -> list[dict]:
     ll = [{} for _ in models]
     for prefix, group in by_prefix.items():
         conts = [seqs[i][3][len(prefix) :] for i in group]
-        width = max(len(c) for c in conts) - 1
-        rest = np.zeros((len(group), max(width, 1)), np.int64)
-        at, targets, owner = [], [], []
-        for row, cont in enumerate(conts):
-            rest[row, : len(cont) - 1] = cont[:-1]
-            at += [row * rest.shape[1] + k for k in range(len(cont) - 1)]
-            targets += cont
-            owner += [row] * len(cont)
+        targets = np.asarray([t for cont in conts for t in cont])
+        owner = np.repeat(np.arange(len(group)), [len(c) for c in conts])
 
-        def logits_of(model, prefix=prefix, rest=rest, at=at, conts=conts):
+        def logits_of(model, prefix=prefix, conts=conts):
             """Rows in the order of `targets`: per choice, the context's last position (it predicts
             the first continuation token), then the continuation's own positions."""
             last, past = model.step(np.asarray([prefix], np.int64), None)
-            if not at:
-                return np.concatenate([last] * len(conts), axis=0)
-            tiled = {k: np.repeat(v, len(conts), axis=0) for k, v in past.items()}
-            more, _ = model.step(rest, tiled, np.asarray(at))
-            rows, k = [], 0
+            rows = []
             for cont in conts:
-                rows += [last, more[k : k + len(cont) - 1]]
-                k += len(cont) - 1
+                rows.append(last)
+                if len(cont) > 1:
+                    more, _ = model.step(np.asarray([cont[:-1]], np.int64), past, np.arange(len(cont) - 1))
+                    rows.append(more)
             return np.concatenate(rows, axis=0)
 
         everywhere = np.ones(len(targets), bool)
-        owner = np.asarray(owner)
-        for m, lp in enumerate(compare_rows(models, logits_of, np.asarray(targets), everywhere, everywhere, totals, progress)):
+        for m, lp in enumerate(compare_rows(models, logits_of, targets, everywhere, everywhere, totals, progress)):
             sums = np.bincount(owner, weights=lp, minlength=len(group))
             for row, i in enumerate(group):
                 ll[m][seqs[i][:3]] = float(sums[row])
+        release_memory()
     return ll
 
 
@@ -197,6 +191,7 @@ def _padded_batches(models, seqs, batch, totals, progress) -> list[dict]:
             sums = np.bincount(owner, weights=lp, minlength=len(group))
             for row, i in enumerate(group):
                 ll[m][seqs[i][:3]] = float(sums[row])
+        release_memory()
     return ll
 
 
