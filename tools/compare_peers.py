@@ -209,13 +209,20 @@ def lm_head_node(model: Path) -> str:
     return find_sites(load_model(model)).lm_head or ""
 
 
-def evaluate_setting(reference: Path, rows: list[dict], windows: int, text: str, tokenizer: Path) -> dict:
+def evaluate_setting(reference: Path, rows: list[dict], windows: int, text: str, tokenizer: Path, neutral: str | None = None) -> dict:
+    """PPL, KL and top-1 on the report text; with `neutral` (another author's text), its KL too."""
     ok = [r for r in rows if not r["error"]]
     result = eval_quality.evaluate(str(reference), [r["path"] for r in ok], windows, text=text,
                                    tokenizer_dir=tokenizer, progress=False)
     by_path = {c["path"]: c for c in result["candidates"]}
     for r in ok:
         r.update({k: by_path[r["path"]][k] for k in ("ppl", "kl", "top1")})
+    if neutral is not None:
+        other = eval_quality.evaluate(str(reference), [r["path"] for r in ok], windows, text=neutral,
+                                      tokenizer_dir=tokenizer, progress=False)
+        by_path = {c["path"]: c for c in other["candidates"]}
+        for r in ok:
+            r["neutral_kl"] = by_path[r["path"]]["kl"]
     return result["reference"]
 
 
@@ -232,24 +239,26 @@ def render(rows: list[dict], reference: dict, meta: dict) -> str:
     lines = [
         begin,
         f"Model: {meta['model']} (fp32 ONNX, {meta['head']}). "
-        f"Text: Pride and Prejudice, {meta['windows']} windows of BOS + 511 tokens ({meta['tokens']} predictions per model), "
+        f"Text: Pride and Prejudice, {meta['windows']} windows of BOS + 511 tokens ({meta['tokens']} predictions per model; "
+        "the same number of Shakespeare's, tools/shakespeare.py, for the neutral column), "
         "ONNX Runtime CPU, MatMulNBits accuracy level 0.",
         f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`",
         *([meta["note"]] if meta["note"] else []),
         "",
-        "| setting | quantizer | bits/weight | PPL | KL to fp32 | top-1 | quantize s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| fp32 reference | - | 32 | {reference['ppl']:.3f} | 0 | 1 | - | - |",
+        "| setting | quantizer | bits/weight | PPL | KL to fp32 | top-1 | KL, Shakespeare | quantize s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| fp32 reference | - | 32 | {reference['ppl']:.3f} | 0 | 1 | 0 | - | - |",
     ]
     for r in rows:
         job = r["job"]
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
         if r["error"]:
-            lines.append(f"| {job.setting.label} | {job.name} | - | failed: {r['error']} | | | {r['seconds']:.1f} | {rss} |")
+            lines.append(f"| {job.setting.label} | {job.name} | - | failed: {r['error']} | | | | {r['seconds']:.1f} | {rss} |")
             continue
+        neutral = f"{r['neutral_kl']:.4f}" if "neutral_kl" in r else "-"
         lines.append(
             f"| {job.setting.label} | {job.name} | {bits_per_weight(job)} | {r['ppl']:.3f} | {r['kl']:.4f} | "
-            f"{r['top1']:.4f} | {r['seconds']:.1f} | {rss} |"
+            f"{r['top1']:.4f} | {neutral} | {r['seconds']:.1f} | {rss} |"
         )
     lines.append(end)
     return "\n".join(lines)
@@ -329,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     lm_head = lm_head_node(model)
     ort_model = model if args.lm_head == "keep" else untied_head_model(model, lm_head, work)
     text = eval_quality.load_text()
+    shakespeare = REPO / "data" / "shakespeare.txt"  # python tools/shakespeare.py
+    neutral = eval_quality.load_text(shakespeare) if shakespeare.is_file() else None
+    if neutral is None:
+        print(f"note: {shakespeare} is missing (python tools/shakespeare.py): no KL on a neutral text", file=sys.stderr)
     rows, reference = [], None
     for setting in settings:
         batch = []
@@ -337,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             source = ort_model if job.tool == "ort" else model
             batch.append(quantize(job, source, work, lm_head, args.lm_head))
         print(f"[{setting.label}] evaluating {len(batch)} models on {args.windows} windows ...", file=sys.stderr, flush=True)
-        reference = evaluate_setting(model, batch, args.windows, text, tokenizer)
+        reference = evaluate_setting(model, batch, args.windows, text, tokenizer, neutral)
         rows += batch
         for r in batch:  # keep the disk small: a setting's models are not needed once evaluated
             for p in Path(r["path"]).parent.glob(Path(r["path"]).name + "*"):
