@@ -160,11 +160,7 @@ def _shared_contexts(models, seqs, totals, progress) -> list[dict]:
             return np.concatenate(rows, axis=0)
 
         everywhere = np.ones(len(targets), bool)
-        for m, lp in enumerate(compare_rows(models, logits_of, targets, everywhere, everywhere, totals, progress)):
-            sums = np.bincount(owner, weights=lp, minlength=len(group))
-            for row, i in enumerate(group):
-                ll[m][seqs[i][:3]] = float(sums[row])
-        release_memory()
+        _add_choices(ll, compare_rows(models, logits_of, targets, everywhere, everywhere, totals, progress), owner, group, seqs)
     return ll
 
 
@@ -187,12 +183,18 @@ def _padded_batches(models, seqs, batch, totals, progress) -> list[dict]:
             owner += [row] * n
         at, owner = np.asarray(at, np.int64), np.asarray(owner)
         everywhere = np.ones(len(at), bool)
-        for m, lp in enumerate(score_at(models, ids, at, everywhere, everywhere, totals, progress)):
-            sums = np.bincount(owner, weights=lp, minlength=len(group))
-            for row, i in enumerate(group):
-                ll[m][seqs[i][:3]] = float(sums[row])
-        release_memory()
+        _add_choices(ll, score_at(models, ids, at, everywhere, everywhere, totals, progress), owner, group, seqs)
     return ll
+
+
+def _add_choices(ll: list[dict], per_model, owner: np.ndarray, group: list[int], seqs) -> None:
+    """Each choice's log-likelihood: the sum of its positions' log-probabilities (`owner`: the row
+    of `group` each position belongs to), per model; then freed memory goes back to the system."""
+    for m, lp in enumerate(per_model):
+        sums = np.bincount(owner, weights=lp, minlength=len(group))
+        for row, i in enumerate(group):
+            ll[m][seqs[i][:3]] = float(sums[row])
+    release_memory()
 
 
 def _results(models, tasks, ll) -> dict[str, dict]:
