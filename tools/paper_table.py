@@ -262,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {compare_peers._memory()}",
         "date": datetime.date.today().isoformat(),
-        "command": f"python tools/paper_table.py --model {args.model} --settings {args.settings} --limit {args.limit}",
+        "command": f"python tools/paper_table.py --model {args.model} --settings {args.settings} --limit {args.limit}"
+        + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else ""),
     }
     quality, rho = quality_table(results, settings, meta)
     text = [quality, "", "KL per token to the fp32 model: self-generated, 32 x 64 tokens the fp32 model samples itself (seed 0, "
             "temperature 0.8); Pride and Prejudice and Shakespeare, 16 windows of 512 tokens each. Quantize s: wall time with "
             "other runs sharing the cores; GPTQ with data's includes its forward passes over 128 windows of Persuasion where "
-            "they were not cached yet.", "",
+            "they were not cached yet. Rows measured by earlier runs on the same --work are shown too.", "",
             "Spearman rank correlation of the KL on self-generated text with the KL on a text: "
             + ", ".join(f"{k} {v:.3f}" for k, v in rho.items())]
     if args.limit:
