@@ -321,8 +321,9 @@ def _verify(input_path: Path, candidate: Path, sites: ModelSites, mode: str, rec
 
 
 # What `optimize` measures of the output's quality once it is verified: KL to the input on a few
-# sequences the input samples itself (no text: the model's own samples). 4 x 32 tokens took 9 s
-# on Gemma 3 270M (2 cores); `dfq-onnx eval` measures more.
+# sequences the input samples itself (no text: the model's own samples). 4 x 32 tokens took 22 s of
+# a 132 s run on Gemma 3 270M (its genai folder, 2 cores shared with two other jobs); the KL of so
+# few tokens is a sign, not a measurement (0.37 where 8 x 64 tokens give 0.19): `dfq-onnx eval`.
 QUALITY_SAMPLES, QUALITY_LENGTH = 4, 32
 
 
