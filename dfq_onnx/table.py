@@ -150,7 +150,8 @@ def result_table(report: Report) -> str:
             lines.append(
                 f"quality, data-free: on {q['samples']} sequences of {q['length']} tokens the input sampled itself, "
                 f"KL(input || output) {q['kl']:.4g} per token, top-1 agreement {100 * q['top1']:.0f}%, "
-                f"perplexity {q['ppl']:.3g} (input {q['input_ppl']:.3g}); `dfq-onnx eval` measures more"
+                f"perplexity {q['ppl']:.3g} (input {q['input_ppl']:.3g}); a rough sign from {q['samples'] * q['length']} tokens: "
+                "`dfq-onnx eval` measures more"
             )
         elif q:
             lines.append(f"quality not measured: {q['skipped']}")
