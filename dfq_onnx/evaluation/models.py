@@ -49,7 +49,6 @@ class Model:
         feed[head.POSITIONS] = positions
         return verify.logits_of(self.session, feed, self.label)[0]
 
-
     def cache_outputs(self) -> dict[str, str] | None:
         """Past cache input -> its present output, when the graph returns every cache it takes and
         none has a fixed capacity (sliding windows as onnxruntime-genai allocates them); else None."""
@@ -65,6 +64,8 @@ class Model:
         `at` (indices into the flattened [batch * new] positions; by default each row's last)
         [len(at), vocab], and the caches to pass to the next step."""
         names = self.cache_outputs()
+        if names is None:
+            raise DfqError(f"{self.label} has no KV cache this evaluation can feed")
         batch, new = ids.shape
         feed = verify.feeds(_Inputs(self.session), ids, self.head_dim, self.windows)
         done = 0
@@ -132,7 +133,13 @@ def load(model: str | Path, threads: int | None = None, like: Model | None = Non
     and it is fed with the reference's cache layout."""
     path, folder = resolve(model)
     layout = None if like is not None else _cache_layout(path, folder)
-    sess = verify.session(path, threads=threads, label=str(model), serialized=_positioned_copy(path, layout and layout[2]))
+    copy = _positioned_copy(path, layout and layout[2])
+    try:
+        sess = verify.session(path, threads=threads, label=str(model), serialized=copy)
+    except DfqError:
+        if copy is None:
+            raise
+        sess = verify.session(path, threads=threads, label=str(model))  # the edited copy did not load: run it whole
     m = Model(str(model), path, folder, sess)
     if like is not None:
         if sorted(m.inputs) != sorted(like.inputs):
