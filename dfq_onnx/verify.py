@@ -107,7 +107,11 @@ def feeds(sess, ids: np.ndarray, head_dim: int | None, windows: dict[str, int] |
 
 def logits_name(sess, label: str = "the model") -> str:
     """The output holding the logits: "logits", else the first output."""
-    names = [o.name for o in sess.get_outputs()]
+    return pick_logits([o.name for o in sess.get_outputs()], label)
+
+
+def pick_logits(names: list[str], label: str = "the model") -> str:
+    """Of a graph's output names, the logits': "logits", else the first."""
     if not names:
         raise DfqError(f"{label} has no graph outputs; export it with its logits as an output")
     return "logits" if "logits" in names else names[0]

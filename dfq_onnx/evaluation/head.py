@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DfqError
+from .. import verify
 
 POSITIONS = "dfq_eval_positions"
 # Nodes between the head's matrix product and the logits that act on each row alone (casts,
@@ -22,10 +22,7 @@ HEADS = {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul"}
 
 
 def logits_name(graph) -> str:
-    names = [o.name for o in graph.output]
-    if not names:
-        raise DfqError("the model has no graph outputs; export it with its logits as an output")
-    return "logits" if "logits" in names else names[0]
+    return verify.pick_logits([o.name for o in graph.output])
 
 
 def head_node(graph, lm_head: str | None = None):
