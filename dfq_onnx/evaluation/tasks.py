@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +27,24 @@ class Question:
 
 
 def read_tasks(directory: str | Path) -> dict[str, list[Question]]:
-    """Every *.jsonl / *.jsonl.gz under `directory`, named by its path relative to it without the suffix."""
+    """Every *.jsonl / *.jsonl.gz under `directory`, one task each, named by its folder relative to it
+    (`arc_easy/requests.jsonl.gz` is "arc_easy"); a file beside other task files, or at the top, by its
+    own path without the suffix."""
     root = Path(directory)
     if not root.is_dir():
         raise DfqError(f"task directory {root} does not exist (or is not a directory)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
     if not files:
         raise DfqError(f"no task files (*.jsonl, *.jsonl.gz) under {root}")
+    per_folder = Counter(f.parent for f in files)
     tasks = {}
     for f in files:
-        rel = f.relative_to(root).as_posix()
-        tasks[rel[: -len(next(s for s in SUFFIXES[::-1] if rel.endswith(s)))]] = read_task(f)
+        if f.parent != root and per_folder[f.parent] == 1:
+            name = f.parent.relative_to(root).as_posix()
+        else:
+            rel = f.relative_to(root).as_posix()
+            name = rel[: -len(next(s for s in SUFFIXES[::-1] if rel.endswith(s)))]
+        tasks[name] = read_task(f)
     return tasks
 
 
