@@ -9,7 +9,7 @@ before the change, record them again after, and compare:
         --out /tmp/digests/out-after --json /tmp/digests/after.json --real --compare /tmp/digests/base.json
 
 Cells are tests/tiny_models.py's cells() (family x export style), built once into --models and
-reused; cells the exporter refuses (ExportUnsupported) are recorded as skipped. Each setting runs
+reused; cells the exporter refuses (tiny_models.ExportFailed) are recorded as skipped. Each setting runs
 `dfq-onnx optimize` in a subprocess into OUT/<family>/<style>/<setting>/q.onnx (the file name ends up
 in the model as its external-data location, so it is the same in every run) and records the sha256
 of every file written there except the report (q.report.json), or the exit code and last stderr line.
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             model: object = tiny_models.build(family, style, args.models.resolve())
-        except tiny_models.ExportUnsupported as exc:
-            model = {"skipped": str(exc).splitlines()[0][:300] if str(exc) else "ExportUnsupported"}
+        except tiny_models.ExportFailed as exc:  # the exporter refuses the cell (or is not installed)
+            model = {"skipped": str(exc).splitlines()[0][:300] if str(exc) else "ExportFailed"}
         except Exception as exc:  # a build that broke rather than refused: record it, go on
             model = {"build-error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         jobs += [(f"{family}/{style}/{s}", model, SETTINGS[s]) for s in settings]
