@@ -20,13 +20,15 @@ import time
 import onnx_ir as ir
 import torch
 
-from . import fast_path, methods, planner, report
+from . import fast_path, methods, planner, prior, report
 from .config import Method, OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
 from .graph.sites import Linear, ModelSites
 from .progress import ProgressFn
 from .quant import allocate, sensitivity
+from .units import head_unit, layer_units
+from .weights import WeightReader, torch_dtype
 
 DEFAULT_BITS = (2, 4, 8)  # 3-bit codes sit in 4-bit containers: the same bytes as 4-bit, more loss
 DEFAULT_BLOCKS = (32, 64, 128)
@@ -173,23 +175,23 @@ def plan(
     `graph_bytes` (the input's .onnx file) is kept free under a --target-size, with room for the
     online rotations the method may insert."""
     started = time.perf_counter()
-    make = planner.Planner(model.graph, sites, recipe, device, keep_float=False)
+    reader = WeightReader(model.graph, sites, device)
     formats = budget.formats or default_formats(recipe)
-    units = [u for u in planner.plan_units(sites, model.graph) if u.layer is not None]
+    units = [u for u in layer_units(sites, model.graph) if u.layer is not None]
     allocated = {lin.node for u in units for lin in u.linears if not recipe.excludes(lin.node, lin.role.value)}
-    head = planner.head_unit(sites, recipe)
+    head = head_unit(sites, recipe)
     head_formats = [f for f in formats if 4 <= f.bits <= recipe.lm_head.bits] if head else []  # --lm-head bounds its bits
     head_formats = [f for f in head_formats if head.linears[0].k % f.block_size == 0]
     if head_formats:
         allocated.add(head.linears[0].node)
     reported = [lin for lin in sites.linears.values() if _reported(lin, recipe, sites)]
-    fixed = sum(_fixed_bits(lin, recipe, make, sites) for lin in reported if lin.node not in allocated)
+    fixed = sum(_fixed_bits(lin, recipe, reader, sites) for lin in reported if lin.node not in allocated)
     weights = sum(lin.k * lin.n for lin in reported)
-    residual = make.initial_statistics()
+    residual = prior.initial_statistics(reader, recipe)
     choices: list[tuple[Linear, sensitivity.SiteStatistics, list[QuantFormat], list[float]]] = []
     total = sum(len(u.linears) for u in units)
     for unit in units:
-        stats_of, residual = make.site_statistics(unit, residual)
+        stats_of, residual = prior.site_statistics(reader, recipe, unit, residual)
         for lin in unit.linears:
             if lin.node not in allocated:
                 continue
@@ -201,16 +203,16 @@ def plan(
             progress(f"estimate {unit.label}", len(choices), total)
     if head_formats:  # the statistics at the final norm weigh the lm_head's error; it writes the logits (share 1)
         lin = head.linears[0]
-        gain = make.gains(head).get(head.head_norm.initializer) if head.head_norm else None
-        st = sensitivity.head_site(_head_sample(make, lin), residual, gain, planner._torch_dtype(make.activation_dtype(lin)))
+        gain = reader.gains(head).get(head.head_norm.initializer) if head.head_norm else None
+        st = sensitivity.head_site(_head_sample(reader, lin), residual, gain, torch_dtype(reader.activation_dtype(lin)))
         choices.append((lin, st, head_formats, sensitivity.relative_errors(st, head_formats)))
-    scale_bits = {lin.node: _scale_bits(make, lin) for lin, *_ in choices}
+    scale_bits = {lin.node: reader.scale_bits(lin) for lin, *_ in choices}
     if budget.bits is not None:
         budget_bits = budget.bits * weights - fixed
     else:  # every tensor that stays as it is, then the fixed quantized linears, take their bytes first
         quantized = [lin for lin in reported if not recipe.excludes(lin.node, lin.role.value)]
         staying = load.weight_bytes(model) - sum(_float_bytes(model, lin) for lin in quantized)
-        fixed_quantized = sum(_fixed_bits(lin, recipe, make, sites) for lin in quantized if lin.node not in allocated)
+        fixed_quantized = sum(_fixed_bits(lin, recipe, reader, sites) for lin in quantized if lin.node not in allocated)
         reserve = graph_bytes + _rotation_bytes(units, recipe)
         budget_bits = (budget.size - staying - reserve) * 8.0 - fixed_quantized
     choices, narrowest = _no_lower_than_affordable(choices, scale_bits, budget_bits)
@@ -265,30 +267,26 @@ def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, fmt: QuantF
 
 def _reported(lin: Linear, recipe: Recipe, sites: ModelSites) -> bool:
     """Whether the report lists the linear (and so counts its bits): every one but a kept lm_head."""
-    return lin.node != sites.lm_head or planner.head_unit(sites, recipe) is not None
+    return lin.node != sites.lm_head or head_unit(sites, recipe) is not None
 
 
-def _fixed_bits(lin: Linear, recipe: Recipe, make: planner.Planner, sites: ModelSites) -> float:
+def _fixed_bits(lin: Linear, recipe: Recipe, reader: WeightReader, sites: ModelSites) -> float:
     if recipe.excludes(lin.node, lin.role.value):
         return float(lin.k * lin.n * (16 if lin.weight.dtype == "FLOAT16" else 32))
     head = lin.node == sites.lm_head
-    return stored_bits(make.site_format(lin, head), lin.k, lin.n, _scale_bits(make, lin))
+    return stored_bits(planner.site_format(recipe, lin, head, len(sites.layers())), lin.k, lin.n, reader.scale_bits(lin))
 
 
-def _head_sample(make: planner.Planner, lin: Linear):
+def _head_sample(reader: WeightReader, lin: Linear):
     """The lm_head's W on the estimate's columns only, read from storage in pieces (a 262k-vocabulary
     head is never whole in float32); the estimate of these columns is the estimate of the whole."""
     wanted = sensitivity.estimate_columns(lin.n)
     parts, start = [], 0
-    for piece in make.column_chunks(lin.weight.initializer, lin.weight.transposed, methods.HEAD_CHUNK):
+    for piece in reader.column_chunks(lin.weight.initializer, lin.weight.transposed, methods.HEAD_CHUNK):
         end = start + piece.shape[1]
         parts.append(piece[:, wanted[(wanted >= start) & (wanted < end)] - start])
         start = end
     return torch.cat(parts, dim=1)
-
-
-def _scale_bits(make: planner.Planner, lin: Linear) -> int:
-    return 16 if make.activation_dtype(lin).itemsize == 2 else 32
 
 
 def _float_bytes(model: ir.Model, lin: Linear) -> int:

@@ -139,6 +139,14 @@ class Recipe:
                 fmt = override.apply(fmt)
         return fmt
 
+    def head_format(self) -> QuantFormat:
+        """The lm_head's format: --lm-head's bits on the recipe's blocks, changed only by the
+        overrides that name the lm_head (the policy sets its bits)."""
+        fmt = QuantFormat(self.lm_head.bits, self.quant.block_size, self.quant.symmetric)
+        for override in self.overrides:
+            fmt = override.apply(fmt) if "lm_head" in override.roles else fmt
+        return fmt
+
     def excludes(self, node: str, role: str) -> bool:
         return node in self.exclude or role in self.exclude
 

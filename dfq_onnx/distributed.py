@@ -1,7 +1,7 @@
 """Spreading a run's units over a Ray cluster, with the bytes of a local run.
 
 The method's work on a unit depends only on its float weights and on the propagated statistics,
-which follow from the float model alone (planner.Planner.statistics). So the driver chains the
+which follow from the float model alone (prior.unit_statistics). So the driver chains the
 cheap statistics pass, sends each unit with the statistics at its input to a Ray task, and
 applies the plans it gets back in layer order, as a local run does:
 
@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, memory, methods, planner, threads
+from . import checkpoint, memory, methods, planner, prior, threads
 from .config import Recipe
 from .errors import DfqError, Resumable
 from .plan import UnitPlan
 from .progress import ProgressFn
 from .quant import stats
+from .units import all_units
+from .weights import WeightReader
 
 RETRIES = 3  # tries after the first when a task's worker or node dies
 MAX_IN_FLIGHT = 16  # default bound on units submitted ahead of the one applied next
@@ -140,8 +142,8 @@ class Driver:
     """Yields (index, Planned) in unit order from `start`, computed by Ray tasks; records where
     each unit ran (`placements`) and how many were taken from the work directory (`reused`)."""
 
-    def __init__(self, cluster: Cluster, job: Job, make: planner.Planner, units: list[methods.Unit], work: Path):
-        self.cluster, self.job, self.make, self.units, self.work = cluster, job, make, units, work
+    def __init__(self, cluster: Cluster, job: Job, reader: WeightReader, units: list[methods.Unit], work: Path):
+        self.cluster, self.job, self.reader, self.units, self.work = cluster, job, reader, units, work
         self.placements: list[dict] = []
         self.reused = 0
         self.statistics_seconds = 0.0  # the driver's statistics pass
@@ -149,7 +151,7 @@ class Driver:
 
     def plans(self, start: int, residual: stats.Moments | None, progress: ProgressFn | None, done_sites: int, total: int) -> Iterator[tuple[int, planner.Planned]]:
         ray, job = self.cluster.ray, self.job
-        task = ray.remote(plan_unit).options(
+        task = ray.remote(run_unit).options(
             num_cpus=self.cluster.cpus,
             num_gpus=self.cluster.settings.gpus,
             max_retries=RETRIES,
@@ -172,7 +174,7 @@ class Driver:
                     else:
                         pending[task.remote(job, i, unit.label, _portable(residual))] = i
                     t0 = time.perf_counter()
-                    residual = after[i] = self.make.statistics(unit, residual)  # while the tasks run
+                    residual = after[i] = prior.unit_statistics(self.reader, job.recipe, unit, residual)  # while the tasks run
                     self.statistics_seconds += time.perf_counter() - t0
                     next_stats += 1
                 if next_apply in ready:
@@ -251,10 +253,10 @@ def _portable(x: stats.Moments | None) -> tuple[np.ndarray, np.ndarray] | None:
 # -- the task, run on a worker
 
 
-_STATE: dict = {}  # the worker's loaded graph and planner, kept between its tasks for one input
+_STATE: dict = {}  # the worker's loaded graph and weight reader, kept between its tasks for one input
 
 
-def plan_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.ndarray] | None) -> Finished:
+def run_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.ndarray] | None) -> Finished:
     """Plan unit `index` from the input file, as the local run would (same threads, same statistics)."""
     import ray
 
@@ -264,12 +266,12 @@ def plan_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.n
             f"this worker computes with {torch.get_num_threads()} torch threads, the driver with {job.threads}: the bytes "
             "would differ; start the workers without OMP_NUM_THREADS set"
         )
-    make, units = _planner(job)
+    reader, units = _reader(job)
     unit = units[index]
     if unit.label != label:
         raise DfqError(f"this node finds '{unit.label}' where the driver found '{label}': the input differs between nodes")
     moments = None if residual is None else stats.Moments(*(torch.from_numpy(np.array(a)).to(job.device) for a in residual))
-    planned = make.plan(unit, moments)
+    planned = planner.plan_unit(reader, job.recipe, unit, moments, job.keep_float)
     rounded = {name: np.asarray(w) for name, w in planned.rounded_float.items()}
     node = ray.get_runtime_context().get_node_id()
     memory.release()
@@ -277,7 +279,7 @@ def plan_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.n
     return Finished(index, planned.plan, rounded, node, ray.util.get_node_ip_address(), seconds, peak_rss_mib())
 
 
-def _planner(job: Job) -> tuple[planner.Planner, list[methods.Unit]]:
+def _reader(job: Job) -> tuple[WeightReader, list[methods.Unit]]:
     from .graph import load
     from .graph.sites import find_sites
 
@@ -290,15 +292,12 @@ def _planner(job: Job) -> tuple[planner.Planner, list[methods.Unit]]:
         memory.configure()
         model = load.load_model(path)
         sites = find_sites(model)
-        units = planner.plan_units(sites, model.graph)
-        if (head := planner.head_unit(sites, job.recipe)) is not None:
-            units.append(head)
-        make = planner.Planner(model.graph, sites, job.recipe, job.device, keep_float=job.keep_float)
-        _STATE.update(key=key, model=model, make=make, units=units)
+        units = all_units(sites, model.graph, job.recipe)
+        _STATE.update(key=key, model=model, reader=WeightReader(model.graph, sites, job.device), units=units)
     seen = checkpoint.fingerprint(path, load.external_data_files(_STATE["model"]), job.recipe, job.device, job.threads, job.keep_float)
     if seen != job.fingerprint:
         raise DfqError(
             f"{path} on node {os.uname().nodename} is not the file the driver read (changed since, or another copy): "
             "every node must see the same input (a shared filesystem)"
         )
-    return _STATE["make"], _STATE["units"]
+    return _STATE["reader"], _STATE["units"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from . import budget, checkpoint, distributed, genai_folder, memory, mirror, planner, threads
+from . import budget, checkpoint, distributed, genai_folder, memory, mirror, planner, prior, threads
 from .config import ROLES, Method, OutputFormat, Recipe
 from .errors import DfqError, Interrupted, Resumable
 from .graph import load, save
@@ -29,7 +29,9 @@ from .plan import DamagedPlan, UnitPlan
 from .progress import ProgressFn
 from .quant import stats
 from .report import Report
+from .units import all_units
 from .verify import VerificationFailed
+from .weights import WeightReader
 
 
 
@@ -114,9 +116,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     key = checkpoint.fingerprint(input_path, load.external_data_files(model), recipe, options.device, options.threads, keep_float)
     state, notes = _start(work, key, options.resume)
     writer = save.ExternalDataWriter(work, location)  # a resumed run writes its finished plans again
-    units = planner.plan_units(sites, model.graph)
-    if (head := planner.head_unit(sites, recipe)) is not None:
-        units.append(head)
+    units = all_units(sites, model.graph, recipe)
     total = sum(len(u.linears) for u in units)  # progress counts linears (sites)
     resumed = state.units_done
     mirrors: dict[str, Mirror] = {}
@@ -127,23 +127,23 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
     try:
         # a resumed run rebuilds the mirrors from the saved plans: it is checked as a first run is
         mirrors = {name: Mirror(input_path, work, f".verify-{name}") for name in mirror_names}
-        make = planner.Planner(model.graph, sites, recipe, options.device, keep_float=keep_float)
+        reader = WeightReader(model.graph, sites, options.device)
         for index in range(resumed):
             plan, exact_weights = checkpoint.load_plan(work, index)
             apply_plan(model, plan, recipe.output_format, context)
             notes += mirror.follow(mirrors, plan, sites, exact_weights)
             plans.append(plan.summary())
-        residual = _on(state.residual, options.device) if resumed else make.initial_statistics()
+        residual = _on(state.residual, options.device) if resumed else prior.initial_statistics(reader, recipe)
         if progress:
             progress(f"resumed after {units[resumed - 1].label}" if resumed else "start", _sites(plans), total)
         with cluster:
             if options.ray:
-                job = distributed.Job(str(input_path.resolve()), key, recipe, options.device, make.keep_float, options.threads)
-                driver = distributed.Driver(cluster, job, make, units, work)
+                job = distributed.Job(str(input_path.resolve()), key, recipe, options.device, keep_float, options.threads)
+                driver = distributed.Driver(cluster, job, reader, units, work)
                 checkpoint.save(work, checkpoint.State(key, resumed, residual))  # plans may finish out of order
                 planned_units = driver.plans(resumed, residual, progress, _sites(plans), total)
             else:
-                planned_units = _local_plans(make, units, resumed, residual, work)
+                planned_units = _local_plans(reader, recipe, keep_float, units, resumed, residual, work)
             for index, planned in planned_units:
                 apply_plan(model, planned.plan, recipe.output_format, context)
                 notes += mirror.follow(mirrors, planned.plan, sites, planned.rounded_float)
@@ -210,10 +210,10 @@ def _on(x: stats.Moments | None, device: str) -> stats.Moments | None:
     return None if x is None else stats.Moments(x.mean.to(device), x.cov.to(device))
 
 
-def _local_plans(make: planner.Planner, units, start: int, residual, work: Path):
+def _local_plans(reader: WeightReader, recipe: Recipe, keep_float: bool, units, start: int, residual, work: Path):
     """(index, Planned) in unit order, one after the other in this process, each saved as it ends."""
     for index in range(start, len(units)):
-        planned = make.plan(units[index], residual)
+        planned = planner.plan_unit(reader, recipe, units[index], residual, keep_float)
         residual = planned.residual
         checkpoint.save_plan(work, index, planned.plan, planned.rounded_float)
         yield index, planned

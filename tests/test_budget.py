@@ -231,17 +231,17 @@ def test_head_estimate_reads_only_pieces_of_the_head(tiny, monkeypatch):
     one at a time (several pieces here), equal to the same columns of the whole weight."""
     import torch
 
-    from dfq_onnx import methods, planner
-    from dfq_onnx.config import load_recipe
+    from dfq_onnx import methods
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.sites import find_sites
     from dfq_onnx.quant import sensitivity
+    from dfq_onnx.weights import WeightReader
 
     model = load_model(tiny("dynamo"))
     sites = find_sites(model)
-    make = planner.Planner(model.graph, sites, load_recipe("cafeq-int4"), "cpu", keep_float=False)
+    reader = WeightReader(model.graph, sites, "cpu")
     head = sites.linears[sites.lm_head]
     assert head.n > sensitivity.ESTIMATE_COLUMNS  # the sample is a proper subset
     monkeypatch.setattr(methods, "HEAD_CHUNK", 37)
-    sample = budget._head_sample(make, head)
-    assert torch.equal(sample, make.weight(head)[:, sensitivity.estimate_columns(head.n)])
+    sample = budget._head_sample(reader, head)
+    assert torch.equal(sample, reader.weight(head)[:, sensitivity.estimate_columns(head.n)])

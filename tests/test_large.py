@@ -191,12 +191,13 @@ def test_importing_the_package_asks_torch_for_huge_pages_before_torch_starts(pre
 def test_a_layers_mlp_weights_are_read_after_its_attention_is_rounded(synthetic, tmp_path, monkeypatch):
     """A unit's weights are read on first use: while a layer's attention is rounded its MLP weights
     (three quarters of the layer's bytes) are not in memory, which sets the peak of a large model."""
-    from dfq_onnx import planner
+    from dfq_onnx import prior
     from dfq_onnx.cli import main
     from dfq_onnx.quant import layer
+    from dfq_onnx.weights import WeightReader
 
     events: list[tuple] = []
-    read, mlp = planner.Planner.weight, layer.optimise_mlp
+    read, mlp = WeightReader.weight, layer.optimise_mlp
 
     def logged_read(self, lin, as_stored=False):
         events.append(("read", lin.role.value, lin.layer))
@@ -206,15 +207,15 @@ def test_a_layers_mlp_weights_are_read_after_its_attention_is_rounded(synthetic,
         events.append(("mlp",))
         return mlp(*args, **kwargs)
 
-    start = planner.Planner.initial_statistics
+    start = prior.initial_statistics
 
-    def logged_start(self):
-        out = start(self)
+    def logged_start(reader, recipe):
+        out = start(reader, recipe)
         events.clear()  # the prior's token pass reads every layer once, one at a time, before any rounding
         return out
 
-    monkeypatch.setattr(planner.Planner, "weight", logged_read)
-    monkeypatch.setattr(planner.Planner, "initial_statistics", logged_start)
+    monkeypatch.setattr(WeightReader, "weight", logged_read)
+    monkeypatch.setattr(prior, "initial_statistics", logged_start)
     monkeypatch.setattr(layer, "optimise_mlp", logged_mlp)
     assert main(["optimize", str(synthetic), "-o", str(tmp_path / "out.onnx"), "--verify", "none", "--quiet"]) == 0
     starts = [i for i, e in enumerate(events) if e[0] == "mlp"]

@@ -14,10 +14,11 @@ from onnx import numpy_helper
 import dfq_onnx
 import independent
 import tiny_models as T
-from dfq_onnx import methods, planner
+from dfq_onnx import methods
 from dfq_onnx.cli import main
 from dfq_onnx.config import MethodConfig, QuantFormat
 from dfq_onnx.quant import rounding, site
+from dfq_onnx.weights import WeightReader
 
 
 def test_chunks_give_the_bytes_of_one_pass(monkeypatch):
@@ -85,7 +86,7 @@ def test_head_is_read_in_pieces_with_the_bytes_of_one_read(tiny_family, tmp_path
     piece at a time, never whole in float32, and the pieces give the same bytes as one piece."""
     model = tiny_family(family, "genai-fp32")
     read = []
-    whole_read, whole_table = planner.Planner.weight, planner.Planner._embedding_table
+    whole_read, whole_table = WeightReader.weight, WeightReader.embedding_table
 
     def spy(self, lin, as_stored=False):
         read.append(lin.role.value)
@@ -95,8 +96,8 @@ def test_head_is_read_in_pieces_with_the_bytes_of_one_read(tiny_family, tmp_path
         read.append("embedding")
         return whole_table(self, unit)
 
-    monkeypatch.setattr(planner.Planner, "weight", spy)
-    monkeypatch.setattr(planner.Planner, "_embedding_table", spy_table)
+    monkeypatch.setattr(WeightReader, "weight", spy)
+    monkeypatch.setattr(WeightReader, "embedding_table", spy_table)
     outputs = {}
     for chunk in (1 << 30, 48):
         monkeypatch.setattr(methods, "HEAD_CHUNK", chunk)

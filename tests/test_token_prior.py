@@ -11,11 +11,12 @@ import pytest
 import tiny_models
 import torch
 
-from dfq_onnx import planner
+from dfq_onnx import prior
 from dfq_onnx.config import DfqError, TokenPrior, load_recipe, recipe_from_dict
 from dfq_onnx.graph import load
 from dfq_onnx.graph.sites import find_sites
 from dfq_onnx.quant import stats
+from dfq_onnx.weights import WeightReader
 
 
 def _table(vocab: int = 500, hidden: int = 24, seed: int = 0) -> torch.Tensor:
@@ -79,11 +80,12 @@ def _starts(model_path, token_prior: TokenPrior | None = None):
     sites = find_sites(model)
     recipe = load_recipe("cafeq-int4-cuda")
     with_prior = lambda p: dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, token_prior=p))  # noqa: E731
-    make = planner.Planner(model.graph, sites, recipe if token_prior is None else with_prior(token_prior), "cpu", keep_float=False)
-    uniform = planner.Planner(model.graph, sites, with_prior(TokenPrior.UNIFORM), "cpu", keep_float=False).initial_statistics()
+    reader = WeightReader(model.graph, sites, "cpu")
+    chosen = recipe if token_prior is None else with_prior(token_prior)
+    uniform = prior.initial_statistics(reader, with_prior(TokenPrior.UNIFORM))
     emb = sites.embedding
     table = torch.cat([torch.as_tensor(r, dtype=torch.float32) for r in load.iter_rows(model.graph.initializers[emb.initializer].const_value, emb.transposed, 64)])
-    return make.initial_statistics(), uniform, make.token_weights(uniform), table, sites.embedding_scale
+    return prior.initial_statistics(reader, chosen), uniform, prior.token_weights(reader, chosen, uniform), table, sites.embedding_scale
 
 
 def _assert_weighted_start(start, uniform, weights, table, scale):

@@ -111,19 +111,21 @@ def recording_prior():
 def prior_moments(model, sites, token_prior=None) -> dict[str, tuple]:
     """Per decoder linear, (E[x], E[x x^T] dense, E[x x^T] diag+mean) of the propagated prior (started
     from `token_prior`, the method's default if None)."""
-    from dfq_onnx import planner
+    from dfq_onnx import planner, prior
     from dfq_onnx.config import MethodConfig, Recipe
+    from dfq_onnx.units import layer_units
+    from dfq_onnx.weights import WeightReader
 
     # Only the propagation is wanted: transforms and GPTQ off (they do not move the statistics).
     cheap = MethodConfig(scale_search=False, diagonal=False, vo_pairs=False, vo_transform=False, qk_transform=False, gptq=False, online=())
     if token_prior is not None:
         cheap = dataclasses.replace(cheap, token_prior=token_prior)
-    make = planner.Planner(model.graph, sites, Recipe(method=cheap), "cpu", keep_float=False)
-    residual = make.initial_statistics()
+    reader, recipe = WeightReader(model.graph, sites, "cpu"), Recipe(method=cheap)
+    residual = prior.initial_statistics(reader, recipe)
     out: dict[str, tuple] = {}
-    for unit in planner.plan_units(sites, model.graph):
+    for unit in layer_units(sites, model.graph):
         with recording_prior() as seen:
-            residual = make.plan(unit, residual).residual
+            residual = planner.plan_unit(reader, recipe, unit, residual).residual
         hessians = [x for kind, x in seen if kind == "hessian"]
         outputs = [x for kind, x in seen if kind == "attention"]
         att, mlp = unit.attention, unit.mlp

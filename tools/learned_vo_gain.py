@@ -23,12 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dfq_onnx import memory, planner  # noqa: E402
+from dfq_onnx import memory, planner, prior  # noqa: E402
 from dfq_onnx.config import DEFAULT_RECIPE, load_recipe  # noqa: E402
 from dfq_onnx.graph import load  # noqa: E402
 from dfq_onnx.graph.sites import find_sites  # noqa: E402
 from dfq_onnx.quant import value_output  # noqa: E402
 from dfq_onnx.quant.site import SiteTransform  # noqa: E402
+from dfq_onnx.units import layer_units  # noqa: E402
+from dfq_onnx.weights import WeightReader  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     memory.configure()
     model = load.load_model(args.model)
     sites = find_sites(model)
-    make = planner.Planner(model.graph, sites, recipe, "cpu", keep_float=False)
-    units = planner.plan_units(sites, model.graph)
-    residual = make.initial_statistics()
+    reader = WeightReader(model.graph, sites, "cpu")
+    units = layer_units(sites, model.graph)
+    residual = prior.initial_statistics(reader, recipe)
     for unit in units[: args.layers or len(units)]:
-        residual = make.plan(unit, residual).residual
+        residual = planner.plan_unit(reader, recipe, unit, residual).residual
         memory.release()
     if not rows:
         print("no V/O pair was learned (no vo_transform, or no attention output found)")

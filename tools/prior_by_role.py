@@ -46,31 +46,31 @@ ROLES = ("q", "o", "gate", "down")  # one linear per input: k/v read q's, up rea
 def prior_under(model, sites, token_prior: str, counts: np.ndarray | None, seen: list | None = None):
     """gap_split.prior_moments with the prior started from `token_prior` (text: `counts` as weights;
     `seen` gets the token weights used)."""
-    from dfq_onnx import planner
+    from dfq_onnx import prior
     from dfq_onnx.config import TokenPrior
 
-    original = planner.Planner.token_weights
+    original = prior.token_weights
 
-    def weights(self, residual):
+    def weights(reader, recipe, residual):
         if token_prior == "text":
             w = torch.as_tensor(counts, dtype=torch.float64)
         elif token_prior == "rank":  # Zipf over the vocabulary's order (BPE numbers merges by frequency)
-            w = 1.0 / (torch.arange(self.sites.embedding.vocab, dtype=torch.float64) + RANK_OFFSET)
+            w = 1.0 / (torch.arange(reader.sites.embedding.vocab, dtype=torch.float64) + RANK_OFFSET)
         else:
-            w = original(self, residual)
+            w = original(reader, recipe, residual)
             if token_prior == "self*2":  # once more, from the start the first distribution gives
-                w = original(self, self._embedding_moments(w, center=residual.mean / self.sites.embedding_scale))
+                w = original(reader, recipe, prior.embedding_moments(reader, w, center=residual.mean / reader.sites.embedding_scale))
             elif token_prior.startswith("self/"):  # softmax(logits / T)
                 w = w ** (1.0 / float(token_prior.split("/", 1)[1]))
         if seen is not None:
             seen.append(w / w.sum())
         return w
 
-    planner.Planner.token_weights = weights
+    prior.token_weights = weights
     try:
         return gap_split.prior_moments(model, sites, TokenPrior.UNIFORM if token_prior == "uniform" else TokenPrior.SELF)
     finally:
-        planner.Planner.token_weights = original
+        prior.token_weights = original
 
 
 def per_role(prior: dict, real: dict, inputs: dict, sites) -> dict[str, list[tuple[int, float, float]]]:
@@ -91,17 +91,16 @@ def per_role(prior: dict, real: dict, inputs: dict, sites) -> dict[str, list[tup
 
 def mlp_check(model, sites, prior: dict, real: dict, inputs: dict) -> None:
     """Print, every third layer, the log-corr at down's input of stats.gated_mlp_hidden under mixed moments."""
-    from dfq_onnx import planner
-    from dfq_onnx.config import MethodConfig, Recipe
     from dfq_onnx.quant import stats
+    from dfq_onnx.weights import WeightReader
 
-    make = planner.Planner(model.graph, sites, Recipe(method=MethodConfig(gptq=False)), "cpu", keep_float=False)
+    reader = WeightReader(model.graph, sites, "cpu")
     labels = ("text", "prior mean + text cov", "text mean + prior cov", "prior")
     print("down's input, log-corr with the text's E[x^2] when the MLP formulas get: " + " | ".join(labels))
     for mlp in sorted(sites.mlps, key=lambda m: m.layer):
         if mlp.layer % 3:
             continue
-        wg, wu = make.weight(sites.linears[mlp.gate]), make.weight(sites.linears[mlp.up])
+        wg, wu = reader.weight(sites.linears[mlp.gate]), reader.weight(sites.linears[mlp.up])
         if mlp.gate == mlp.up:  # one fused linear: gate columns first
             wg, wu = wg[:, : wg.shape[1] // 2], wg[:, wg.shape[1] // 2 :]
         p_mean, p_second, _ = prior[mlp.gate]

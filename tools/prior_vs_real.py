@@ -50,26 +50,28 @@ def norm_inputs(model_path: Path):
 
 def prior_second_moments(model, sites) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per layer, the prior's (E[x^2], E[x]) at the q/k/v input, as the method propagates it."""
-    from dfq_onnx import planner
+    from dfq_onnx import planner, prior
     from dfq_onnx.config import MethodConfig, Recipe
     from dfq_onnx.quant import stats
+    from dfq_onnx.units import layer_units
+    from dfq_onnx.weights import WeightReader
 
     # Only the propagation is wanted: every transform and GPTQ off (they do not move the statistics).
     cheap = MethodConfig(scale_search=False, diagonal=False, vo_pairs=False, vo_transform=False,
                          qk_transform=False, gptq=False, online=())
-    make = planner.Planner(model.graph, sites, Recipe(method=cheap), "cpu", keep_float=False)
-    residual = make.initial_statistics()
+    reader, recipe = WeightReader(model.graph, sites, "cpu"), Recipe(method=cheap)
+    residual = prior.initial_statistics(reader, recipe)
     if residual is None:
         raise SystemExit("error: the model has no embedding the prior can start from")
     out = {}
-    for unit in planner.plan_units(sites, model.graph):
+    for unit in layer_units(sites, model.graph):
         att = unit.attention
         if att is not None and att.input_norm is not None and unit.layer is not None:
-            gain = make.gains(unit)[att.input_norm.initializer]
+            gain = reader.gains(unit)[att.input_norm.initializer]
             x = stats.rms_norm(residual, gain)
             mean = x.mean.numpy()
             out[unit.layer] = (x.variances().numpy() + mean**2, mean)
-        residual = make.plan(unit, residual).residual
+        residual = planner.plan_unit(reader, recipe, unit, residual).residual
     return out
 
 

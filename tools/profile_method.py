@@ -25,10 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dfq_onnx import memory, planner  # noqa: E402
+from dfq_onnx import memory, planner, prior  # noqa: E402
 from dfq_onnx.config import DEFAULT_RECIPE, load_recipe  # noqa: E402
 from dfq_onnx.graph import load  # noqa: E402
 from dfq_onnx.graph.sites import find_sites  # noqa: E402
+from dfq_onnx.units import layer_units  # noqa: E402
+from dfq_onnx.weights import WeightReader  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     memory.configure()
     model = load.load_model(args.model)
     sites = find_sites(model)
-    make = planner.Planner(model.graph, sites, recipe, args.device, keep_float=False)
-    units = planner.plan_units(sites, model.graph)[: args.layers]
+    reader = WeightReader(model.graph, sites, args.device)
+    units = layer_units(sites, model.graph)[: args.layers]
     t0 = time.perf_counter()
-    residual = make.initial_statistics()
+    residual = prior.initial_statistics(reader, recipe)
     print(f"statistics from the embedding: {time.perf_counter() - t0:.2f} s")
     profile = None if args.no_profile else cProfile.Profile()
     for unit in units:
         t0 = time.perf_counter()
         if profile:
             profile.enable()
-        planned = make.plan(unit, residual)
+        planned = planner.plan_unit(reader, recipe, unit, residual)
         if profile:
             profile.disable()
         residual = planned.residual

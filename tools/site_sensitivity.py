@@ -36,21 +36,23 @@ import eval_quality  # noqa: E402
 
 
 def site_statistics(model_path: Path, recipe_name: str):
-    """{node: (Linear, SiteStatistics)} for every decoder linear, by the planner's own propagation."""
-    from dfq_onnx import planner
+    """{node: (Linear, SiteStatistics)} for every decoder linear, by the prior's own propagation."""
+    from dfq_onnx import prior
     from dfq_onnx.config import load_recipe
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.sites import find_sites
+    from dfq_onnx.units import layer_units
+    from dfq_onnx.weights import WeightReader
 
     model = load_model(model_path)
     sites = find_sites(model)
-    make = planner.Planner(model.graph, sites, load_recipe(recipe_name), "cpu", keep_float=False)
-    residual = make.initial_statistics()
+    reader, recipe = WeightReader(model.graph, sites, "cpu"), load_recipe(recipe_name)
+    residual = prior.initial_statistics(reader, recipe)
     out = {}
-    for unit in planner.plan_units(sites, model.graph):
+    for unit in layer_units(sites, model.graph):
         if unit.layer is None:
             continue
-        stats_of, residual = make.site_statistics(unit, residual)
+        stats_of, residual = prior.site_statistics(reader, recipe, unit, residual)
         out.update({lin.node: (lin, stats_of[lin.node]) for lin in unit.linears})
     return out
 

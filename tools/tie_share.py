@@ -75,15 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} not found; {hint}", file=sys.stderr)
         return 2
 
-    from dfq_onnx import planner
-    from dfq_onnx.config import load_recipe
     from dfq_onnx.graph.load import load_model
-    from dfq_onnx.graph.sites import find_sites
     from dfq_onnx.graph.site_types import Role
+    from dfq_onnx.graph.sites import find_sites
+    from dfq_onnx.weights import WeightReader
 
     model = load_model(path)
     sites = find_sites(model)
-    reader = planner.Planner(model.graph, sites, load_recipe("rtn-int4"), "cpu", keep_float=False)
+    reader = WeightReader(model.graph, sites, "cpu")
     ties: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     sizes: collections.Counter = collections.Counter()
     for lin in sites.linears.values():
