@@ -17,6 +17,7 @@ from typing import Any
 from .checks import MAX_SEED, check_seed, check_type, enum_value  # noqa: F401  (MAX_SEED, check_seed: re-exported)
 from .errors import DfqError
 from .method_config import (  # noqa: F401  (re-exported: the method's names are the configuration's)
+    FREE_TRANSFORMS,
     ONLINE_SITES,
     DiagonalPrior,
     HessianForm,
@@ -25,8 +26,11 @@ from .method_config import (  # noqa: F401  (re-exported: the method's names are
     Prior,
     Rotation,
     TokenPrior,
+    keeps,
     method_config_from,
     parse_online,
+    without_learners,
+    without_transforms,
 )
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -169,7 +173,7 @@ class Recipe:
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
         if top.pop("fast", False):  # every learner the recipe turns on, off
-            method = dataclasses.replace(method, learned_diagonal_steps=0, learned_vo_steps=0, learned_online_steps=0, learned_qk_steps=0)
+            method = without_learners(method)
         if "exclude" in top:
             top["exclude"] = self.exclude + parse_names(top["exclude"], "exclude")
         top["method"] = method

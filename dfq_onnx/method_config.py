@@ -94,6 +94,44 @@ class MethodConfig:
     learned_qk_lr: float = 0.01
 
 
+@dataclasses.dataclass(frozen=True)
+class FreeTransform:
+    """One function-preserving transform the method may choose: the MethodConfig field that turns it
+    on (and its value when off), and its learner's steps and rate (0 steps: searched only). A new
+    transform is one entry here and its math in quant/; the off-switch (Rounding.untransformed),
+    --fast and the recipe checks follow from this table."""
+
+    name: str
+    switch: str
+    off: Any
+    steps: str
+    lr: str
+
+
+FREE_TRANSFORMS = (
+    FreeTransform("diagonal", "diagonal", False, "learned_diagonal_steps", "learned_diagonal_lr"),
+    FreeTransform("q/k rotation", "qk_transform", False, "learned_qk_steps", "learned_qk_lr"),
+    FreeTransform("V/O transform", "vo_transform", False, "learned_vo_steps", "learned_vo_lr"),
+    FreeTransform("online rotation", "online", (), "learned_online_steps", "learned_online_lr"),  # an inserted op
+)
+
+
+def without_transforms(config: MethodConfig) -> MethodConfig:
+    """The same method with every free transform off (the scale search and GPTQ kept)."""
+    return dataclasses.replace(config, **{t.switch: t.off for t in FREE_TRANSFORMS})
+
+
+def without_learners(config: MethodConfig) -> MethodConfig:
+    """The same method with every learner off: each transform searched only (--fast)."""
+    return dataclasses.replace(config, **{t.steps: 0 for t in FREE_TRANSFORMS})
+
+
+def keeps(config: MethodConfig, trial: float, current: float) -> bool:
+    """Whether a transform's trial replaces what it would change: where it lowers the proxy, or
+    always when the recipe forces every transform (the exactness checks)."""
+    return config.force_transforms or trial < current
+
+
 def method_config_from(section: dict[str, Any]) -> MethodConfig:
     values = dict(section)
     values["name"] = enum_value(Method, values.get("name", Method.CAFEQ.value), "method")
@@ -118,10 +156,10 @@ def method_config_from(section: dict[str, Any]) -> MethodConfig:
         raise DfqError(f"recipe [method] online_block must be a power of two >= 8, not {b!r}")
     if "alternations" in values and not 1 <= values["alternations"] <= 16:
         raise DfqError(f"recipe [method] alternations must be from 1 to 16, not {values['alternations']}")
-    for key in ("learned_diagonal_steps", "learned_vo_steps", "learned_online_steps", "learned_qk_steps"):
+    for key in (t.steps for t in FREE_TRANSFORMS):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or not 0 <= values[key] <= 10_000):
             raise DfqError(f"recipe [method] {key} must be a whole number of steps from 0 (off) to 10000, not {values[key]!r}")
-    for key in ("learned_diagonal_lr", "learned_vo_lr", "learned_online_lr", "learned_qk_lr", "gptq_damp"):
+    for key in (*(t.lr for t in FREE_TRANSFORMS), "gptq_damp"):
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool) or not values[key] > 0):
             raise DfqError(f"recipe [method] {key} must be a positive number (e.g. {getattr(MethodConfig, key)}), not {values[key]!r}")
     if values.get("learned_vo_objective", "pair") not in VO_OBJECTIVES:

@@ -305,3 +305,22 @@ def test_pair_loss_gradient_is_autograds(with_bias):
     full[rows] = v_rows.detach()
     assert float(pair.error_tensor(v_rows, o, sample)) == pytest.approx(pair.error(full, o.detach()), rel=1e-12)
     assert torch.autograd.gradcheck(lambda x, y: pair.error_tensor(x, y, sample), (v_rows, o))
+
+
+def test_every_transform_knob_is_in_the_one_table():
+    """Every learner (a `learned_*_steps` field) and every transform switch belongs to an entry of
+    FREE_TRANSFORMS, so the off-switch and --fast cannot miss one: the table is what they read."""
+    import dataclasses
+
+    from dfq_onnx.config import FREE_TRANSFORMS, MethodConfig, without_learners, without_transforms
+
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    steps = {name for name in fields if name.startswith("learned_") and name.endswith("_steps")}
+    assert steps == {t.steps for t in FREE_TRANSFORMS}
+    assert {t.lr for t in FREE_TRANSFORMS} <= fields and {t.switch for t in FREE_TRANSFORMS} <= fields
+    every = dataclasses.replace(MethodConfig(), **{t.steps: 7 for t in FREE_TRANSFORMS})
+    assert all(getattr(without_learners(every), t.steps) == 0 for t in FREE_TRANSFORMS)
+    plain = without_transforms(every)
+    assert all(getattr(plain, t.switch) == t.off for t in FREE_TRANSFORMS)
+    assert not plain.diagonal and not plain.qk_transform and not plain.vo_transform and plain.online == ()
+    assert plain.gptq and plain.scale_search  # the rounding itself stays

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..config import keeps
 from . import grid, learn, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerResult, LayerWeights
 from .site import (
@@ -60,7 +61,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     else:  # kept where the sublayer's sites round better with it; the V/O block is learned once, after
         best = _attention_with(layer, att, parts, x, h, a, a_tags, how, learn_vo=False)
         trial = _attention_with(layer, att, parts, x, h, *learned, how, learn_vo=False)
-        if how.config.force_transforms or trial.error < best.error:
+        if keeps(how.config, trial.error, best.error):
             best, (a, a_tags) = trial, learned
         if how.config.learned_vo_steps and "v" in parts:
             best.sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, a_tags, how, layer.scale_dtypes[att.qkv or att.v]))

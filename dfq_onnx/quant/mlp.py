@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import keeps
 from . import stats
 from .geometry import LayerResult, LayerWeights
 from .site import (
@@ -141,4 +142,4 @@ def _columns(stride: int | None):
 
 def _better(trial: dict, current: dict, how: Rounding) -> bool:
     """Whether the sites rounded with a learned transform beat those without (forced: always)."""
-    return how.config.force_transforms or sum(o.error for o in trial.values()) < sum(o.error for o in current.values())
+    return keeps(how.config, sum(o.error for o in trial.values()), sum(o.error for o in current.values()))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..config import keeps
 from . import learn, transforms
 from .site import Rounding, SiteOutcome
 
@@ -43,7 +44,7 @@ def choose_online(make: Make, plain: dict[str, SiteOutcome] | None, k: int, devi
         found = learn.learn_online(weights, h, how.fmt, start, config.learned_online_steps, config.learned_online_lr, dtype)
         if found.moved or config.force_transforms:
             trial = make(found.value, f"online-learned{b}", sample=sample)
-            if config.force_transforms or _total(trial) < _total(rotated):
+            if keeps(config, _total(trial), _total(rotated)):
                 rotated, t = trial, found.value
     keep = config.force_transforms
     if not keep and plain is None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import DiagonalPrior, HessianForm, MethodConfig, QuantFormat, Rotation
+from ..config import DiagonalPrior, HessianForm, MethodConfig, QuantFormat, Rotation, without_transforms
 from . import grid, learn, rounding, scales, stats, transforms
 
 
@@ -32,8 +32,7 @@ class Rounding:
 
     def untransformed(self) -> "Rounding":
         """The same rounding with every free transform off (GPTQ and the scale search kept)."""
-        plain = dataclasses.replace(self.config, diagonal=False, qk_transform=False, vo_transform=False, online=())
-        return dataclasses.replace(self, config=plain)
+        return dataclasses.replace(self, config=without_transforms(self.config))
 
     def block(self, n: int, device) -> torch.Tensor | None:
         """An n x n orthogonal block for an online or V/O transform: Hadamard, or random (seeded)."""

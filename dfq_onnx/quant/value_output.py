@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from ..config import keeps
 from . import grid, learn, pair_loss, rounding, stats, transforms
 from .geometry import AttentionGeometry, LayerWeights
 from .site import Rounding, SiteOutcome, SiteTransform, round_site, round_weight
@@ -64,7 +65,7 @@ def value_output(
     if learned is not None:  # kept where the pair rounds better with it
         tf_v_l, tf_o_l = learned
         trial = round_pair(pair, tf_v_l, tf_o_l, how_v, how_o, v_dtype, o_dtype, floats)
-        if config.force_transforms or trial[2] < err:
+        if keeps(config, trial[2], err):
             (qv, qo, err), tf_v, tf_o, extra = trial, tf_v_l, tf_o_l, ["vo-learned"]
     pair_tags = ["vo-pair", *how.tags()] if config.vo_pairs else how.tags()
     # V and O are scored as the product they compute (the proxy of a pair), both sites alike.
