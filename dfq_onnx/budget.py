@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 
 from . import fast_path, methods, planner, prior, report
-from .config import Method, OutputFormat, QuantFormat, Recipe, SiteOverride
+from .config import OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
 from .graph.sites import Linear, ModelSites
@@ -262,7 +262,7 @@ def _no_lower_than_affordable(choices, scale_bits: dict[str, int], budget_bits: 
 
 
 def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, fmt: QuantFormat, rel: float, budget: Budget) -> float:
-    return sensitivity.estimated_loss(st, role, fmt, rel, budget.weighting, method=recipe.method.name == Method.CAFEQ)
+    return sensitivity.estimated_loss(st, role, fmt, rel, budget.weighting, method=methods.method_for(recipe.method).optimises_rounding)
 
 
 def _reported(lin: Linear, recipe: Recipe, sites: ModelSites) -> bool:

@@ -79,22 +79,48 @@ class UnitInput:
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
 
-_REGISTRY: dict[Method, MethodFn] = {}
+
+@dataclasses.dataclass(frozen=True)
+class QuantMethod:
+    """A method as a run sees it: the function that quantizes one unit, and the properties the run,
+    the prior, the size budget and verification ask of it (never its name)."""
+
+    name: Method
+    quantize: MethodFn
+    transforms_weights: bool  # changes weights beyond rounding: the exactness check compares the transformed float model
+    optimises_rounding: bool  # rounds by the proxy (not min/max): the budget's loss estimate credits it
+    reads_stored_layout: bool  # rounds the weights as stored (any float dtype, either layout), not as float32 W[K, N]
+    weighs_by_statistics: bool  # its proxy is weighed by the residual statistics: the prior is built for it
+
+    def __call__(self, unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
+        return self.quantize(unit, data, fmt, config)
 
 
-def register(method: Method) -> Callable[[MethodFn], MethodFn]:
+_REGISTRY: dict[Method, QuantMethod] = {}
+
+
+def register(name: Method, **properties: bool) -> Callable[[MethodFn], MethodFn]:
+    """Register the decorated function as method `name`, with the QuantMethod properties given."""
+
     def deco(fn: MethodFn) -> MethodFn:
-        _REGISTRY[method] = fn
+        install(QuantMethod(name, fn, **properties))
         return fn
 
     return deco
 
 
-def method_for(config: MethodConfig) -> MethodFn:
+def install(method: QuantMethod) -> QuantMethod | None:
+    """Make `method` the one its name selects; returns the one it replaces (tools swap solvers in)."""
+    previous = _REGISTRY.get(method.name)
+    _REGISTRY[method.name] = method
+    return previous
+
+
+def method_for(config: MethodConfig) -> QuantMethod:
     return _REGISTRY[config.name]
 
 
-@register(Method.RTN)
+@register(Method.RTN, transforms_weights=False, optimises_rounding=False, reads_stored_layout=True, weighs_by_statistics=False)
 def round_to_nearest(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig, skip: frozenset[str] = frozenset()) -> UnitResult:
     """Min/max rounding of every weight but `skip`; the head unit's in column pieces read one at a time
     (rounding is per column: the bytes of one pass), with the lm_head's proxy errors summed on the way."""
@@ -126,7 +152,7 @@ def joined(parts: list[grid.Quantized]) -> grid.Quantized:
     return grid.Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zps, q0.k, q0.fmt)
 
 
-@register(Method.CAFEQ)
+@register(Method.CAFEQ, transforms_weights=True, optimises_rounding=True, reads_stored_layout=False, weighs_by_statistics=True)
 def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -> UnitResult:
     if unit.is_head:
         return _head(unit, data, fmt, config)
@@ -154,7 +180,7 @@ def cafeq(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
 def statistics(unit: Unit, data: UnitInput, config: MethodConfig) -> stats.Moments | None:
     """The residual statistics after `unit` that its method returns, computed without rounding:
     they follow from the float weights alone (the statistics pass of a distributed run)."""
-    if config.name != Method.CAFEQ or unit.is_head:
+    if not method_for(config).weighs_by_statistics or unit.is_head:
         return None
     return propagate_layer(_layer_weights(unit, data), config, data.residual)
 
@@ -162,7 +188,7 @@ def statistics(unit: Unit, data: UnitInput, config: MethodConfig) -> stats.Momen
 def site_statistics(unit: Unit, data: UnitInput, config: MethodConfig):
     """({linear: sensitivity.SiteStatistics}, residual after the unit): what weighs each linear's
     rounding error, under the method's statistics (identity ones for another prior or method)."""
-    propagated = config.name == Method.CAFEQ and config.prior == Prior.PROPAGATED
+    propagated = method_for(config).weighs_by_statistics and config.prior == Prior.PROPAGATED
     return sensitivity.layer_sites(_layer_weights(unit, data), data.residual if propagated else None)
 
 

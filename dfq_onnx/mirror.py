@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
 from .graph import load, rewrite, save
 from .graph.sites import Linear, ModelSites, name_nodes

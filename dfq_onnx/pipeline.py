@@ -15,8 +15,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from . import budget, checkpoint, distributed, genai_folder, memory, mirror, planner, prior, threads
-from .config import ROLES, Method, OutputFormat, Recipe
+from . import budget, checkpoint, distributed, genai_folder, memory, methods, mirror, planner, prior, threads
+from .config import ROLES, OutputFormat, Recipe
 from .errors import DfqError, Interrupted, Resumable
 from .graph import load, save
 from .graph.sites import ModelSites, find_sites
@@ -246,7 +246,7 @@ def _mirror_names(recipe: Recipe, verify_mode: str) -> list[str]:
     """The float copies that verification compares against (only when logits are compared)."""
     if verify_mode != "compare" or recipe.float_output:
         return []  # a float output is itself compared with the input
-    return ["dequantized"] if recipe.method.name == Method.RTN else ["exact", "dequantized"]  # RTN transforms nothing
+    return ["exact", "dequantized"] if methods.method_for(recipe.method).transforms_weights else ["dequantized"]
 
 
 def _close(writer: save.ExternalDataWriter, mirrors: dict[str, Mirror]) -> None:

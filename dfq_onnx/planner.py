@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from . import methods
-from .config import Method, QuantFormat, Recipe
+from .config import QuantFormat, Recipe
 from .plan import UnitPlan
 from .plan_result import from_result
 from .quant import stats
@@ -33,8 +33,8 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
     fmt = recipe.head_format() if head else recipe.quant
     formats = {lin.node: site_format(recipe, lin, head, len(reader.sites.layers())) for lin in unit.linears}
     excluded = {lin.node for lin in unit.linears if not head and recipe.excludes(lin.node, lin.role.value)}
-    # RTN reads blocks in any layout and dtype; the head is read in float32 like ORT's quantizer does.
-    as_stored = recipe.method.name == Method.RTN and not head
+    method = methods.method_for(recipe.method)
+    as_stored = method.reads_stored_layout and not head  # the head is read in float32, as ORT's quantizer does
     linears = {lin.node: lin for lin in unit.linears}
     weights = LazyWeights(linears, lambda name: reader.weight(linears[name], as_stored=as_stored))
     dtypes = {lin.node: reader.activation_dtype(lin) for lin in unit.linears}
@@ -57,7 +57,7 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
         float_sites=frozenset(excluded),
         column_chunks=reader.head_chunks(unit) if head else None,
     )
-    result = methods.method_for(recipe.method)(unit, data, fmt, recipe.method)
+    result = method(unit, data, fmt, recipe.method)
     plan, rounded_float = from_result(
         unit, result, weights=weights, formats=formats, dtypes=dtypes, excluded=excluded, float_output=recipe.float_output,
         seconds=(time.perf_counter() - t0) / max(len(unit.linears), 1), notes=notes, embedding=table,

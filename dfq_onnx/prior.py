@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import methods
-from .config import Method, Prior, Recipe, TokenPrior
+from .config import Prior, Recipe, TokenPrior
 from .errors import DfqError
 from .quant import stats
 from .units import layer_units
@@ -19,7 +19,7 @@ def initial_statistics(reader: WeightReader, recipe: Recipe) -> stats.Moments | 
     """Residual-stream statistics at the first layer, from the embedding table (for the propagated prior)."""
     method = recipe.method
     sites = reader.sites
-    if method.name != Method.CAFEQ or method.prior != Prior.PROPAGATED or sites.embedding is None:
+    if not methods.method_for(method).weighs_by_statistics or method.prior != Prior.PROPAGATED or sites.embedding is None:
         return None
     uniform = embedding_moments(reader)
     post_normed = all(p.output_norm is not None for p in (*sites.attentions, *sites.mlps))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def test_failed_run_leaves_no_output(tiny, tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(methods, "method_for", lambda config: broken)
+    real = methods.method_for
+    monkeypatch.setattr(methods, "method_for", lambda config: dataclasses.replace(real(config), quantize=broken))
     model = copy_model(tiny("dynamo"), tmp_path / "m")
     before = file_digests(model)
     with pytest.raises(RuntimeError):

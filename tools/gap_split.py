@@ -241,7 +241,7 @@ def calibration_ids(args, reference: Path, tokenizer: Path) -> np.ndarray:
 def solver_with(hs: dict, damp: float = 0.01):
     """The quantization path with a method of this tool: GPTQ + scale search under `hs`, no transforms."""
     from dfq_onnx import methods
-    from dfq_onnx.config import Method, MethodConfig
+    from dfq_onnx.config import MethodConfig
     from dfq_onnx.quant import rounding
 
     original = methods.method_for(MethodConfig())
@@ -254,11 +254,11 @@ def solver_with(hs: dict, damp: float = 0.01):
             quantized[name] = rounding.gptq(w, hs[name], fmt, data.scale_dtypes[name], search_scales=True, damp=damp)
         return methods.UnitResult(quantized=quantized)
 
-    methods.register(Method.CAFEQ)(gptq_only)
+    methods.install(dataclasses.replace(original, quantize=gptq_only))
     try:
         yield
     finally:
-        methods.register(Method.CAFEQ)(original)
+        methods.install(original)
 
 
 def quantize(model_path: Path, out: Path, fmt_flags: dict) -> float:
