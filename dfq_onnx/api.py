@@ -19,11 +19,12 @@ from . import genai_folder
 from .config import DEFAULT_RECIPE, Recipe, load_recipe
 from .errors import DfqError
 from .graph.sites import ModelSites
+from .options import RECIPE_OPTIONS
 from .progress import ProgressBar, ProgressFn
 from .report import Report
 
 # Keyword overrides of a recipe, as the CLI's flags name them.
-OVERRIDES = ("bits", "block_size", "symmetric", "output_format", "lm_head", "method", "online", "accuracy_level", "exclude", "seed", "fast")
+OVERRIDES = tuple(o.name for o in RECIPE_OPTIONS)
 
 
 def quantize(

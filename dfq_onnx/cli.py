@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, builtin_recipes
+from .config import builtin_recipes
 from .errors import DfqError, Interrupted
+from .options import BUDGET_OPTIONS, RECIPE_OPTIONS, budget_settings, recipe_overrides
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -79,64 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"a TOML recipe path or built-in name ({', '.join(sorted(builtin_recipes()))})",
     )
-    o.add_argument(
-        "--bits",
-        type=int,
-        default=None,
-        help=f"bits per weight: {', '.join(map(str, SUPPORTED_BITS))} (3 is stored in 4-bit containers) [4]; "
-        "16 writes float weights with the method's free transforms applied (an exactness check)",
-    )
-    o.add_argument("--block-size", type=int, default=None, help="rows of K per scale: a power of two, 16..256 [32]")
-    sym = o.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points [default]")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-block uint8-packed zero points")
-    o.add_argument(
-        "--format",
-        dest="output_format",
-        choices=[f.value for f in OutputFormat],
-        default=None,
-        help="MatMulNBits nodes, or DequantizeLinear->MatMul (QDQ, ORT fuses it at load) [matmulnbits]",
-    )
-    o.add_argument(
-        "--lm-head",
-        choices=[p.value for p in LmHeadPolicy],
-        default=None,
-        help="lm_head and embedding (kept consistent when tied): keep float, or quantize [keep]",
-    )
-    o.add_argument("--method", choices=[m.value for m in Method], default=None, help="how weights are rounded: cafeq (the data-free method) or rtn (round-to-nearest) [cafeq]")
-    o.add_argument(
-        "--online",
-        default=None,
-        help="inputs that may get an online block Hadamard rotation (an inserted op, kept only where it "
-        "lowers the proxy by 5%%): down, gate_up, both comma-separated, or none [down,gate_up]",
-    )
-    o.add_argument(
-        "--exclude",
-        default=None,
-        help=f"linears kept in float, comma-separated: node names (as `dfq-onnx inspect` lists them) or roles "
-        f"({', '.join(ROLES)}); per-role and per-layer bits go in a recipe's [[override]] tables",
-    )
-    o.add_argument(
-        "--accuracy-level",
-        type=int,
-        default=None,
-        help="MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU); QDQ output records it in the "
-        "model's metadata, for the session option session.qdq_matmulnbits_accuracy_level [0]",
-    )
-    o.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seed of the random orthogonal blocks of --recipe random-rotation (the paper's Random baseline); "
-        "the same seed gives the same bytes [0]",
-    )
-    o.add_argument(
-        "--fast",
-        action="store_true",
-        default=None,
-        help="turn off every learned transform the recipe turns on (the bundled recipes learn none: they are "
-        "the fast setting already; a recipe with learners takes 2-6x longer, see BENCHMARKS.md) [off]",
-    )
+    for option in RECIPE_OPTIONS:
+        option.add_to(o)
     o.add_argument("--device", default="cpu", help="torch device for the optimisation: cpu, cuda, cuda:1 [cpu]")
     o.add_argument(
         "--verify",
@@ -239,29 +184,8 @@ def _eval_arguments(sub) -> None:
 
 
 def _budget_arguments(group) -> None:
-    group.add_argument(
-        "--target-bits",
-        type=float,
-        default=None,
-        metavar="B",
-        help="stored bits per quantized weight (codes, scales and zero points, as the report counts them), e.g. 3.5",
-    )
-    group.add_argument("--target-size", default=None, metavar="SIZE", help="bytes of the written model, e.g. 1.5GB, 800MiB")
-    group.add_argument(
-        "--target-formats",
-        default=None,
-        metavar="LIST",
-        help="candidate formats as bits:block:sym|asym, comma-separated, e.g. 2:64:asym,4:128:asym,8:128:sym [2-, 4- and "
-        "8-bit at blocks 32/64/128, symmetric and asymmetric; with a CUDA-layout recipe (the default) only the layouts "
-        "ORT's CUDA GEMM runs: 2:64:sym, 4:32:sym, 8:32:sym]",
-    )
-    group.add_argument(
-        "--target-weighting",
-        choices=["relative", "residual"],
-        default="relative",
-        help="how a linear's relative error counts: times its role's measured KL per unit of error (it tracks each "
-        "linear's measured KL best), or times the share of the residual stream its sublayer writes [relative]",
-    )
+    for option in BUDGET_OPTIONS:
+        option.add_to(group)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,10 +230,7 @@ def _inspect_plan(args) -> int:
 
     found = plan_budget(
         args.model,
-        target_bits=args.target_bits,
-        target_size=args.target_size,
-        target_formats=args.target_formats,
-        target_weighting=args.target_weighting,
+        **budget_settings(args),
         recipe=args.recipe,
         device=args.device,
     )
@@ -328,26 +249,13 @@ def _optimize(args) -> int:
         verify=args.verify,
         resume=args.resume,
         progress=not args.quiet,
-        bits=args.bits,
-        block_size=args.block_size,
-        symmetric=args.symmetric,
-        output_format=args.output_format,
-        lm_head=args.lm_head,
-        method=args.method,
-        online=args.online,
-        accuracy_level=args.accuracy_level,
-        exclude=args.exclude,
-        seed=args.seed,
-        fast=args.fast,
         threads=args.threads,
         ray=args.ray,
         ray_cpus=args.ray_cpus,
         ray_gpus=args.ray_gpus,
         ray_in_flight=args.ray_in_flight,
-        target_bits=args.target_bits,
-        target_size=args.target_size,
-        target_formats=args.target_formats,
-        target_weighting=args.target_weighting,
+        **budget_settings(args),
+        **recipe_overrides(args),
     )
     if not args.quiet:
         from .table import result_table

@@ -16,6 +16,7 @@ from typing import Any
 
 from .checks import MAX_SEED, check_seed, check_type, enum_value  # noqa: F401  (MAX_SEED, check_seed: re-exported)
 from .errors import DfqError
+from .roles import ROLES
 from .method_config import (  # noqa: F401  (re-exported: the method's names are the configuration's)
     FREE_TRANSFORMS,
     ONLINE_SITES,
@@ -80,7 +81,6 @@ class QuantFormat:
 
 
 # Roles a recipe may name; an override naming lm_head changes the format its policy (`lm_head`) gives it.
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)

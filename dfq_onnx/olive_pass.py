@@ -36,7 +36,7 @@ import json
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import model_validator
 
@@ -52,29 +52,13 @@ from olive.search.search_parameter import SearchParameter, SpecialParamValue
 from .api import check_budget, quantize
 from .config import DEFAULT_RECIPE, load_recipe
 from .errors import DfqError, Interrupted
+from .options import BUDGET_OPTIONS, RECIPE_OPTIONS, budget_settings, recipe_overrides
 
 logger = logging.getLogger(__name__)
 
-_OVERRIDE_TYPES: dict[str, tuple[Any, str]] = {
-    "bits": (Optional[int], "bits per weight: 2, 3, 4 or 8 (16 applies the transforms only)"),
-    "block_size": (Optional[int], "rows of K per scale: a power of two, 16..256"),
-    "symmetric": (Optional[bool], "True: no zero points; False: per-block zero points"),
-    "output_format": (Optional[str], "'matmulnbits' or 'qdq'"),
-    "lm_head": (Optional[str], "lm_head and embedding: 'keep' (float), 'int8' or 'int4'"),
-    "method": (Optional[str], "'cafeq' (the data-free method) or 'rtn' (round-to-nearest)"),
-    "online": (Optional[Union[str, list[str]]], "online Hadamard sites: 'down', 'gate_up', both, or 'none'"),
-    "accuracy_level": (Optional[int], "MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU)"),
-    "exclude": (Optional[list[str]], "linears kept in float: node names or roles"),
-    "seed": (Optional[int], "seed of random rotations (recipe random-rotation): the same seed gives the same bytes"),
-    "fast": (Optional[bool], "True: every learner the recipe turns on, off (the bundled recipes learn none)"),
-}
+_OVERRIDE_TYPES = {o.name: (o.type_, o.help) for o in RECIPE_OPTIONS}
 # A size budget instead of one format (dfq-onnx optimize --target-bits/--target-size): a format per linear.
-_BUDGET_TYPES = {
-    "target_bits": (Optional[float], "stored bits per quantized weight (codes, scales, zero points), e.g. 4.5"),
-    "target_size": (Optional[Union[int, str]], "bytes of the written model, e.g. '1.5GB' or '800MiB'"),
-    "target_formats": (Optional[str], "the budget's candidates as bits:block:sym|asym,...; None: the recipe's defaults"),
-    "target_weighting": (Optional[str], "how a linear's error is weighed: 'relative' (default) or 'residual'"),
-}
+_BUDGET_TYPES = {o.name: (o.type_, o.help) for o in BUDGET_OPTIONS}
 
 
 class DfqOnnxQuantization(Pass):
@@ -133,13 +117,11 @@ class DfqOnnxQuantization(Pass):
 
 
 def _overrides(config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in _OVERRIDE_TYPES}
+    return recipe_overrides(config)
 
 
 def _budget(config) -> dict[str, Any]:
-    values = {name: getattr(config, name) for name in _BUDGET_TYPES}
-    values["target_weighting"] = values["target_weighting"] or "relative"
-    return values
+    return budget_settings(config)
 
 
 def _check_recipe(config):

@@ -12,8 +12,7 @@ from typing import Any
 
 from .config import Recipe
 from .graph.sites import ModelSites
-
-ROLE_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "down", "lm_head", "other"]
+from .roles import ROLES
 
 
 @dataclasses.dataclass
@@ -112,7 +111,7 @@ class Report:
         for site in self.sites:
             groups[site.role].append(site)
         rows = []
-        for role in sorted(groups, key=lambda r: ROLE_ORDER.index(r) if r in ROLE_ORDER else 99):
+        for role in sorted(groups, key=lambda r: ROLES.index(r) if r in ROLES else 99):
             items = groups[role]
             weights = sum(s.weights for s in items)
             shapes = sorted({f"{s.k}x{s.n}" for s in items})

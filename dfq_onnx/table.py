@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from .graph.sites import ModelSites
-from .report import ROLE_ORDER, Report
+from .report import Report
+from .roles import ROLES
 
 
 def render(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -230,7 +231,7 @@ def plan_table(plan) -> str:
     from .budget import format_label
 
     short = lambda f: f"{f.bits}/{f.block_size}{'s' if f.symmetric else 'a'}"  # noqa: E731
-    roles = [r for r in ROLE_ORDER if any(s.role == r for s in plan.sites)]
+    roles = [r for r in ROLES if any(s.role == r for s in plan.sites)]
     layers = sorted({s.layer for s in plan.sites}, key=lambda x: (x is None, x or 0))
     cell = {(s.layer, s.role): short(s.format) for s in plan.sites}
     rows = [["head" if layer is None else str(layer)] + [cell.get((layer, r), "-") for r in roles] for layer in layers]

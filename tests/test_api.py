@@ -116,3 +116,22 @@ def test_default_output_names_agree_for_a_model_and_a_folder(tiny, tmp_path):
         assert (model.parent / f"model.{suffix}.onnx").is_file(), sorted(p.name for p in model.parent.iterdir())
         assert main(["optimize", str(folder), *flags, *common]) == 0
         assert (tmp_path / f"folder-{suffix}" / "model.onnx").is_file(), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_every_recipe_option_is_a_flag_and_an_api_keyword():
+    """The CLI's flags and the API's keywords come from one table: each option parses from its flag
+    to its name, and a name outside the table is refused by the API with the list of names."""
+    from dfq_onnx.api import OVERRIDES
+    from dfq_onnx.cli import build_parser
+    from dfq_onnx.options import RECIPE_OPTIONS, recipe_overrides
+
+    args = build_parser().parse_args(["optimize", "m.onnx", "--bits", "3", "--asymmetric", "--format", "qdq", "--lm-head", "int8",
+                                      "--method", "rtn", "--online", "none", "--exclude", "o", "--accuracy-level", "4",
+                                      "--seed", "5", "--fast", "--block-size", "64"])  # fmt: skip
+    got = recipe_overrides(args)
+    assert set(got) == set(OVERRIDES) == {o.name for o in RECIPE_OPTIONS}
+    assert got == {"bits": 3, "block_size": 64, "symmetric": False, "output_format": "qdq", "lm_head": "int8", "method": "rtn",
+                   "online": "none", "exclude": "o", "accuracy_level": 4, "seed": 5, "fast": True}  # fmt: skip
+    assert all(v is None for v in recipe_overrides(build_parser().parse_args(["optimize", "m.onnx"])).values())
+    with pytest.raises(dfq_onnx.DfqError, match="unknown setting.*bits"):
+        dfq_onnx.quantize("m.onnx", bitz=3)

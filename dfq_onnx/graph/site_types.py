@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import onnx_ir as ir
+
+from ..roles import Role
 
 
 FUSED_ATTENTION = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention"}
 
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-
-
-class Role(str, enum.Enum):
-    Q = "q"
-    K = "k"
-    V = "v"
-    QKV = "qkv"
-    O = "o"
-    GATE = "gate"
-    UP = "up"
-    GATE_UP = "gate_up"  # gate and up columns in one linear (Phi-3), split after the MatMul
-    DOWN = "down"
-    LM_HEAD = "lm_head"
-    OTHER = "other"
 
 
 @dataclasses.dataclass
