@@ -63,26 +63,41 @@ class Prior(str, enum.Enum):
 class MethodConfig:
     """The method and its knobs, read by the math itself (quant/); round-to-nearest ignores them."""
 
+    # The defaults are every built-in recipe's method; the measurements behind them (KL to fp32 on the
+    # tuning text, Persuasion) are noted beside each, and BENCHMARKS.md / docs/experiments hold the tables.
     name: Method = Method.CAFEQ
-    prior: Prior = Prior.PROPAGATED
+    prior: Prior = Prior.PROPAGATED  # identity prior: measured worse
+    # uniform -> self on Persuasion 16 windows: Gemma 3 270M int4 g32 0.1018 -> 0.0963, int4 g128 0.1419 -> 0.1318,
+    # int3 0.4173 -> 0.3840, int2 2.213 -> 2.007; SmolLM2 0.1390 -> 0.1391, 0.2128 -> 0.2109, 0.5361 -> 0.5533,
+    # 3.053 -> 3.152 (so uniform where there are no post-norms)
     token_prior: TokenPrior = TokenPrior.POST_NORM  # the token distribution the prior starts from
     scale_search: bool = True  # per-block clipping / least-squares scales instead of min-max
     diagonal: bool = True  # free diagonal transforms: norm -> q/k/v, norm -> gate/up, up -> down
-    diagonal_prior: DiagonalPrior = DiagonalPrior.POST_NORM  # where they may whiten by the prior (see the enum)
+    diagonal_prior: DiagonalPrior = DiagonalPrior.POST_NORM  # where they may whiten by the prior (see the enum);
+    # by the weights' spread elsewhere: SmolLM2 int3 g32, KL 1.080 -> 0.589; Gemma 3 unchanged
     vo_pairs: bool = True  # o rounded to compensate the rounded V of its KV group (alternating)
     vo_transform: bool = True  # free invertible T per KV head on the V/O pair (identity or Hadamard)
     qk_transform: bool = True  # free RoPE-commuting rotations of q/k pairs (no q/k norms)
     gptq: bool = True  # adaptive rounding with error feedback under the prior's Hessian
-    gptq_damp: float = 0.3  # GPTQ's H + damp * mean(diag H) * I: less trust in the prior's per-channel values (recipes)
+    gptq_damp: float = 0.3  # GPTQ's H + damp * mean(diag H) * I: less trust in the prior's per-channel values.
+    # Persuasion 8 windows, damp 0.01 -> 0.3 (1.0 and 2 not better on average, worse on SmolLM2 int4): Gemma 3 270M
+    # int4 g32 0.107 -> 0.103, int4 g128 0.151 -> 0.143, int3 0.441 -> 0.427, int2 2.35 -> 2.15; SmolLM2 int4
+    # 0.148 -> 0.135, int3 0.584 -> 0.536, int2 3.19 -> 2.99
     alternations: int = 2  # V/O rounding steps: V, O given V^, then V given O^ ...
-    online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op)
-    online_block: int = 32  # its largest block size
+    online: tuple[str, ...] = ("down", "gate_up")  # inputs that may get an online block Hadamard (an inserted op);
+    # 1.5% more multiply-adds on Gemma 3 270M; int4 g32: KL 0.137 -> 0.110, proxy of down -42%, gate/up -27%
+    online_block: int = 32  # its largest block size (32, 64 and 128 measured equal; 32 costs least)
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
     hessian: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN  # the statistics' form GPTQ and the searches use
     rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
     seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
-    # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates.
+    # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates. None
+    # is on: each costs more time than it returns. The V/O block (x2 the time) lowers the pair's proxy by
+    # 0.5-5.6% and moves the KL both ways (Gemma 3 270M, learned / searched: Persuasion 8 windows int4 g32
+    # 0.1118 / 0.1144, int3 g32 asym 0.4689 / 0.4673; Pride and Prejudice 16 windows 0.1101 / 0.1079,
+    # 0.4283 / 0.4351); diagonals (x3.3) and online blocks (x3.1): int4 g32 0.1133 and 0.1143 against 0.1165;
+    # q/k angles (x2.5) were never kept on SmolLM2.
     learned_diagonal_steps: int = 0  # the norm and up/down diagonals, refined from the searched ones
     learned_diagonal_lr: float = 0.01  # on the log-scales
     learned_vo_steps: int = 0  # a general invertible T per KV head on the V/O pair, from the chosen block
