@@ -34,7 +34,7 @@ def test_row_recipe_changes_only_its_keys(key, keys, tmp_path):
 
 
 def test_unknown_key_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no line 'no_such_key = ...'"):
+    with pytest.raises(SystemExit, match="no setting 'no_such_key'"):
         ablation.recipe_with({"no_such_key": "1"}, tmp_path / "r.toml")
 
 

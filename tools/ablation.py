@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -55,13 +54,21 @@ ROWS = [
 
 
 def recipe_with(keys: dict[str, str], path: Path) -> Path:
-    """The default recipe with `keys` of its [method] table set (each key is on its own line there)."""
+    """The default recipe with `keys` set in its [method] table (which states only what differs from
+    the method's defaults, so each key is added or replaced)."""
+    import dataclasses
+    import tomllib
+
+    from dfq_onnx.config import MethodConfig
+
+    known = {f.name for f in dataclasses.fields(MethodConfig)}
+    if unknown := [k for k in keys if k not in known]:
+        raise SystemExit(f"error: the method has no setting {', '.join(map(repr, unknown))} (MethodConfig)")
     text = DEFAULT_RECIPE.read_text()
-    for key, value in keys.items():
-        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.MULTILINE)
-        if count != 1:
-            raise SystemExit(f"error: the default recipe has no line '{key} = ...' to change")
-    path.write_text(text)
+    if "method" in tomllib.loads(text):
+        raise SystemExit(f"error: {DEFAULT_RECIPE.name} has a [method] table; this tool expects the method's defaults")
+    lines = [f"{key} = {value}" for key, value in keys.items()]
+    path.write_text(text + ("\n[method]\n" + "\n".join(lines) + "\n" if lines else ""))
     return path
 
 
