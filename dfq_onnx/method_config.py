@@ -20,7 +20,7 @@ class DiagonalPrior(str, enum.Enum):
 
     Whitening trusts the prior channel by channel, and the prior is only as good as its propagation:
     anchored by a post-norm after every sublayer (Gemma 2/3) it follows real activations closely;
-    through plain residual sums (Llama, Mistral, Qwen, Phi) it does not (tools/prior_vs_real.py),
+    through plain residual sums (Llama, Mistral, Qwen, Phi) it does not (tools/research/prior_vs_real.py),
     and whitening by it then costs more than it gains. Elsewhere only the weights' spread is used.
     """
 

@@ -1,7 +1,7 @@
 """GPTQ's damping under the data-free prior (`[method] gptq_damp`).
 
 The prior's per-channel second moments rank channels less well than real text does (log-correlation
-0.57-0.88 per layer on Gemma 3 270M: tools/prior_vs_real.py). GPTQ spends its error feedback where H
+0.57-0.88 per layer on Gemma 3 270M: tools/research/prior_vs_real.py). GPTQ spends its error feedback where H
 says the inputs are large, so a wrong H steers it wrong; adding damp * mean(diag H) to the diagonal
 trusts those values less. The math test plants that situation: the true H has log-normal per-channel
 energies, the prior given to GPTQ multiplies each by an independent log-normal factor (sd 1 in log,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "research"))
 
 import gap_split  # noqa: E402
 import prior_by_role  # noqa: E402

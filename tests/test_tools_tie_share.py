@@ -1,4 +1,4 @@
-"""tools/tie_share.py counts the weights that round-to-nearest sends to a code by its tie rule alone:
+"""tools/research/tie_share.py counts the weights that round-to-nearest sends to a code by its tie rule alone:
 planted half-steps are counted, integer steps and random weights are not."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from dfq_onnx.config import QuantFormat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "research"))
 
 import tie_share  # noqa: E402
 

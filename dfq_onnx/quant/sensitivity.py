@@ -10,7 +10,7 @@ nearest for the role (REDUCTION) times a factor per format (FORMAT_FACTOR); the 
 once, on the chosen format.
 
 Why: on Gemma 3 270M (Persuasion; 35 linears, every role at layers 0/4/8/12/16, each rounded alone
-at int2 g64 sym and int4 g128 asym; tools/site_sensitivity.py), the KL each causes follows the
+at int2 g64 sym and int4 g128 asym; tools/research/site_sensitivity.py), the KL each causes follows the
 role factor times the centred relative error within a factor of 1.8 (RMS of log-ratios 0.58), the
 relative error alone within 2.6 (0.95; 0.78 with the mean direction kept), while weighting it by
 the share of the residual stream its sublayer writes (E||added||^2 / E||after||^2, the `residual`
@@ -53,7 +53,7 @@ FORMAT_FACTOR = {
 }  # fmt: skip
 # The KL one linear alone causes per unit of its (centred) relative error, by role, relative to the
 # largest: medians over Gemma 3 270M's layers 0/4/8/12/16 at int2 g64 sym and int4 g128 asym
-# (`python tools/site_sensitivity.py --layers 0,4,8,12,16 --windows 2`, Persuasion). An error on
+# (`python tools/research/site_sensitivity.py --layers 0,4,8,12,16 --windows 2`, Persuasion). An error on
 # q/k passes through the softmax and costs ~6x less KL than the same relative error on v.
 ROLE_SENSITIVITY = {
     "q": 0.154, "k": 0.126, "v": 1.0, "o": 0.301, "gate": 0.544, "up": 0.762, "down": 0.581,

@@ -2,7 +2,7 @@
 """A model on paper of `--ray` runs of 70B and 405B models on N nodes, from measured times.
 
     python tools/bench_large.py --shape gemma2-2b --runs cafeq,cafeq-ray --json bench.json
-    python tools/ray_paper_model.py bench.json          # prints the markdown for BENCHMARKS.md
+    python tools/research/ray_paper_model.py bench.json          # prints the markdown for BENCHMARKS.md
 
 Inputs, all measured: from the Ray run of the 2B shape on this machine (bench.json): a layer's task
 time, the driver's statistics pass and its writing per layer; from BENCHMARKS.md: the embedding's
@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 from make_synthetic import SHAPES, Shape  # noqa: E402

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Where the method's time goes: the planner on the first layers of a model, under cProfile.
 
-    python tools/profile_method.py models/gemma3-270m/dynamo/model.onnx --layers 3
-    python tools/profile_method.py model.onnx --layers 2 --bits 3 --asymmetric --block-size 32 --top 30
-    python tools/profile_method.py model.onnx --layers 2 --no-profile --at 134bad2   # the code of that commit
+    python tools/research/profile_method.py models/gemma3-270m/dynamo/model.onnx --layers 3
+    python tools/research/profile_method.py model.onnx --layers 2 --bits 3 --asymmetric --block-size 32 --top 30
+    python tools/research/profile_method.py model.onnx --layers 2 --no-profile --at 134bad2   # the code of that commit
 
 Runs exactly what `dfq-onnx optimize` runs per layer (the statistics pass included, so the
 propagated prior is the real one), nothing is written. Prints the seconds per layer, then the
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from dfq_onnx import memory, planner, prior  # noqa: E402

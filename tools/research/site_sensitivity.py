@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much KL rounding one linear alone causes, against the budget's estimate of it.
 
-    python tools/site_sensitivity.py --roles q,k,v,o,gate,up,down --layers 0,5,11,17 \\
+    python tools/research/site_sensitivity.py --roles q,k,v,o,gate,up,down --layers 0,5,11,17 \\
         --formats 2:64:sym,4:128:asym --windows 3 --json site-kl.json
 
 Evaluation side (it reads text; the quantizer never does). For each chosen linear and format it
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[1]  # the user tools these reuse
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 

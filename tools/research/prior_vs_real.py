@@ -6,7 +6,7 @@ the weights (dfq_onnx/quant/stats.py) and weighs every rounding error by them. T
 how far that estimate is from the activations of real text, at the input of every layer's q/k/v
 (the attention norm's output): per channel E[x_k^2], prior vs text.
 
-    python tools/prior_vs_real.py --model smollm2 --novel persuasion --windows 4
+    python tools/research/prior_vs_real.py --model smollm2 --novel persuasion --windows 4
 
 Columns: `log-corr` is the Pearson correlation of log E[x_k^2] (1 = the prior ranks channels as
 the text does), `log-ratio sd` the spread of log(real / prior) over channels (0 = right up to one
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[1]  # the user tools these reuse
 REPO = TOOLS.parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))

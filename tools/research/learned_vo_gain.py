@@ -2,8 +2,8 @@
 """What the learned V/O block buys, layer by layer: the V/O pair rounded as the method rounds it
 (GPTQ, scale search, alternations) with the searched block and with the learned one.
 
-    python tools/learned_vo_gain.py models/gemma3-270m/dynamo/model.onnx --bits 4 --block-size 32 --symmetric
-    python tools/learned_vo_gain.py model.onnx --bits 3 --asymmetric --steps 100 --lr 0.001 --layers 6
+    python tools/research/learned_vo_gain.py models/gemma3-270m/dynamo/model.onnx --bits 4 --block-size 32 --symmetric
+    python tools/research/learned_vo_gain.py model.onnx --bits 3 --asymmetric --steps 100 --lr 0.001 --layers 6
 
 Runs the planner over the first layers (the statistics pass included, so the propagated prior is the
 real one); wherever the method would learn the V/O block it also rounds the pair without it, and
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from dfq_onnx import memory, planner, prior  # noqa: E402

@@ -7,8 +7,8 @@ zero). Weights converted from a coarser grid (GGUF's q4/q8 blocks) land on ties 
 trained weights do, and a method's gain over round-to-nearest can then be partly a gain over ORT's
 tie rule. This counts them, per role and in total, for each format asked.
 
-    python tools/tie_share.py                           # Gemma 3 270M, the peer table's four formats
-    python tools/tie_share.py --model smollm2 --formats 4:32:sym,4:128:asym
+    python tools/research/tie_share.py                           # Gemma 3 270M, the peer table's four formats
+    python tools/research/tie_share.py --model smollm2 --formats 4:32:sym,4:128:asym
 
 Reads weights only; the lm_head and embedding are left out, as every quality table leaves them in float.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[1]  # the user tools these reuse
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 

@@ -2,8 +2,8 @@
 """How well the data-free prior predicts real activations at every role's input, under each token
 distribution the prior can start from (evaluation side only: this tool reads text, the method never does).
 
-    python tools/prior_by_role.py --model gemma3-270m --calib-windows 64 --cache /tmp/g3-real64.pt
-    python tools/prior_by_role.py --token-priors uniform,self,text --layers
+    python tools/research/prior_by_role.py --model gemma3-270m --calib-windows 64 --cache /tmp/g3-real64.pt
+    python tools/research/prior_by_role.py --token-priors uniform,self,text --layers
 
 Per role (q/k/v's input, o's, gate/up's, down's), averaged over the layers: `log-corr`, the Pearson
 correlation of log E[x_k^2] per channel, prior against text; `mean cos`, the cosine between the prior's
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[1]  # the user tools these reuse
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
