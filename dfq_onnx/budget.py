@@ -20,7 +20,7 @@ import time
 import onnx_ir as ir
 import torch
 
-from . import fast_path, methods, planner, prior, report
+from . import fast_path, methods, prior, report
 from .config import OutputFormat, QuantFormat, Recipe, SiteOverride
 from .errors import DfqError
 from .graph import load
@@ -184,7 +184,7 @@ def plan(
     head_formats = [f for f in head_formats if head.linears[0].k % f.block_size == 0]
     if head_formats:
         allocated.add(head.linears[0].node)
-    reported = [lin for lin in sites.linears.values() if _reported(lin, recipe, sites)]
+    reported = [lin for lin in sites.linears.values() if lin.node != sites.lm_head or head is not None]  # a kept lm_head is not counted
     fixed = sum(_fixed_bits(lin, recipe, reader, sites) for lin in reported if lin.node not in allocated)
     weights = sum(lin.k * lin.n for lin in reported)
     residual = prior.initial_statistics(reader, recipe)
@@ -265,16 +265,11 @@ def _loss(recipe: Recipe, st: sensitivity.SiteStatistics, role: str, fmt: QuantF
     return sensitivity.estimated_loss(st, role, fmt, rel, budget.weighting, method=methods.method_for(recipe.method).optimises_rounding)
 
 
-def _reported(lin: Linear, recipe: Recipe, sites: ModelSites) -> bool:
-    """Whether the report lists the linear (and so counts its bits): every one but a kept lm_head."""
-    return lin.node != sites.lm_head or head_unit(sites, recipe) is not None
-
-
 def _fixed_bits(lin: Linear, recipe: Recipe, reader: WeightReader, sites: ModelSites) -> float:
     if recipe.excludes(lin.node, lin.role.value):
         return float(lin.k * lin.n * (16 if lin.weight.dtype == "FLOAT16" else 32))
     head = lin.node == sites.lm_head
-    return stored_bits(planner.site_format(recipe, lin, head, len(sites.layers())), lin.k, lin.n, reader.scale_bits(lin))
+    return stored_bits(recipe.site_format(lin.role.value, lin.layer, len(sites.layers()), head), lin.k, lin.n, reader.scale_bits(lin))
 
 
 def _head_sample(reader: WeightReader, lin: Linear):

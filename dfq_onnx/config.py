@@ -151,6 +151,10 @@ class Recipe:
             fmt = override.apply(fmt) if "lm_head" in override.roles else fmt
         return fmt
 
+    def site_format(self, role: str, layer: int | None, num_layers: int, head: bool = False) -> QuantFormat:
+        """The format one linear is written in: the head's policy, or the recipe's with its overrides."""
+        return self.head_format() if head else self.format_for(role, layer, num_layers)
+
     def excludes(self, node: str, role: str) -> bool:
         return node in self.exclude or role in self.exclude
 

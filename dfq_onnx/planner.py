@@ -31,7 +31,7 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
     t0 = time.perf_counter()
     head = unit.is_head
     fmt = recipe.head_format() if head else recipe.quant
-    formats = {lin.node: site_format(recipe, lin, head, len(reader.sites.layers())) for lin in unit.linears}
+    formats = {lin.node: recipe.site_format(lin.role.value, lin.layer, len(reader.sites.layers()), head) for lin in unit.linears}
     excluded = {lin.node for lin in unit.linears if not head and recipe.excludes(lin.node, lin.role.value)}
     method = methods.method_for(recipe.method)
     as_stored = method.reads_stored_layout and not head  # the head is read in float32, as ORT's quantizer does
@@ -65,11 +65,6 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
         rotation_groups={name: reader.nodes[name].inputs[0] for name in result.online},
     )  # fmt: skip
     return Planned(plan, result.residual, rounded_float)
-
-
-def site_format(recipe: Recipe, lin, head: bool, num_layers: int) -> QuantFormat:
-    """The format one linear is written in: the head's policy, or the recipe's with its overrides."""
-    return recipe.head_format() if head else recipe.format_for(lin.role.value, lin.layer, num_layers)
 
 
 def _embedding_quantizable(unit: methods.Unit, fmt: QuantFormat, notes: list[str]) -> bool:
