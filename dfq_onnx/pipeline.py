@@ -1,8 +1,10 @@
-"""The one module that knows both the graph and the math: site -> weights -> method -> rewrite.
+"""A run, from the input path to a published, verified model and its report.
 
-Work goes one unit (layer) at a time: read the unit's weights, optimise them, append the
-results to the output's data file, rewire the graph, drop the arrays. Peak memory follows
-the largest layer, not the model.
+It strings the parts together and holds no math and no format: the units (units.py) are planned
+one after the other (planner.plan_unit, or Ray's tasks through distributed.py), each plan is saved
+(the checkpoint), applied by the passes into the output's data file and followed by the float
+mirrors; then ONNX Runtime checks the written model (verify.py) before it is published and the
+report is written. Peak memory follows the largest layer, not the model.
 """
 
 from __future__ import annotations
