@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
-    "quantize": "api",
-    "inspect": "api",
-    "plan_budget": "api",
-    "evaluate": "api",
+    "quantize": "front.api",
+    "inspect": "front.api",
+    "plan_budget": "front.api",
+    "evaluate": "front.api",
     "Report": "report",
     "SiteResult": "report",
     "Recipe": "config",

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 import tiny_models as T
-from dfq_onnx.verify import feeds, logits_of, session
+from dfq_onnx.run.verify import feeds, logits_of, session
 
 
 def kv_windows(path: Path) -> dict[str, int]:

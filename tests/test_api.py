@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import dfq_onnx
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.config import load_recipe
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -121,9 +121,9 @@ def test_default_output_names_agree_for_a_model_and_a_folder(tiny, tmp_path):
 def test_every_recipe_option_is_a_flag_and_an_api_keyword():
     """The CLI's flags and the API's keywords come from one table: each option parses from its flag
     to its name, and a name outside the table is refused by the API with the list of names."""
-    from dfq_onnx.api import OVERRIDES
-    from dfq_onnx.cli import build_parser
-    from dfq_onnx.options import RECIPE_OPTIONS, recipe_overrides
+    from dfq_onnx.front.api import OVERRIDES
+    from dfq_onnx.front.cli import build_parser
+    from dfq_onnx.front.options import RECIPE_OPTIONS, recipe_overrides
 
     args = build_parser().parse_args(["optimize", "m.onnx", "--bits", "3", "--asymmetric", "--format", "qdq", "--lm-head", "int8",
                                       "--method", "rtn", "--online", "none", "--exclude", "o", "--accuracy-level", "4",

@@ -12,7 +12,8 @@ import pytest
 from conftest import file_digests
 
 import dfq_onnx
-from dfq_onnx import budget, cli
+from dfq_onnx.run import budget
+from dfq_onnx.front import cli
 from dfq_onnx.config import QuantFormat
 
 FORMATS = "2:32:asym,4:32:asym,4:32:sym,8:32:sym"  # every tiny K (128, 352) is a multiple of 32
@@ -235,7 +236,7 @@ def test_head_estimate_reads_only_pieces_of_the_head(tiny, monkeypatch):
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.sites import find_sites
     from dfq_onnx.quant import sensitivity
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.weights import WeightReader
 
     model = load_model(tiny("dynamo"))
     sites = find_sites(model)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

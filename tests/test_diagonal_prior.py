@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 
 
 def _quantize(model: Path, out: Path, setting: str | None) -> str:

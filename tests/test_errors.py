@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import file_digests
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 
 
 def copy_model(src: Path, dst_dir: Path) -> Path:
@@ -161,7 +161,7 @@ def test_existing_output_replaced_atomically(tiny, tmp_path):
     """An existing output keeps its old bytes while the run works (it is never opened in place), then the
     finished model takes its place whole: its data beside it, no work files left behind."""
     from dfq_onnx.config import Recipe
-    from dfq_onnx.pipeline import RunOptions, optimize
+    from dfq_onnx.run.pipeline import RunOptions, optimize
 
     model = tiny("dynamo")
     out = tmp_path / "q.onnx"

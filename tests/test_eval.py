@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import dfq_onnx
-from dfq_onnx import cli, verify
+from dfq_onnx.front import cli
+from dfq_onnx.run import verify
 
 HEAD_DIM = 32  # tiny_models.HEAD_DIM
 BOS = 2  # the tiny genai folder's bos_token_id

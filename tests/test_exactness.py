@@ -11,8 +11,8 @@ import pytest
 
 import independent
 import tiny_models as T
-from dfq_onnx.cli import main
-from dfq_onnx.verify import feeds, logits_of, session
+from dfq_onnx.front.cli import main
+from dfq_onnx.run.verify import feeds, logits_of, session
 
 FORCED = "[method]\nname = 'cafeq'\nforce_transforms = true\nonline = ['down', 'gate_up']\nonline_block = 64\n"
 FORCE = FORCED + "learned_vo_steps = 0\n"  # the searched transforms (the learned ones start from them)

@@ -22,11 +22,11 @@ import pytest
 import independent
 import tiny_models as T
 from conftest import file_digests
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.errors import DfqError
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import Role, find_sites
-from dfq_onnx.verify import feeds, logits_of, session
+from dfq_onnx.run.verify import feeds, logits_of, session
 from test_exactness import FORCE
 
 quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")

@@ -14,7 +14,7 @@ import pytest
 import independent
 import quickstart  # tools/ (on the path through tiny_models)
 from conftest import file_digests
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 
 og = pytest.importorskip("onnxruntime_genai")
 

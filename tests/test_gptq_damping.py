@@ -19,7 +19,7 @@ import torch
 import independent
 import tiny_models as T
 from dfq_onnx import config
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.config import MethodConfig, QuantFormat, recipe_from_dict
 from dfq_onnx.errors import DfqError
 from dfq_onnx.quant import rounding

@@ -37,11 +37,11 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dfq_onnx.cli", *args]
+    return [sys.executable, "-m", "dfq_onnx.front.cli", *args]
 
 
 def test_synthetic_model_has_the_real_graph(synthetic):
-    from dfq_onnx.pipeline import inspect
+    from dfq_onnx.run.pipeline import inspect
 
     shape = make_synthetic.SHAPES["gemma2-tiny"]
     sites = inspect(synthetic)
@@ -169,7 +169,7 @@ def test_genai_synthetic_is_the_builders_own_graph(tmp_path):
     assert np.isfinite(got).all() and got.std() > 0
     np.testing.assert_array_equal(got, expected)
 
-    from dfq_onnx.pipeline import inspect
+    from dfq_onnx.run.pipeline import inspect
 
     sites = inspect(synthetic)
     assert len(sites.layers()) == GENAI_LAYERS
@@ -191,10 +191,10 @@ def test_importing_the_package_asks_torch_for_huge_pages_before_torch_starts(pre
 def test_a_layers_mlp_weights_are_read_after_its_attention_is_rounded(synthetic, tmp_path, monkeypatch):
     """A unit's weights are read on first use: while a layer's attention is rounded its MLP weights
     (three quarters of the layer's bytes) are not in memory, which sets the peak of a large model."""
-    from dfq_onnx import prior
-    from dfq_onnx.cli import main
+    from dfq_onnx.run import prior
+    from dfq_onnx.front.cli import main
     from dfq_onnx.quant import layer
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.weights import WeightReader
 
     events: list[tuple] = []
     read, mlp = WeightReader.weight, layer.optimise_mlp

@@ -66,3 +66,46 @@ def test_no_module_grows_past_its_job():
     for path in [*PACKAGE.rglob("*.py"), *PASSES.glob("*.py")]:
         lines = len(path.read_text().splitlines())
         assert lines <= 400, f"{path.relative_to(PACKAGE.parent)} has {lines} lines"
+
+
+def _package_imports(path: Path) -> set[str]:
+    """Absolute names of the dfq_onnx modules `path` imports (relative imports resolved)."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                names.update([module] + [f"{module}.{a.name}" for a in node.names])
+            elif node.module and node.module.startswith("dfq_onnx"):
+                names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("dfq_onnx"))
+    return names
+
+
+def test_front_doors_sit_above_the_run_and_the_run_above_the_core():
+    """The folders show the architecture: front/ (CLI, API, Olive, genai folders) uses run/ (the
+    loop, planning, prior, checkpoints, Ray, budget, verification), which never calls a front door;
+    the core (the package's top-level modules, graph/, quant/, passes/) uses neither. evaluation/ may
+    read genai folders and run ONNX Runtime sessions the way verification does, nothing else of them."""
+    front, run = "dfq_onnx.front", "dfq_onnx.run"
+    assert (PACKAGE / "front").is_dir() and (PACKAGE / "run").is_dir()
+    core = [*PACKAGE.glob("*.py"), *(PACKAGE / "graph").glob("*.py"), *(PACKAGE / "quant").glob("*.py"), *PASSES.glob("*.py")]
+    for path in core:
+        if path.parent == PASSES:
+            continue  # passes/ is dfq_onnx.passes, resolved below by its own rule
+        bad = {m for m in _package_imports(path) if m.startswith((front, run))}
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+    for path in PASSES.glob("*.py"):
+        assert not re.search(r"from \.\.(front|run)\b", path.read_text()), path.name
+    for path in (PACKAGE / "run").glob("*.py"):
+        bad = {m for m in _package_imports(path) if m.startswith(front)}
+        assert not bad, f"run/{path.name} imports {bad}"
+    allowed = {"dfq_onnx.front.genai_folder", "dfq_onnx.run.verify"}
+    for path in (PACKAGE / "evaluation").glob("*.py"):
+        used = {m for m in _package_imports(path) if m.startswith((front, run))}
+        modules = {m for m in used if m in allowed or any(m.startswith(a + ".") for a in allowed)}
+        assert used <= modules | {front, run}, f"evaluation/{path.name} imports {used - modules}"

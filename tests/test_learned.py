@@ -232,7 +232,7 @@ def test_default_run_learns_nothing(tiny, tmp_path):
     The tiny Gemma 2 from the exporter's defaults."""
     import json
 
-    from dfq_onnx.cli import main
+    from dfq_onnx.front.cli import main
 
     out = tmp_path / "q.onnx"
     assert main(["optimize", str(tiny("dynamo")), "-o", str(out), "--bits", "3", "--quiet", "--verify", "none"]) == 0
@@ -247,7 +247,7 @@ def test_fast_learns_nothing_and_writes_the_searched_transforms(tiny, tmp_path):
     recipe with its learners off (the searched transforms, GPTQ and the scale search all still run)."""
     import json
 
-    from dfq_onnx.cli import main
+    from dfq_onnx.front.cli import main
 
     model = tiny("dynamo")
     fast, plain, learning = tmp_path / "fast.onnx", tmp_path / "plain.onnx", tmp_path / "learning.onnx"

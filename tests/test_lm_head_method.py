@@ -15,10 +15,10 @@ import dfq_onnx
 import independent
 import tiny_models as T
 from dfq_onnx import methods
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.config import MethodConfig, QuantFormat
 from dfq_onnx.quant import rounding, site
-from dfq_onnx.weights import WeightReader
+from dfq_onnx.run.weights import WeightReader
 
 
 def test_chunks_give_the_bytes_of_one_pass(monkeypatch):

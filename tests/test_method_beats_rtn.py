@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import tiny_models as T
-from dfq_onnx.cli import main
-from dfq_onnx.verify import feeds, logits_of, session
+from dfq_onnx.front.cli import main
+from dfq_onnx.run.verify import feeds, logits_of, session
 
 # One layer keeps the test near 30 s on 2 busy cores (the method's scale search dominates); the
 # widths are the other tiny models' (hidden 128, MLP 352, GQA 4:2, vocab 500).

@@ -14,9 +14,9 @@ import onnx  # noqa: E402
 from olive.hardware import DEFAULT_CPU_ACCELERATOR  # noqa: E402
 from olive.workflows import run as olive_run  # noqa: E402
 
-from dfq_onnx.api import OVERRIDES  # noqa: E402
-from dfq_onnx.cli import main  # noqa: E402
-from dfq_onnx.olive_pass import DfqOnnxQuantization, package_config  # noqa: E402
+from dfq_onnx.front.api import OVERRIDES  # noqa: E402
+from dfq_onnx.front.cli import main  # noqa: E402
+from dfq_onnx.front.olive_pass import DfqOnnxQuantization, package_config  # noqa: E402
 
 # The same settings as pass parameters and as CLI flags.
 CASES = {
@@ -87,7 +87,7 @@ def test_package_config_keeps_builtin_passes(tmp_path):
     path = tmp_path / "packages.json"
     merged = package_config(path)
     assert json.loads(path.read_text()) == merged
-    assert merged["passes"]["DfqOnnxQuantization"]["module_path"] == "dfq_onnx.olive_pass.DfqOnnxQuantization"
+    assert merged["passes"]["DfqOnnxQuantization"]["module_path"] == "dfq_onnx.front.olive_pass.DfqOnnxQuantization"
     assert "OnnxBlockWiseRtnQuantization" in merged["passes"]
 
 

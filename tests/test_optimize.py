@@ -14,12 +14,12 @@ import torch
 import independent
 import tiny_models as T
 from conftest import file_digests
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.config import QuantFormat
 from dfq_onnx.graph.load import load_model, read_array
 from dfq_onnx.graph.sites import Role, find_sites
 from dfq_onnx.quant import grid
-from dfq_onnx.verify import feeds, logits_of, session
+from dfq_onnx.run.verify import feeds, logits_of, session
 
 FLOAT_STYLES = ["dynamo", "torchscript", "genai-fp32", "genai-unfused"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import find_sites
 

@@ -11,7 +11,7 @@ import torch
 
 import independent
 import tiny_models as T
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.quant import transforms
 
 

@@ -21,8 +21,8 @@ import pytest
 import tiny_models
 
 import dfq_onnx
-from dfq_onnx import pipeline
-from dfq_onnx.cli import main
+from dfq_onnx.run import pipeline
+from dfq_onnx.front.cli import main
 from dfq_onnx.config import TokenPrior
 from dfq_onnx.errors import DfqError, Interrupted
 from test_verify_gate import negate_saved_scales
@@ -224,7 +224,7 @@ def test_cli_threads_fixes_the_count_before_torch_starts(tiny, tmp_path):
     model = model_in(tiny, tmp_path / "in")
     out = tmp_path / "out.onnx"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--threads", "1", "--verify", "none", "--quiet"]
+    cmd = [sys.executable, "-m", "dfq_onnx.front.cli", "optimize", str(model), "-o", str(out), "--threads", "1", "--verify", "none", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()

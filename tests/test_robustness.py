@@ -58,7 +58,9 @@ from pathlib import Path
 point, marks = sys.argv[1], Path(sys.argv[2])
 del sys.argv[1:3]
 sys.argv[0] = "dfq-onnx"
-from dfq_onnx import checkpoint, cli, methods
+from dfq_onnx.run import checkpoint
+from dfq_onnx.front import cli
+from dfq_onnx import methods
 from dfq_onnx.graph import save
 
 
@@ -104,7 +106,7 @@ sys.exit(cli.main())
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dfq_onnx.cli", *map(str, args)]
+    return [sys.executable, "-m", "dfq_onnx.front.cli", *map(str, args)]
 
 
 def hooked(point: str, marks: Path, *args: str) -> list[str]:

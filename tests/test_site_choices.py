@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 from dfq_onnx.fast_path import N_MULTIPLE
 from dfq_onnx.passes.apply import QDQ_ACCURACY_KEY
 

@@ -1,4 +1,4 @@
-"""The summary table printed after `optimize` (dfq_onnx/table.py), built from hand-made reports."""
+"""The summary table printed after `optimize` (dfq_onnx/front/table.py), built from hand-made reports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from dfq_onnx.report import Report, SiteResult
-from dfq_onnx.table import result_table
+from dfq_onnx.front.table import result_table
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 LAYER_SECONDS = {0: 78.68, 1: 2.5, 2: 3.25}  # the first layer pays for compiling the kernels

@@ -11,12 +11,12 @@ import pytest
 import tiny_models
 import torch
 
-from dfq_onnx import prior
+from dfq_onnx.run import prior
 from dfq_onnx.config import DfqError, TokenPrior, load_recipe, recipe_from_dict
 from dfq_onnx.graph import load
 from dfq_onnx.graph.sites import find_sites
 from dfq_onnx.quant import stats
-from dfq_onnx.weights import WeightReader
+from dfq_onnx.run.weights import WeightReader
 
 
 def _table(vocab: int = 500, hidden: int = 24, seed: int = 0) -> torch.Tensor:
@@ -118,8 +118,8 @@ def test_a_bad_head_weight_is_named_by_the_token_pass(tiny, tmp_path, capsys, mo
     """The token pass reads every layer and the lm_head before any rounding: on a model too large for
     the up-front check a NaN there ends the run with the unit, the pass and the weight named, and
     nothing written."""
-    from dfq_onnx import pipeline
-    from dfq_onnx.cli import main
+    from dfq_onnx.run import pipeline
+    from dfq_onnx.front.cli import main
 
     monkeypatch.setattr(pipeline, "VERIFY_AUTO_LIMIT", 0)  # the large-model path: weights checked as read
     model, name = tiny_models.with_nan_in_head(tiny("dynamo"), tmp_path / "in")

@@ -137,7 +137,7 @@ def test_transforms_preserve_real_logits(built, tmp_path, style, recipe_text, ex
     the searched ones, and the learned ones (general V/O and online blocks)."""
     import json
 
-    from dfq_onnx.cli import main
+    from dfq_onnx.front.cli import main
 
     model = built / style / "model.onnx"
     if not model.is_file():
@@ -163,7 +163,7 @@ def test_smollm2_answers_and_inspects(built_smollm2, capsys, style):
     """SmolLM2 (a Llama) in both export styles: greedy ORT answer, and every role and pair found."""
     import json
 
-    from dfq_onnx.cli import main
+    from dfq_onnx.front.cli import main
 
     model = built_smollm2 / style / "model.onnx"
     if not (built_smollm2 / style / "build_info.json").is_file():

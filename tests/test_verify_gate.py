@@ -14,14 +14,15 @@ import pytest
 
 import dfq_onnx
 from conftest import file_digests
-from dfq_onnx import memory, pipeline, verify
-from dfq_onnx.cli import main
+from dfq_onnx import memory
+from dfq_onnx.run import pipeline, verify
+from dfq_onnx.front.cli import main
 from dfq_onnx.errors import Interrupted
 from dfq_onnx.graph import pack, rewrite
 from dfq_onnx.graph.load import load_model
 from dfq_onnx.graph.sites import find_sites
 from dfq_onnx.quant import site
-from dfq_onnx.verify import model_logits
+from dfq_onnx.run.verify import model_logits
 
 FORCE = "[method]\nname = 'cafeq'\nforce_transforms = true\n"
 

@@ -55,7 +55,7 @@ def run_one(kind: str, model: Path, work: Path, lm_head: str, device: str) -> di
         cmd = [sys.executable, "-c", compare_peers.ORT_SCRIPT, str(model), str(out), "default", "4", "32", "1", lm_head]
     else:
         method = "rtn" if kind == "rtn" else "cafeq"
-        cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", "4",
+        cmd = [sys.executable, "-m", "dfq_onnx.front.cli", "optimize", str(model), "-o", str(out), "--bits", "4",
                "--block-size", "32", "--symmetric", "--method", method, "--verify", "none", "--quiet", "--device", device,
                *RAY_FLAGS.get(kind, [])]  # fmt: skip
     print(f"running {kind} ...", file=sys.stderr, flush=True)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or REPO / "models" / "synthetic" / args.shape / "model.onnx"
     if not model.exists():
         make_synthetic.main(["--shape", args.shape, "-o", str(model)])
-    from dfq_onnx.pipeline import inspect
+    from dfq_onnx.run.pipeline import inspect
 
     sites = inspect(model)
     params, weight_bytes = weight_stats(model)

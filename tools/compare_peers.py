@@ -165,7 +165,7 @@ def quantize(job: Job, model: Path, out_dir: Path, lm_head: str, head_policy: st
         exclude = lm_head if head_policy == "keep" else ""
         cmd = [sys.executable, "-c", ORT_SCRIPT, str(model), str(out), job.method, str(s.bits), str(s.block), "1" if job.symmetric else "0", exclude]
     else:
-        cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), "--bits", str(s.bits),
+        cmd = [sys.executable, "-m", "dfq_onnx.front.cli", "optimize", str(model), "-o", str(out), "--bits", str(s.bits),
                "--block-size", str(s.block), "--symmetric" if job.symmetric else "--asymmetric",
                "--method", job.method, "--lm-head", head_policy, "--verify", "none", "--quiet"]  # fmt: skip
         cmd += ["--fast"] if job.fast else []

@@ -111,10 +111,10 @@ def recording_prior():
 def prior_moments(model, sites, token_prior=None) -> dict[str, tuple]:
     """Per decoder linear, (E[x], E[x x^T] dense, E[x x^T] diag+mean) of the propagated prior (started
     from `token_prior`, the method's default if None)."""
-    from dfq_onnx import planner, prior
+    from dfq_onnx.run import planner, prior
     from dfq_onnx.config import MethodConfig, Recipe
-    from dfq_onnx.units import layer_units
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.units import layer_units
+    from dfq_onnx.run.weights import WeightReader
 
     # Only the propagation is wanted: transforms and GPTQ off (they do not move the statistics).
     cheap = MethodConfig(scale_search=False, diagonal=False, vo_pairs=False, vo_transform=False, qk_transform=False, gptq=False, online=())
@@ -263,7 +263,7 @@ def solver_with(hs: dict, damp: float = 0.01):
 
 def quantize(model_path: Path, out: Path, fmt_flags: dict) -> float:
     from dfq_onnx.config import Recipe, load_recipe
-    from dfq_onnx.pipeline import RunOptions, optimize
+    from dfq_onnx.run.pipeline import RunOptions, optimize
 
     recipe: Recipe = load_recipe("cafeq-int4-cuda").with_overrides(**fmt_flags, online="none")
     t0 = time.perf_counter()

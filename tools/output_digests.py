@@ -45,7 +45,7 @@ SETTINGS = {
 COMMON = ["--verify", "none", "--quiet"]
 REAL_KEY = "gemma3-270m/dynamo/default"
 
-# Runs dfq_onnx.cli from the repo given as argv[1], whatever the venv's editable install points at.
+# Runs dfq_onnx.front.cli from the repo given as argv[1], whatever the venv's editable install points at.
 BOOT = r"""
 import importlib.util, os, sys, tomllib
 repo = os.path.realpath(sys.argv.pop(1))
@@ -61,11 +61,11 @@ class RepoDirs:
             return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"), submodule_search_locations=[d])
 sys.meta_path.insert(0, RepoDirs)
 if sys.argv[1:] == ["--where"]:
-    import dfq_onnx, dfq_onnx.cli
-    names = ["dfq_onnx", "dfq_onnx.cli", *dirs]
+    import dfq_onnx, dfq_onnx.front.cli
+    names = ["dfq_onnx", "dfq_onnx.front.cli", *dirs]
     print(__import__("json").dumps({n: importlib.import_module(n).__file__ for n in names if n}))
     sys.exit(0)
-from dfq_onnx.cli import main
+from dfq_onnx.front.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

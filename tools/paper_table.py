@@ -73,7 +73,7 @@ def quantize(row: str, setting: compare_peers.Setting, model: Path, work: Path, 
         gptq_with_data(model, out, setting, tokenizer, work / "persuasion-moments.pt")
         return {"path": str(out), "seconds": time.perf_counter() - t0}
     how = {"rtn": ["--method", "rtn"], "random": ["--recipe", "random-rotation", "--seed", "0"], "method": ["--method", "cafeq"]}[row]
-    cmd = [sys.executable, "-m", "dfq_onnx.cli", "optimize", str(model), "-o", str(out), *flags, *how,
+    cmd = [sys.executable, "-m", "dfq_onnx.front.cli", "optimize", str(model), "-o", str(out), *flags, *how,
            "--lm-head", "keep", "--verify", "none", "--quiet"]  # fmt: skip
     seconds, _, error = compare_peers.run_measured(cmd)
     return {"error": error} if error else {"path": str(out), "seconds": seconds}

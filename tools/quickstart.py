@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if build_gemma3_270m.main(["--styles", "genai"]) != 0:
         return 1
 
-    from dfq_onnx.cli import main as dfq
+    from dfq_onnx.front.cli import main as dfq
     from dfq_onnx.config import load_recipe
 
     recipe = load_recipe(args.recipe)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import verify
+from ..run import verify
 
 POSITIONS = "dfq_eval_positions"
 # Nodes between the head's matrix product and the logits that act on each row alone (casts,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import genai_folder, verify
 from ..errors import DfqError
+from ..front import genai_folder
+from ..run import verify
 from . import head
 
 
@@ -164,9 +165,10 @@ def _positioned_copy(path: Path, lm_head: str | None) -> bytes | None:
 def _cache_layout(path: Path, folder: Path) -> tuple[int | None, dict[str, int], str | None]:
     """Head size, fixed-capacity sliding-window caches (as `verify` feeds them) and the lm_head's node."""
     try:
-        from ..api import inspect
+        from ..graph import load
+        from ..graph.sites import find_sites
 
-        sites = inspect(path)
+        sites = find_sites(load.load_model(path))
         return verify.head_dim_of(sites), dict(sites.kv_windows or {}), sites.lm_head
     except Exception:  # an architecture the quantizer does not read can still be evaluated
         decoder = _config(folder).get("model", {}).get("decoder", {})

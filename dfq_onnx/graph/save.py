@@ -255,3 +255,16 @@ def save_model(model: ir.Model, path: Path) -> None:
         ir.save(model, path)
     except ValueError as exc:
         raise DfqError(f"cannot serialise the output model: {exc}") from None
+
+
+def write_companions(files: dict[str, Path | bytes], directory: Path) -> None:
+    """Files published beside the model (an onnxruntime-genai folder's config and tokenizer): put
+    them in the (unpublished) work directory; publishing moves them with the model."""
+    for name, source in files.items():
+        target = directory / name
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+        else:
+            shutil.copyfile(source, target)
+
+

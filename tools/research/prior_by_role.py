@@ -46,7 +46,7 @@ ROLES = ("q", "o", "gate", "down")  # one linear per input: k/v read q's, up rea
 def prior_under(model, sites, token_prior: str, counts: np.ndarray | None, seen: list | None = None):
     """gap_split.prior_moments with the prior started from `token_prior` (text: `counts` as weights;
     `seen` gets the token weights used)."""
-    from dfq_onnx import prior
+    from dfq_onnx.run import prior
     from dfq_onnx.config import TokenPrior
 
     original = prior.token_weights
@@ -92,7 +92,7 @@ def per_role(prior: dict, real: dict, inputs: dict, sites) -> dict[str, list[tup
 def mlp_check(model, sites, prior: dict, real: dict, inputs: dict) -> None:
     """Print, every third layer, the log-corr at down's input of stats.gated_mlp_hidden under mixed moments."""
     from dfq_onnx.quant import stats
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.weights import WeightReader
 
     reader = WeightReader(model.graph, sites, "cpu")
     labels = ("text", "prior mean + text cov", "text mean + prior cov", "prior")

@@ -50,11 +50,11 @@ def norm_inputs(model_path: Path):
 
 def prior_second_moments(model, sites) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per layer, the prior's (E[x^2], E[x]) at the q/k/v input, as the method propagates it."""
-    from dfq_onnx import planner, prior
+    from dfq_onnx.run import planner, prior
     from dfq_onnx.config import MethodConfig, Recipe
     from dfq_onnx.quant import stats
-    from dfq_onnx.units import layer_units
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.units import layer_units
+    from dfq_onnx.run.weights import WeightReader
 
     # Only the propagation is wanted: every transform and GPTQ off (they do not move the statistics).
     cheap = MethodConfig(scale_search=False, diagonal=False, vo_pairs=False, vo_transform=False,

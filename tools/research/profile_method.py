@@ -25,12 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dfq_onnx import memory, planner, prior  # noqa: E402
+from dfq_onnx import memory  # noqa: E402
+
+from dfq_onnx.run import planner, prior
 from dfq_onnx.config import DEFAULT_RECIPE, load_recipe  # noqa: E402
 from dfq_onnx.graph import load  # noqa: E402
 from dfq_onnx.graph.sites import find_sites  # noqa: E402
-from dfq_onnx.units import layer_units  # noqa: E402
-from dfq_onnx.weights import WeightReader  # noqa: E402
+from dfq_onnx.run.units import layer_units  # noqa: E402
+from dfq_onnx.run.weights import WeightReader  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,12 @@ import eval_quality  # noqa: E402
 
 def site_statistics(model_path: Path, recipe_name: str):
     """{node: (Linear, SiteStatistics)} for every decoder linear, by the prior's own propagation."""
-    from dfq_onnx import prior
+    from dfq_onnx.run import prior
     from dfq_onnx.config import load_recipe
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.sites import find_sites
-    from dfq_onnx.units import layer_units
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.units import layer_units
+    from dfq_onnx.run.weights import WeightReader
 
     model = load_model(model_path)
     sites = find_sites(model)
@@ -99,7 +99,7 @@ def log_rms(pairs: list[tuple[float, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dfq_onnx.budget import format_label, parse_formats
+    from dfq_onnx.run.budget import format_label, parse_formats
     from dfq_onnx.quant import grid, sensitivity
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

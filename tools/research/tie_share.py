@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from dfq_onnx.graph.load import load_model
     from dfq_onnx.graph.site_types import Role
     from dfq_onnx.graph.sites import find_sites
-    from dfq_onnx.weights import WeightReader
+    from dfq_onnx.run.weights import WeightReader
 
     model = load_model(path)
     sites = find_sites(model)

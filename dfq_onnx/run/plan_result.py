@@ -10,12 +10,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from . import fast_path, methods
-from .config import QuantFormat
-from .graph.sites import Linear, ModelSites
-from .plan import OnlineRotation, QuantizedWeight, UnitPlan
-from .quant import grid, proxy
-from .report import SiteResult
+from .. import fast_path, methods
+from ..config import QuantFormat
+from ..graph.sites import Linear, ModelSites
+from ..plan import OnlineRotation, QuantizedWeight, UnitPlan
+from ..quant import grid, proxy
+from ..report import SiteResult
 
 
 def from_result(

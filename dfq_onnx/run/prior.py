@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from . import methods
-from .config import Prior, Recipe, TokenPrior
-from .errors import DfqError
-from .quant import stats
+from .. import methods
+from ..config import Prior, Recipe, TokenPrior
+from ..errors import DfqError
+from ..quant import stats
 from .units import layer_units
 from .weights import LazyWeights, WeightReader, torch_dtype
 

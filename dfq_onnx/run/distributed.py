@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, memory, methods, planner, prior, threads
-from .config import Recipe
-from .errors import DfqError, Resumable
-from .plan import UnitPlan
-from .progress import ProgressFn
-from .quant import stats
+from .. import memory, methods, threads
+from ..config import Recipe
+from ..errors import DfqError, Resumable
+from ..plan import UnitPlan
+from ..progress import ProgressFn
+from ..quant import stats
+from . import checkpoint, planner, prior
 from .units import all_units
 from .weights import WeightReader
 
@@ -280,8 +281,8 @@ def run_unit(job: Job, index: int, label: str, residual: tuple[np.ndarray, np.nd
 
 
 def _reader(job: Job) -> tuple[WeightReader, list[methods.Unit]]:
-    from .graph import load
-    from .graph.sites import find_sites
+    from ..graph import load
+    from ..graph.sites import find_sites
 
     path = Path(job.input_path)
     if not path.is_file():

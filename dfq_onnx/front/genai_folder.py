@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .errors import DfqError
+from ..errors import DfqError
 
 CONFIG = "genai_config.json"
 
@@ -82,16 +82,3 @@ def companions(folder: GenaiFolder, data_files: set[Path], output_name: str) -> 
     config["model"]["decoder"]["filename"] = output_name
     files[CONFIG] = (json.dumps(config, indent=4) + "\n").encode()
     return files
-
-
-def write_companions(files: dict[str, Path | bytes], directory: Path) -> None:
-    """Put them in the (unpublished) work directory; publishing moves them with the model."""
-    import shutil
-
-    for name, source in files.items():
-        target = directory / name
-        if isinstance(source, bytes):
-            target.write_bytes(source)
-        else:
-            shutil.copyfile(source, target)
-

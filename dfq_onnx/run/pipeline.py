@@ -17,24 +17,24 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from . import budget, checkpoint, distributed, genai_folder, memory, methods, mirror, planner, prior, threads
-from .config import ROLES, OutputFormat, Recipe
-from .errors import DfqError, Interrupted, Resumable
-from .graph import load, save
-from .graph.sites import ModelSites, find_sites
-from .graph.store import TensorStore
+from .. import memory, methods, threads
+from ..config import ROLES, OutputFormat, Recipe
+from ..errors import DfqError, Interrupted, Resumable
+from ..graph import load, save
+from ..graph.sites import ModelSites, find_sites
+from ..graph.store import TensorStore
+from ..passes.apply import apply_plan, finish
+from ..passes.context import PlanContext
+from ..passes.online_rotation import rotation_name
+from ..plan import DamagedPlan, UnitPlan
+from ..progress import ProgressFn
+from ..quant import stats
+from ..report import Report
+from . import budget, checkpoint, distributed, mirror, planner, prior
 from .mirror import Mirror
-from .passes.apply import apply_plan, finish
-from .passes.context import PlanContext
-from .passes.online_rotation import rotation_name
-from .plan import DamagedPlan, UnitPlan
-from .progress import ProgressFn
-from .quant import stats
-from .report import Report
 from .units import all_units
 from .verify import VerificationFailed
 from .weights import WeightReader
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
         for path in checks.values():  # verification only: never published
             path.unlink()
             path.with_name(path.name + ".data").unlink()
-        genai_folder.write_companions(companions, work)
+        save.write_companions(companions, work)
         save.publish(work, output_path, location, extra=list(companions))
     except KeyboardInterrupt:
         _close(writer, mirrors)
@@ -332,7 +332,7 @@ QUALITY_SAMPLES, QUALITY_LENGTH = 4, 32
 def quality_check(input_path: Path, candidate: Path) -> dict:
     """KL(input || output) per token, top-1 agreement and both perplexities on sequences the input
     samples itself (seed 0, temperature 0.8); {"skipped": why} where the model cannot be sampled."""
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
 
     t0 = time.perf_counter()
     try:

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import builtin_recipes
-from .errors import DfqError, Interrupted
+from .. import __version__
+from ..config import builtin_recipes
+from ..errors import DfqError, Interrupted
 from .options import BUDGET_OPTIONS, RECIPE_OPTIONS, budget_settings, recipe_overrides
 
 EXIT_USAGE = 2
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args) -> int:
+    from ..report import structure_summary
     from .api import inspect
-    from .report import structure_summary
 
     if args.plan or args.target_bits is not None or args.target_size is not None:
         return _inspect_plan(args)
@@ -265,8 +265,8 @@ def _optimize(args) -> int:
 
 
 def _eval(args) -> int:
+    from ..evaluation import table
     from .api import evaluate
-    from .evaluation import table
 
     if args.json is not None and not args.json.parent.is_dir():
         raise DfqError(f"--json {args.json}: directory {args.json.parent} does not exist")

@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 
-from . import methods
-from .config import QuantFormat, Recipe
-from .plan import UnitPlan
+from .. import methods
+from ..config import QuantFormat, Recipe
+from ..plan import UnitPlan
+from ..quant import stats
 from .plan_result import from_result
-from .quant import stats
 from .weights import LazyWeights, WeightReader, torch_dtype
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, plan
-from .config import Recipe
-from .quant import stats
-from .report import _jsonable
+from .. import __version__, plan
+from ..config import Recipe
+from ..quant import stats
+from ..report import _jsonable
 
 MANIFEST = "checkpoint.json"
 FORMAT = 2

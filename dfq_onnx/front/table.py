@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .graph.sites import ModelSites
-from .report import Report
-from .roles import ROLES
+from ..graph.sites import ModelSites
+from ..report import Report
+from ..roles import ROLES
 
 
 def render(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -228,7 +228,7 @@ def _budget_line(allocation: dict) -> str:
 
 def plan_table(plan) -> str:
     """A budget's allocation (budget.Plan): the format of every linear, layer by layer."""
-    from .budget import format_label
+    from ..run.budget import format_label
 
     short = lambda f: f"{f.bits}/{f.block_size}{'s' if f.symmetric else 'a'}"  # noqa: E731
     roles = [r for r in ROLES if any(s.role == r for s in plan.sites)]

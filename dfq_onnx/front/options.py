@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Union
 
-from .config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat
+from ..config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat
 
 
 @dataclasses.dataclass(frozen=True)

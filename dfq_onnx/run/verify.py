@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DfqError
-from .graph.sites import ModelSites
+from ..errors import DfqError
+from ..graph.sites import ModelSites
 
 SEQ_LEN = 16
 

@@ -11,12 +11,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from .errors import DfqError
-from .graph import load
-from .graph.sites import Linear, ModelSites
+from ..errors import DfqError
+from ..graph import load
+from ..graph.sites import Linear, ModelSites
 
 if TYPE_CHECKING:
-    from .methods import Unit
+    from ..methods import Unit
 
 
 class LazyWeights(Mapping):

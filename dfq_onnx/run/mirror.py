@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .graph import load, rewrite, save
-from .graph.sites import Linear, ModelSites, name_nodes
-from .passes.float_edits import stored_gain
-from .methods import HEAD_LABEL
-from .plan import UnitPlan
+from ..graph import load, rewrite, save
+from ..graph.sites import Linear, ModelSites, name_nodes
+from ..methods import HEAD_LABEL
+from ..passes.float_edits import stored_gain
+from ..plan import UnitPlan
 
 
 class Mirror:

@@ -20,13 +20,14 @@ import time
 import onnx_ir as ir
 import torch
 
-from . import fast_path, methods, prior, report
-from .config import OutputFormat, QuantFormat, Recipe, SiteOverride
-from .errors import DfqError
-from .graph import load
-from .graph.sites import Linear, ModelSites
-from .progress import ProgressFn
-from .quant import allocate, sensitivity
+from .. import fast_path, methods, report
+from ..config import OutputFormat, QuantFormat, Recipe, SiteOverride
+from ..errors import DfqError
+from ..graph import load
+from ..graph.sites import Linear, ModelSites
+from ..progress import ProgressFn
+from ..quant import allocate, sensitivity
+from . import prior
 from .units import head_unit, layer_units
 from .weights import WeightReader, torch_dtype
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .config import Recipe
-from .graph.sites import ModelSites, Role
-from .methods import HEAD_LABEL, Unit
+from ..config import Recipe
+from ..graph.sites import ModelSites, Role
+from ..methods import HEAD_LABEL, Unit
 
 
 def layer_units(sites: ModelSites, graph: ir.Graph | None = None) -> list[Unit]:

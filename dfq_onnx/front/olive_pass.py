@@ -6,7 +6,7 @@ package config, and `olive.workflows.run(config, package_config=...)` / `olive r
 config with this pass added, so a workflow can mix built-in passes and this one:
 
     from olive.workflows import run
-    from dfq_onnx.olive_pass import package_config
+    from dfq_onnx.front.olive_pass import package_config
 
     workflow = {
         "input_model": {"type": "ONNXModel", "model_path": "model.onnx"},
@@ -18,10 +18,10 @@ config with this pass added, so a workflow can mix built-in passes and this one:
 From the command line (olive-ai 0.13 has `olive run --package-config FILE`), write the merged
 config to a file first:
 
-    python -m dfq_onnx.olive_pass olive_packages.json
+    python -m dfq_onnx.front.olive_pass olive_packages.json
     olive run --config workflow.json --package-config olive_packages.json
 
-(`dfq_onnx/olive_config.json` alone also works as the package config when the workflow uses no
+(`dfq_onnx/front/olive_config.json` alone also works as the package config when the workflow uses no
 built-in pass.) Parameters are those of `dfq_onnx.quantize`; None keeps the recipe's value. The
 pass writes `<input name>.onnx`, its `<input name>.onnx.data` and the JSON report into the pass's
 output folder. Olive keys its cache on the parameter values: after editing a TOML recipe that a
@@ -38,8 +38,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import model_validator
-
 from olive.hardware import AcceleratorSpec
 from olive.model import ONNXModelHandler
 from olive.model.utils import resolve_onnx_path
@@ -48,10 +46,11 @@ from olive.passes import Pass
 from olive.passes.pass_config import BasePassConfig, PassConfigParam, PassParamDefault
 from olive.resource_path import LocalFolder
 from olive.search.search_parameter import SearchParameter, SpecialParamValue
+from pydantic import model_validator
 
+from ..config import DEFAULT_RECIPE, load_recipe
+from ..errors import DfqError, Interrupted
 from .api import check_budget, quantize
-from .config import DEFAULT_RECIPE, load_recipe
-from .errors import DfqError, Interrupted
 from .options import BUDGET_OPTIONS, RECIPE_OPTIONS, budget_settings, recipe_overrides
 
 logger = logging.getLogger(__name__)
@@ -156,5 +155,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m dfq_onnx.olive_pass OUTPUT.json  (writes Olive's package config plus this pass)")
+        sys.exit("usage: python -m dfq_onnx.front.olive_pass OUTPUT.json  (writes Olive's package config plus this pass)")
     package_config(sys.argv[1])

@@ -15,13 +15,13 @@ import signal
 import threading
 from pathlib import Path
 
+from ..config import DEFAULT_RECIPE, Recipe, load_recipe
+from ..errors import DfqError
+from ..graph.sites import ModelSites
+from ..progress import ProgressBar, ProgressFn
+from ..report import Report
 from . import genai_folder
-from .config import DEFAULT_RECIPE, Recipe, load_recipe
-from .errors import DfqError
-from .graph.sites import ModelSites
 from .options import RECIPE_OPTIONS
-from .progress import ProgressBar, ProgressFn
-from .report import Report
 
 # Keyword overrides of a recipe, as the CLI's flags name them.
 OVERRIDES = tuple(o.name for o in RECIPE_OPTIONS)
@@ -78,12 +78,12 @@ def quantize(
     Returns the run's `Report` (also written as JSON beside the output). Raises `DfqError` for a
     bad request or input, `Interrupted` when stopped by Ctrl-C or SIGTERM (resume with resume=True).
     """
-    from . import threads as thread_count
+    from .. import threads as thread_count
 
     thread_count.use(threads)  # before torch starts, where it has not: the count is fixed then
-    from . import memory
-    from .distributed import Settings, import_ray
-    from .pipeline import RunOptions, default_output_path, optimize
+    from .. import memory
+    from ..run.distributed import Settings, import_ray
+    from ..run.pipeline import RunOptions, default_output_path, optimize
 
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
@@ -120,14 +120,14 @@ def evaluate(reference: str | Path, candidates, **options) -> dict:
     candidate) per token, top-1 agreement and perplexity, on sequences the reference samples (default),
     a text (text=FILE) or multiple-choice tasks (tasks=DIR); a plain dict. What `dfq-onnx eval` does;
     options as `dfq_onnx.evaluation.evaluate` names them."""
-    from .evaluation import evaluate as run
+    from ..evaluation import evaluate as run
 
     return run(reference, candidates, **options)
 
 
 def inspect(model: str | Path) -> ModelSites:
     """What the tool finds in a model: per layer, each linear's role and shape, pairs, norms, RoPE."""
-    from .pipeline import inspect as find
+    from ..run.pipeline import inspect as find
 
     path = Path(model)
     folder = genai_folder.find(path) if path.exists() else None
@@ -147,9 +147,9 @@ def plan_budget(
 ):
     """The format `quantize` would choose per linear for this budget (a `budget.Plan`), without
     writing a model: what `dfq-onnx inspect --plan --target-bits B` prints."""
-    from . import budget
-    from .graph import load
-    from .graph.sites import find_sites
+    from ..graph import load
+    from ..graph.sites import find_sites
+    from ..run import budget
 
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
@@ -167,7 +167,7 @@ def plan_budget(
 
 def check_budget(bits: float | None, size: int | str | None, formats: str | None, weighting: str = "relative"):
     """The budget these settings give (None without one), or a DfqError naming the bad setting."""
-    from . import budget
+    from ..run import budget
 
     if bits is None and size is None:
         if formats is not None:
@@ -188,8 +188,8 @@ def _paths(model: Path, output: Path | None, recipe: Recipe) -> tuple[Path, Path
     folder = genai_folder.find(model)
     if folder is None:
         return model, output, {}
-    from .graph import load
-    from .pipeline import output_suffix
+    from ..graph import load
+    from ..run.pipeline import output_suffix
 
     destination = genai_folder.output_folder(folder, output, output_suffix(recipe))
     if destination is None:  # `-o file.onnx`: the model alone
