@@ -80,7 +80,7 @@ def test_budget_allocation_beats_the_uniform_format_of_the_same_size_in_its_esti
     uniform = QuantFormat(4, 32, False)
     weights = sum(lin.k * lin.n for lin in sites.linears.values() if lin.node != sites.lm_head)
     cost = sum(budget.stored_bits(uniform, lin.k, lin.n, 32) for lin in sites.linears.values() if lin.node != sites.lm_head)
-    found = budget.plan(model, sites, recipe, budget.Budget(bits=cost / weights, formats=budget.parse_formats(FORMATS)))
+    found = budget.choose_formats(model, sites, recipe, budget.Budget(bits=cost / weights, formats=budget.parse_formats(FORMATS)))
     uniform_loss = sum(found.estimates[site.name][budget.format_label(uniform)] for site in found.sites)
     assert found.solution.cost <= cost + 1e-6
     assert found.solution.loss <= uniform_loss * (1 + 1e-9)
@@ -154,13 +154,13 @@ def test_default_recipe_mixes_only_cuda_fast_path_layouts(tiny):
     assert len(budget.default_formats(load_recipe("cafeq-int4"))) == 18
     model = load.load_model(tiny("dynamo"))
     sites = find_sites(model)
-    found = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0))
+    found = budget.choose_formats(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0))
     assert {s.format for s in found.sites} <= set(cuda)
     assert all(not fast_path.cuda_gemm_misses(s.format, s.format.block_size, 64, True) for s in found.sites)
-    relative = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="relative"))
+    relative = budget.choose_formats(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="relative"))
     shares = {s.name: s.share for s in found.sites}
     assert all(0 < v < 1 for v in shares.values())  # the propagated residual: each sublayer writes part of it
-    residual = budget.plan(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="residual"))
+    residual = budget.choose_formats(model, sites, load_recipe(DEFAULT_RECIPE), budget.Budget(bits=6.0, weighting="residual"))
     for s in relative.sites:  # the default (relative) weighs by the role's factor where residual weighs by the share
         factor = sensitivity.ROLE_SENSITIVITY[s.role]
         for label, loss in relative.estimates[s.name].items():
@@ -219,11 +219,11 @@ def test_a_budget_that_affords_every_site_4_bits_sends_none_to_2(tiny):
     recipe = load_recipe("cafeq-int4")
     formats = budget.parse_formats(FORMATS)
     for bits in (6.0, 7.0):
-        found = budget.plan(model, sites, recipe, budget.Budget(bits=bits, formats=formats))
+        found = budget.choose_formats(model, sites, recipe, budget.Budget(bits=bits, formats=formats))
         assert min(s.format.bits for s in found.sites) == 4 and max(s.format.bits for s in found.sites) == 8
         assert all("int2" not in label for est in found.estimates.values() for label in est)
         assert found.narrowest_bits == 4 and found.to_dict()["narrowest_bits"] == 4
-    low = budget.plan(model, sites, recipe, budget.Budget(bits=4.0, formats=formats))
+    low = budget.choose_formats(model, sites, recipe, budget.Budget(bits=4.0, formats=formats))
     assert min(s.format.bits for s in low.sites) == 2 and low.narrowest_bits == 2
 
 

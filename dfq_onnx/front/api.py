@@ -145,7 +145,7 @@ def plan_budget(
     device: str = "cpu",
     **overrides,
 ):
-    """The format `quantize` would choose per linear for this budget (a `budget.Plan`), without
+    """The format `quantize` would choose per linear for this budget (a `budget.Allocation`), without
     writing a model: what `dfq-onnx inspect --plan --target-bits B` prints."""
     from ..graph import load
     from ..graph.sites import find_sites
@@ -162,7 +162,7 @@ def plan_budget(
     folder = genai_folder.find(path) if path.exists() else None
     source = folder.model if folder else path
     graph = load.load_model(source)
-    return budget.plan(graph, find_sites(graph), chosen, wanted, check_device(device), graph_bytes=source.stat().st_size)
+    return budget.choose_formats(graph, find_sites(graph), chosen, wanted, check_device(device), graph_bytes=source.stat().st_size)
 
 
 def check_budget(bits: float | None, size: int | str | None, formats: str | None, weighting: str = "relative"):

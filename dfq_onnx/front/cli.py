@@ -226,7 +226,7 @@ def _inspect(args) -> int:
 
 def _inspect_plan(args) -> int:
     from .api import plan_budget
-    from .table import plan_table
+    from .table import allocation_table
 
     found = plan_budget(
         args.model,
@@ -234,7 +234,7 @@ def _inspect_plan(args) -> int:
         recipe=args.recipe,
         device=args.device,
     )
-    print(json.dumps(found.to_dict(), indent=2) if args.json else plan_table(found))
+    print(json.dumps(found.to_dict(), indent=2) if args.json else allocation_table(found))
     return 0
 
 

@@ -226,26 +226,26 @@ def _budget_line(allocation: dict) -> str:
     )
 
 
-def plan_table(plan) -> str:
-    """A budget's allocation (budget.Plan): the format of every linear, layer by layer."""
+def allocation_table(allocation) -> str:
+    """A budget's allocation (budget.Allocation): the format of every linear, layer by layer."""
     from ..run.budget import format_label
 
     short = lambda f: f"{f.bits}/{f.block_size}{'s' if f.symmetric else 'a'}"  # noqa: E731
-    roles = [r for r in ROLES if any(s.role == r for s in plan.sites)]
-    layers = sorted({s.layer for s in plan.sites}, key=lambda x: (x is None, x or 0))
-    cell = {(s.layer, s.role): short(s.format) for s in plan.sites}
+    roles = [r for r in ROLES if any(s.role == r for s in allocation.sites)]
+    layers = sorted({s.layer for s in allocation.sites}, key=lambda x: (x is None, x or 0))
+    cell = {(s.layer, s.role): short(s.format) for s in allocation.sites}
     rows = [["head" if layer is None else str(layer)] + [cell.get((layer, r), "-") for r in roles] for layer in layers]
-    sol = plan.solution
+    sol = allocation.solution
     lines = [
-        f"budget {plan.budget.describe()} ({plan.budget.weighting} weighting): {plan.bits_per_weight:.3f} bits/weight "
-        f"estimated; {len(plan.sites)} linears chosen in {plan.seconds:.1f}s",
+        f"budget {allocation.budget.describe()} ({allocation.budget.weighting} weighting): {allocation.bits_per_weight:.3f} bits/weight "
+        f"estimated; {len(allocation.sites)} linears chosen in {allocation.seconds:.1f}s",
         "",
         render(["layer", *roles], rows, right=set(range(1, len(roles) + 1))),
         "",
-        "cells: bits/block, s symmetric, a asymmetric. Mix: " + ", ".join(f"{n} x {f}" for f, n in plan.counts().items()),
+        "cells: bits/block, s symmetric, a asymmetric. Mix: " + ", ".join(f"{n} x {f}" for f, n in allocation.counts().items()),
         f"estimated loss {sol.loss:.4g}; no allocation within the budget estimates below {sol.bound:.4g} "
         f"(the knapsack's relaxation), so this one is within {sol.gap:.3g} of the optimum",
-        "candidates: " + ", ".join(format_label(f) for f in plan.formats)
-        + (f" (none below {plan.narrowest_bits} bits: the budget affords every linear {plan.narrowest_bits})" if plan.narrowest_bits > min(f.bits for f in plan.formats) else ""),
+        "candidates: " + ", ".join(format_label(f) for f in allocation.formats)
+        + (f" (none below {allocation.narrowest_bits} bits: the budget affords every linear {allocation.narrowest_bits})" if allocation.narrowest_bits > min(f.bits for f in allocation.formats) else ""),
     ]
     return "\n".join(lines)

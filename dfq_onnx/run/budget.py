@@ -113,7 +113,7 @@ class SiteChoice:
 
 
 @dataclasses.dataclass
-class Plan:
+class Allocation:
     """The allocation: a format per site, the budget it meets and what was estimated."""
 
     budget: Budget
@@ -168,10 +168,10 @@ def format_label(fmt: QuantFormat) -> str:
     return f"int{fmt.bits} g{fmt.block_size} {'sym' if fmt.symmetric else 'asym'}"
 
 
-def plan(
+def choose_formats(
     model: ir.Model, sites: ModelSites, recipe: Recipe, budget: Budget, device: str = "cpu",
     progress: ProgressFn | None = None, graph_bytes: int = 0,
-) -> Plan:  # fmt: skip
+) -> Allocation:  # fmt: skip
     """Estimate every site under every candidate format and choose the formats (nothing is written).
     `graph_bytes` (the input's .onnx file) is kept free under a --target-size, with room for the
     online rotations the method may insert."""
@@ -236,7 +236,7 @@ def plan(
         for g, ((lin, st, fits, errs), i) in enumerate(zip(choices, solution.choice))
     ]  # fmt: skip
     estimates = {lin.node: {format_label(f): o.loss for f, o in zip(fits, group)} for (lin, _, fits, _), group in zip(choices, groups)}
-    return Plan(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates, narrowest)
+    return Allocation(budget, chosen, budget_bits, fixed, weights, solution, time.perf_counter() - started, formats, estimates, narrowest)
 
 
 def _no_lower_than_affordable(choices, scale_bits: dict[str, int], budget_bits: float) -> tuple[list, int]:

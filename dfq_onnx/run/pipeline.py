@@ -90,7 +90,7 @@ def optimize(
     with save.OutputLock(output_path):
         allocation = None
         if options.budget is not None:  # the formats become per-site overrides: the checkpoint's key covers them
-            allocation = budget.plan(model, sites, recipe, options.budget, options.device, progress, input_path.stat().st_size)
+            allocation = budget.choose_formats(model, sites, recipe, options.budget, options.device, progress, input_path.stat().st_size)
             recipe = dataclasses.replace(recipe, overrides=recipe.overrides + allocation.overrides())
         try:
             return _optimize(model, sites, input_path, output_path, recipe, options, progress, started, companions or {}, allocation)
