@@ -160,6 +160,12 @@ def test_tasks_mode(models, tmp_path, monkeypatch, through_cache):
     one = dfq_onnx.evaluate(ref, q8, tasks=tasks, limit=5, seed=4)
     assert one["reference"]["tasks"]["a"]["n"] == 5 and one["reference"]["tasks"]["sub"]["n"] == 4
     assert dfq_onnx.evaluate(ref, q8, tasks=tasks, limit=5, seed=4) == one
+    # the reference alone: its own accuracy, the same as beside candidates
+    alone = dfq_onnx.evaluate(ref, [], tasks=tasks)
+    assert alone["candidates"] == [] and alone["reference"]["tasks"]["a"]["acc"] == got["reference"]["tasks"]["a"]["acc"]
+    assert alone["reference"]["tasks"]["sub"] == got["reference"]["tasks"]["sub"]
+    with pytest.raises(dfq_onnx.DfqError, match="at least one candidate"):
+        dfq_onnx.evaluate(ref, [])
 
 
 def test_cli_writes_table_and_json(models, tmp_path, capsys):

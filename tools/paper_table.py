@@ -163,6 +163,30 @@ def quality_table(results: dict, settings, meta: dict) -> tuple[str, dict]:
     return "\n".join(lines), rho
 
 
+SANITY = ("arc_easy", "hellaswag", "piqa")  # the tasks whose fp32 accuracy must stand clear of chance
+
+
+def sanity_tasks(tasks: Path, work: Path) -> Path:
+    """A task folder of SANITY alone (links to their request files in `tasks`)."""
+    out = work / "sanity-tasks"
+    for name in SANITY:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for f in (tasks / name).iterdir():
+            if not (out / name / f.name).exists():
+                (out / name / f.name).symlink_to(f.resolve())
+    return out
+
+
+def sanity_line(reference: dict, odds: dict[str, float], n: int) -> str:
+    """The fp32 model alone on the sanity tasks: length-normalised accuracy and its distance from chance in standard errors."""
+    parts = []
+    for name in SANITY:
+        t = reference["tasks"][name]
+        z = (t["acc_norm"] - odds[name]) / t["acc_norm_stderr"] if t["acc_norm_stderr"] else float("inf")
+        parts.append(f"{name} {100 * t['acc_norm']:.1f}% ± {100 * t['acc_norm_stderr']:.1f} (chance {100 * odds[name]:.0f}%: {z:.1f} SE above)")
+    return f"Scoring sanity check, the fp32 model alone on {n} questions per task (seeded): " + "; ".join(parts) + "."
+
+
 def task_table(results: dict, settings, odds: dict[str, float], limit: int) -> str:
     key = f"tasks@{limit}"
     ref_tasks = results["reference"][key]["tasks"]
@@ -211,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=100, help="questions per task, a fixed seeded subsample; 0: no tasks [100]")
     parser.add_argument("--tasks", type=Path, default=DATA / "tasks", help="task folder [data/tasks]")
     parser.add_argument("--work", type=Path, default=None, help="models and results, kept and reused [models/paper-<model>]")
+    parser.add_argument("--sanity", type=int, default=0, metavar="N",
+                        help=f"also score the fp32 model alone on {', '.join(SANITY)} with N questions each (is the scoring above chance?) [0: no]")
     parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -259,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             for row, entry in zip(todo, got["candidates"]):
                 results["rows"][f"{s.label}/{row}"]["eval"][what] = entry
             save()
+    if args.sanity and f"sanity@{args.sanity}" not in results.get("reference", {}):
+        print(f"[fp32] {', '.join(SANITY)} at {args.sanity} questions ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        got = dfq_onnx.evaluate(model, [], tasks=sanity_tasks(args.tasks, work), limit=args.sanity, tokenizer=tokenizer, batch=16, progress=True)
+        results.setdefault("reference", {})[f"sanity@{args.sanity}"] = got["reference"]
+        results.setdefault("seconds", {})[f"fp32/sanity@{args.sanity}"] = time.perf_counter() - t0
+        save()
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {compare_peers._memory()}",
         "date": datetime.date.today().isoformat(),
@@ -278,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.limit} questions per task (seeded subsample, the same for every row); accuracy in %, ± its standard error; "
                  "quantized rows: (difference from fp32 ± its paired standard error). Length-normalised accuracy, BoolQ plain. "
                  "Chance: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in odds.items()) + "."]
+    if args.sanity:
+        text += ["", sanity_line(results["reference"][f"sanity@{args.sanity}"], chance(sanity_tasks(args.tasks, work), args.sanity), args.sanity)]
     spent = sum(results.get("seconds", {}).values())
     text += ["", f"Evaluation time {spent / 60:.0f} min. Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`"]
     body = "\n".join(text)

@@ -69,8 +69,8 @@ def evaluate(
     if isinstance(candidates, (str, Path)):
         candidates = [candidates]
     candidates = list(candidates)
-    if not candidates:
-        raise DfqError("give at least one candidate model to compare with the reference")
+    if not candidates and tasks is None:  # a model alone has only its task accuracy to show
+        raise DfqError("give at least one candidate model to compare with the reference (--tasks alone scores the reference by itself)")
     if text is not None and tasks is not None:
         raise DfqError("--text and --tasks are different modes; give one")
     for name, value, low in (("samples", samples, 1), ("length", length, 2), ("batch", batch, 1), ("limit", limit, 1)):

@@ -154,7 +154,7 @@ def _eval_arguments(sub) -> None:
         ),
     )
     e.add_argument("reference", type=Path, help="the reference model: an .onnx file or an onnxruntime-genai model folder")
-    e.add_argument("candidates", type=Path, nargs="+", help="the models to compare with it (same graph inputs)")
+    e.add_argument("candidates", type=Path, nargs="*", help="the models to compare with it (same graph inputs); with --tasks, none scores the reference alone")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--text", type=Path, default=None, help="a UTF-8 text file, tokenised with the reference's tokenizer")
     mode.add_argument(
