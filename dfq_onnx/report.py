@@ -99,7 +99,7 @@ class Report:
         return cls(
             input=str(input_path),
             output=str(output_path),
-            recipe=_jsonable(dataclasses.asdict(recipe)),
+            recipe=jsonable(dataclasses.asdict(recipe)),
             structure=structure_summary(sites),
             sites=results,
             seconds=seconds,
@@ -178,8 +178,8 @@ def structure_summary(sites: ModelSites) -> dict[str, Any]:
         "layers": len(sites.layers()),
         "lm_head": sites.lm_head,
         "embedding": dataclasses.asdict(sites.embedding) if sites.embedding else None,
-        "attention": [_jsonable(dataclasses.asdict(a)) for a in sites.attentions],
-        "mlp": [_jsonable(dataclasses.asdict(m)) for m in sites.mlps],
+        "attention": [jsonable(dataclasses.asdict(a)) for a in sites.attentions],
+        "mlp": [jsonable(dataclasses.asdict(m)) for m in sites.mlps],
         "linears": [
             {
                 "name": lin.node,
@@ -199,11 +199,11 @@ def structure_summary(sites: ModelSites) -> dict[str, Any]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj

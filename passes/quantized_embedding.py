@@ -45,7 +45,7 @@ class GatherBlockQuantizedEmbedding(_Embedding):
             scales, zps = inputs[2], (inputs[3] if len(inputs) > 3 else None)
         else:
             data = self._packed_rows(store)
-            scales = store.new(f"{self.base}_scales", weights.scales, rewrite._ir_dtype(weights.scales.dtype), weights.scales.shape)
+            scales = store.new(f"{self.base}_scales", weights.scales, rewrite.ir_dtype(weights.scales.dtype), weights.scales.shape)
             zps = None
             if weights.zero_points is not None:
                 zp = pack.matmulnbits_zero_points(weights.zero_points, fmt.container_bits)
@@ -59,7 +59,7 @@ class UnpackedEmbedding(_Embedding):
         graph, store, fmt = model.graph, self.context.store, self.q.fmt
         weights = packed(self.q, self.head)
         data = self._packed_rows(store)
-        irtype = rewrite._ir_dtype(weights.scales.dtype)
+        irtype = rewrite.ir_dtype(weights.scales.dtype)
         scales = store.new(f"{self.base}_scales", weights.scales, irtype, weights.scales.shape)
         zps = None
         if weights.zero_points is not None:

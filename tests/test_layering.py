@@ -109,3 +109,21 @@ def test_front_doors_sit_above_the_run_and_the_run_above_the_core():
         used = {m for m in _package_imports(path) if m.startswith((front, run))}
         modules = {m for m in used if m in allowed or any(m.startswith(a + ".") for a in allowed)}
         assert used <= modules | {front, run}, f"evaluation/{path.name} imports {used - modules}"
+
+
+def test_no_module_reads_another_modules_private_names():
+    """A leading underscore means "this module's own": no module of the package (nor a pass) imports
+    such a name from another module, or reads it through an imported module."""
+    sources = [*PACKAGE.rglob("*.py"), *PASSES.glob("*.py")]
+    for path in sources:
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dfq_onnx")):
+                for alias in node.names:
+                    assert not (alias.name.startswith("_") and not alias.name.startswith("__")), f"{path.name} imports {alias.name}"
+                    modules.add(alias.asname or alias.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                assert not private, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} reads {node.value.id}.{node.attr}"

@@ -42,7 +42,7 @@ class PackedWeight:
             codes = codes.reshape(self.codes.shape)
         out = {
             "B": (pack.matmulnbits_b(codes, bits), ir.DataType.UINT8),
-            "scales": (np.ascontiguousarray(self.scales), _ir_dtype(self.scales.dtype)),
+            "scales": (np.ascontiguousarray(self.scales), ir_dtype(self.scales.dtype)),
         }
         if self.zero_points is not None:
             out["zero_points"] = (pack.matmulnbits_zero_points(self.zero_points, bits), ir.DataType.UINT8)
@@ -65,7 +65,7 @@ class PackedWeight:
         kb = self.scales.shape[1]
         out = {
             "W": (data, dtype, (self.k, self.n)),
-            "scales": (np.ascontiguousarray(self.scales.T), _ir_dtype(self.scales.dtype), (kb, self.n)),
+            "scales": (np.ascontiguousarray(self.scales.T), ir_dtype(self.scales.dtype), (kb, self.n)),
         }
         if self.zero_points is not None:
             zp, _ = self._qdq_codes(self.zero_points.T)
@@ -78,7 +78,7 @@ def _pack_flat(values: np.ndarray, bits: int) -> np.ndarray:
     return pack.pack_along_last(flat, bits)
 
 
-def _ir_dtype(dtype: np.dtype) -> ir.DataType:
+def ir_dtype(dtype: np.dtype) -> ir.DataType:
     return {np.dtype(np.float32): ir.DataType.FLOAT, np.dtype(np.float16): ir.DataType.FLOAT16}[np.dtype(dtype)]
 
 

@@ -26,7 +26,7 @@ class TensorStore:
     def shared(self, name: str, array: np.ndarray) -> ir.Value:
         """A constant written once and read by every layer that uses it (online rotation blocks)."""
         if name not in self.tensors:
-            self.tensors[name] = self.writer.write(name, array, rewrite._ir_dtype(array.dtype), array.shape)
+            self.tensors[name] = self.writer.write(name, array, rewrite.ir_dtype(array.dtype), array.shape)
         if name in self.graph.initializers:
             return self.graph.initializers[name]
         return self._register(name)

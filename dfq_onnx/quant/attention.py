@@ -31,7 +31,7 @@ from .site import (
 from .value_output import value_output
 
 
-def _split_qkv(layer: LayerWeights, att: AttentionGeometry) -> dict[str, torch.Tensor]:
+def split_qkv(layer: LayerWeights, att: AttentionGeometry) -> dict[str, torch.Tensor]:
     if att.qkv is None:
         return {r: layer.weights[getattr(att, r)] for r in ("q", "k", "v") if getattr(att, r)}
     w = layer.weights[att.qkv]
@@ -48,7 +48,7 @@ class _Attention:
 def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
     """Round q/k/v/o of one layer into `result`; the residual statistics after the attention sublayer."""
     att = layer.attention
-    parts = _split_qkv(layer, att)
+    parts = split_qkv(layer, att)
     first = next(iter(parts.values()))
     x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
     h = hessian(x, how.config.hessian)
@@ -64,7 +64,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
         if keeps(how.config, trial.error, best.error):
             best, (a, a_tags) = trial, learned
         if how.config.learned_vo_steps and "v" in parts:
-            best.sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, a_tags, how, layer.scale_dtypes[att.qkv or att.v]))
+            best.sites.update(value_output(layer, att, parts["v"], v_bias(layer, att), x, h, a, a_tags, how, layer.scale_dtypes[att.qkv or att.v]))
     if a is not None:
         result.gains[att.gain] = layer.gain(att.gain).to(torch.float32) * a
     names = {"q": att.q, "k": att.k, "v": att.v}
@@ -85,17 +85,17 @@ def residual_after_attention(layer: LayerWeights, residual: stats.Moments | None
     rounding never enters), so a statistics pass gets them without optimising; `x` is the norm's
     output when the caller has it."""
     att = layer.attention
-    v = _split_qkv(layer, att).get("v")
+    v = split_qkv(layer, att).get("v")
     if residual is None or not (att.o and v is not None and att.head_dim and att.num_heads):
         return residual
     x = stats.rms_norm(residual, layer.gain(att.gain)) if x is None else x
     # Attention weights sum to one, so a value bias reaches o's input unchanged: it shifts the mean.
-    z = stats.attention_output(stats.with_bias(stats.linear(x, v), _v_bias(layer, att)), att.num_heads, att.head_dim)
+    z = stats.attention_output(stats.with_bias(stats.linear(x, v), v_bias(layer, att)), att.num_heads, att.head_dim)
     y = stats.with_bias(stats.linear(z, layer.weights[att.o]), layer.biases.get(att.o))
     return residual + stats.sublayer_output(y, layer.gain(att.post_gain), att.post_norm)
 
 
-def _v_bias(layer: LayerWeights, att: AttentionGeometry) -> torch.Tensor | None:
+def v_bias(layer: LayerWeights, att: AttentionGeometry) -> torch.Tensor | None:
     if att.qkv:
         bias = layer.biases.get(att.qkv)
         return None if bias is None else bias[sum(att.qkv_split[:2]) :]
@@ -120,7 +120,7 @@ def _attention_with(layer, att: AttentionGeometry, parts, x, h, a, tags, how: Ro
             best = (err, trial)
     sites.update(best[1])
     if "v" in parts:
-        sites.update(value_output(layer, att, parts["v"], _v_bias(layer, att), x, h, a, tags, how, dtype_of("v"), learn_vo))
+        sites.update(value_output(layer, att, parts["v"], v_bias(layer, att), x, h, a, tags, how, dtype_of("v"), learn_vo))
     return _Attention(sites, sum(o.error for o in sites.values()))
 
 

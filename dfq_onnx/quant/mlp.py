@@ -25,7 +25,7 @@ from .online import choose_online
 def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residual: stats.Moments | None):
     """Round gate/up/down of one layer into `result`; the residual statistics after the MLP sublayer."""
     mlp = layer.mlp
-    w_gate, w_up, w_down = _weights(layer)
+    w_gate, w_up, w_down = mlp_weights(layer)
     gate_key, up_key = (f"{mlp.gate}#gate", f"{mlp.up}#up") if mlp.fused else (mlp.gate, mlp.up)
     device = w_gate.device
     x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
@@ -111,7 +111,7 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     return residual_after_mlp(layer, residual, u)
 
 
-def _weights(layer: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mlp_weights(layer: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W_gate, W_up, W_down; a fused gate/up linear holds the first two as column ranges."""
     mlp = layer.mlp
     if mlp.fused:
@@ -128,7 +128,7 @@ def residual_after_mlp(layer: LayerWeights, residual: stats.Moments | None, u: s
     if residual is None:
         return residual
     mlp = layer.mlp
-    w_gate, w_up, w_down = _weights(layer)
+    w_gate, w_up, w_down = mlp_weights(layer)
     if u is None:
         u = stats.gated_mlp_hidden(stats.rms_norm(residual, layer.gain(mlp.gain)), w_gate, w_up, mlp.activation)
     y = stats.with_bias(stats.linear(u, w_down), layer.biases.get(mlp.down))

@@ -25,9 +25,9 @@ import torch
 
 from ..config import QuantFormat
 from . import grid, rounding, stats
-from .attention import _split_qkv, _v_bias, residual_after_attention
+from .attention import split_qkv, v_bias, residual_after_attention
 from .geometry import LayerWeights
-from .mlp import _weights as _mlp_weights
+from .mlp import mlp_weights
 from .mlp import residual_after_mlp
 from .site import hessian, identity_moments
 
@@ -78,20 +78,20 @@ def layer_sites(layer: LayerWeights, residual: stats.Moments | None) -> tuple[di
     att, mlp = layer.attention, layer.mlp
     dt = layer.scale_dtypes
     if att is not None and (att.q or att.qkv):
-        parts = _split_qkv(layer, att)
+        parts = split_qkv(layer, att)
         first = next(iter(parts.values()))
         x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
         sites = {name: (layer.weights[name], hessian(x)) for name in ([att.qkv] if att.qkv else [n for n in (att.q, att.k, att.v) if n])}
         v = parts.get("v")
         if att.o and v is not None and att.head_dim and att.num_heads:
-            z = stats.attention_output(stats.with_bias(stats.linear(x, v), _v_bias(layer, att)), att.num_heads, att.head_dim)
+            z = stats.attention_output(stats.with_bias(stats.linear(x, v), v_bias(layer, att)), att.num_heads, att.head_dim)
             sites[att.o] = (layer.weights[att.o], hessian(z))
         after = residual_after_attention(layer, residual, x)
         share = _share(residual, after)
         out.update({name: SiteStatistics(w, h, dt[name], share) for name, (w, h) in sites.items()})
         residual = after
     if mlp is not None:
-        w_gate, w_up, w_down = _mlp_weights(layer)
+        w_gate, w_up, w_down = mlp_weights(layer)
         x = identity_moments(w_gate.shape[0], w_gate.device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
         u = identity_moments(w_down.shape[0], w_down.device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
         after = residual_after_mlp(layer, residual, u)

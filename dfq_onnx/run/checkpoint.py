@@ -24,7 +24,7 @@ import torch
 from .. import __version__, plan
 from ..config import Recipe
 from ..quant import stats
-from ..report import _jsonable
+from ..report import jsonable
 
 MANIFEST = "checkpoint.json"
 FORMAT = 2
@@ -40,7 +40,7 @@ def fingerprint(input_path: Path, data_files: set[Path], recipe: Recipe, device:
         st = path.stat()
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     settings = {
-        "recipe": _jsonable(dataclasses.asdict(recipe)), "device": device, "threads": threads,
+        "recipe": jsonable(dataclasses.asdict(recipe)), "device": device, "threads": threads,
         "keep_float": keep_float, "version": __version__,
     }  # fmt: skip
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())

@@ -46,7 +46,7 @@ class Mirror:
 
     def rotate(self, linears: list[str], block: np.ndarray) -> None:
         name = f"online_rotation{block.shape[-1]}"
-        tensor = self.writer.write(name, block, rewrite._ir_dtype(block.dtype), block.shape)
+        tensor = self.writer.write(name, block, rewrite.ir_dtype(block.dtype), block.shape)
         value = rewrite.new_initializer(self.graph, name, tensor)
         self.written.add(value.name)
         rewrite.insert_block_rotation(self.graph, [self.nodes[n] for n in linears], value)
