@@ -12,6 +12,8 @@ asserted, so the test fails if damping is not applied at all (equal errors) or i
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -65,8 +67,10 @@ def test_the_recipe_damping_reaches_the_rounding(tiny_family, tmp_path):
     model = tiny_family("gemma2", "genai-fp32")
     recipe = tmp_path / "undamped.toml"
     default = config.builtin_recipes()[config.DEFAULT_RECIPE].read_text()
-    assert "\ngptq_damp = 0.3 " in default
-    recipe.write_text(default.replace("\ngptq_damp = 0.3 ", "\ngptq_damp = 0.01 "))  # only the damping differs
+    assert config.load_recipe(config.DEFAULT_RECIPE).method.gptq_damp == 0.3 and "[method]" not in default
+    recipe.write_text(default + "\n[method]\ngptq_damp = 0.01\n")  # only the damping differs
+    assert config.load_recipe(str(recipe)) == dataclasses.replace(
+        config.load_recipe(config.DEFAULT_RECIPE), method=dataclasses.replace(config.load_recipe(config.DEFAULT_RECIPE).method, gptq_damp=0.01))
     data, outputs = {}, {}
     for tag, extra in (("default", []), ("undamped", ["--recipe", str(recipe)]), ("rtn", ["--method", "rtn"])):
         out = outputs[tag] = tmp_path / f"{tag}.onnx"
