@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {compare_peers._memory()}",
         "date": datetime.date.today().isoformat(),
         "command": f"python tools/paper_table.py --model {args.model} --settings {args.settings} --limit {args.limit}"
-        + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else ""),
+        + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else "") + (f" --sanity {args.sanity}" if args.sanity else ""),
     }
     quality, rho = quality_table(results, settings, meta)
     text = [quality, "", "KL per token to the fp32 model: self-generated, 32 x 64 tokens the fp32 model samples itself (seed 0, "
