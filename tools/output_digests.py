@@ -60,13 +60,12 @@ class RepoDirs:
             d = os.path.join(repo, dirs[name])
             return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"), submodule_search_locations=[d])
 sys.meta_path.insert(0, RepoDirs)
+cli = "dfq_onnx.front.cli" if os.path.isdir(os.path.join(repo, "dfq_onnx", "front")) else "dfq_onnx.cli"  # before 2026-12-08: dfq_onnx/cli.py
 if sys.argv[1:] == ["--where"]:
-    import dfq_onnx, dfq_onnx.front.cli
-    names = ["dfq_onnx", "dfq_onnx.front.cli", *dirs]
+    names = ["dfq_onnx", cli, *dirs]
     print(__import__("json").dumps({n: importlib.import_module(n).__file__ for n in names if n}))
     sys.exit(0)
-from dfq_onnx.front.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(importlib.import_module(cli).main(sys.argv[1:]))
 """
 
 
