@@ -12,7 +12,7 @@ import torch
 
 from .. import fast_path, methods
 from ..config import QuantFormat
-from ..graph.sites import Linear, ModelSites
+from ..graph.sites import Linear
 from ..plan import OnlineRotation, QuantizedWeight, UnitPlan
 from ..quant import grid, proxy
 from ..report import SiteResult
@@ -21,7 +21,7 @@ from ..report import SiteResult
 def from_result(
     unit: methods.Unit, result: methods.UnitResult, *, weights: Mapping[str, torch.Tensor], formats: dict[str, QuantFormat],
     dtypes: dict[str, np.dtype], excluded: set[str], float_output: bool, seconds: float, notes: list[str],
-    embedding: str | None, embedding_tied: bool, rotation_groups: Mapping[str, object], sites: ModelSites,
+    embedding: str | None, embedding_tied: bool, rotation_groups: Mapping[str, object],
 ) -> tuple[UnitPlan, dict[str, np.ndarray]]:  # fmt: skip
     """The plan, and linear -> the float W[K, N] that was rounded (for the exactness check).
     `embedding`: the untied table's name when it was rounded with the head; `rotation_groups`:
@@ -52,18 +52,18 @@ def from_result(
         plan.embedding, plan.embedding_tied = plan.quantized[unit.linears[0].node], True
     plan.gains = {name: _numpy(g) for name, g in result.changed.items()}
     plan.biases = {name: _numpy(b) for name, b in result.biases.items()}
-    plan.online = _online(result.online, dtypes, rotation_groups, sites)
+    plan.online = _online(result.online, dtypes, rotation_groups, {lin.node: lin for lin in unit.linears})
     return plan, rounded_float
 
 
-def _online(online: dict[str, torch.Tensor], dtypes: dict[str, np.dtype], activation_of: Mapping[str, object], sites: ModelSites) -> list[OnlineRotation]:
+def _online(online: dict[str, torch.Tensor], dtypes: dict[str, np.dtype], activation_of: Mapping[str, object], linears: Mapping[str, Linear]) -> list[OnlineRotation]:
     """One rotation per activation, shared by the linears of the unit that read it."""
     groups: dict[int, list[str]] = {}
     for name in online:
         groups.setdefault(id(activation_of[name]), []).append(name)
     out = []
     for names in groups.values():
-        lin = sites.linears[names[0]]
+        lin = linears[names[0]]
         block = online[names[0]].detach().cpu().numpy().astype(dtypes[names[0]])
         out.append(OnlineRotation(names, block, lin.k, lin.layer))
     return out

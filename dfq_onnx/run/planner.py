@@ -61,7 +61,7 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
     plan, rounded_float = from_result(
         unit, result, weights=weights, formats=formats, dtypes=dtypes, excluded=excluded, float_output=recipe.float_output,
         seconds=(time.perf_counter() - t0) / max(len(unit.linears), 1), notes=notes, embedding=table,
-        embedding_tied=embedding_ok and table is None, sites=reader.sites,
+        embedding_tied=embedding_ok and table is None,
         rotation_groups={name: reader.nodes[name].inputs[0] for name in result.online},
     )  # fmt: skip
     return Planned(plan, result.residual, rounded_float)
