@@ -26,6 +26,7 @@ from .method_config import (  # noqa: F401  (re-exported: the method's names are
     MethodConfig,
     Prior,
     Rotation,
+    Statistics,
     TokenPrior,
     keeps,
     method_config_from,
@@ -176,6 +177,8 @@ class Recipe:
             method = dataclasses.replace(method, online=parse_online(top.pop("online")))
         if "seed" in top:
             method = dataclasses.replace(method, seed=check_seed(top.pop("seed"), "--seed"))
+        if "statistics" in top:
+            method = dataclasses.replace(method, statistics=enum_value(Statistics, top.pop("statistics"), "--statistics"))
         if top.pop("fast", False):  # every learner the recipe turns on, off
             method = without_learners(method)
         if "exclude" in top:
@@ -240,7 +243,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     for section, types in (
         ("quant", {"bits": int, "block_size": int, "symmetric": bool}),
         ("output", {"format": str, "lm_head": str, "accuracy_level": int}),
-        ("method", {"name": str, "prior": str, "diagonal_prior": str, "rotation": str, "hessian": str, "seed": int, "online_block": int,
+        ("method", {"name": str, "prior": str, "statistics": str, "diagonal_prior": str, "rotation": str, "hessian": str, "seed": int, "online_block": int,
                     "online_min_gain": float, "alternations": int}),
         ("recipe", {"name": str, "description": str}),
     ):

@@ -40,7 +40,10 @@ class HessianForm(str, enum.Enum):
     """What of the propagated statistics GPTQ rounds under."""
 
     DIAGONAL_PLUS_MEAN = "diagonal-plus-mean"  # diag(var) + m m^T: O(K) memory, O(K N) GPTQ
-    DENSE = "dense"  # the propagated covariance + m m^T: K x K, the off-diagonal terms too
+    DENSE = "dense"  # the covariance + m m^T: K x K, the off-diagonal terms too
+    # dense where the statistics were measured (their off-diagonal terms are real: SmolLM2 int4 g128 asym,
+    # Persuasion 8 windows, KL 0.152 -> 0.136), diagonal-plus-mean where propagated (measured better there)
+    BY_SOURCE = "by-source"
 
 
 class TokenPrior(str, enum.Enum):
@@ -52,6 +55,13 @@ class TokenPrior(str, enum.Enum):
     POST_NORM = "post-norm"  # self where every sublayer ends in a post-norm (Gemma 2/3), uniform elsewhere
     SELF = "self"
     UNIFORM = "uniform"
+
+
+class Statistics(str, enum.Enum):
+    """Where the statistics of each linear's input come from (with the propagated prior)."""
+
+    PROPAGATED = "propagated"  # from the weights alone, carried layer by layer (stats.py): the paper's
+    GENERATED = "generated"  # measured on sequences the model samples itself from its first token (run/self_statistics.py)
 
 
 class Prior(str, enum.Enum):
@@ -67,6 +77,10 @@ class MethodConfig:
     # tuning text, Persuasion) are noted beside each, and BENCHMARKS.md / docs/experiments hold the tables.
     name: Method = Method.CAFEQ
     prior: Prior = Prior.PROPAGATED  # identity prior: measured worse
+    statistics: Statistics = Statistics.PROPAGATED  # generated: each linear's input measured on the model's own samples
+    samples: int = 64  # generated: sequences the model samples (seeded by `seed`), all in one batch
+    sample_length: int = 512  # generated: tokens per sequence, the first one the model's BOS
+    temperature: float = 0.8  # generated: sampling temperature
     # uniform -> self on Persuasion 16 windows: Gemma 3 270M int4 g32 0.1018 -> 0.0963, int4 g128 0.1419 -> 0.1318,
     # int3 0.4173 -> 0.3840, int2 2.213 -> 2.007; SmolLM2 0.1390 -> 0.1391, 0.2128 -> 0.2109, 0.5361 -> 0.5533,
     # 3.053 -> 3.152 (so uniform where there are no post-norms)
@@ -89,7 +103,7 @@ class MethodConfig:
     online_block: int = 32  # its largest block size (32, 64 and 128 measured equal; 32 costs least)
     online_min_gain: float = 0.05  # kept only where it lowers its linears' proxy by this fraction
     force_transforms: bool = False  # exactness checks: apply every free transform even when it does not pay
-    hessian: HessianForm = HessianForm.DIAGONAL_PLUS_MEAN  # the statistics' form GPTQ and the searches use
+    hessian: HessianForm = HessianForm.BY_SOURCE  # the statistics' form GPTQ and the searches use
     rotation: Rotation = Rotation.HADAMARD  # the blocks of the online and V/O transforms
     seed: int = 0  # random blocks (rotation = "random") follow it: the same seed gives the same bytes
     # Learned transforms (quant/learn.py): Adam steps on the straight-through proxy (0: off) and rates. None
@@ -152,6 +166,13 @@ def method_config_from(section: dict[str, Any]) -> MethodConfig:
     values["name"] = enum_value(Method, values.get("name", Method.CAFEQ.value), "method")
     if "prior" in values:
         values["prior"] = enum_value(Prior, values["prior"], "method prior")
+    if "statistics" in values:
+        values["statistics"] = enum_value(Statistics, values["statistics"], "method statistics")
+    for key, low in (("samples", 1), ("sample_length", 2)):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < low):
+            raise DfqError(f"recipe [method] {key} must be a whole number >= {low}, not {values[key]!r}")
+    if "temperature" in values and (not isinstance(values["temperature"], (int, float)) or isinstance(values["temperature"], bool) or values["temperature"] < 0):
+        raise DfqError(f"recipe [method] temperature must be a number >= 0 (0: greedy), not {values['temperature']!r}")
     if "token_prior" in values:
         values["token_prior"] = enum_value(TokenPrior, values["token_prior"], "method token_prior")
     if "rotation" in values:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from .config import Method, MethodConfig, Prior, QuantFormat
+from .config import HessianForm, Method, MethodConfig, Prior, QuantFormat
 from .graph.sites import Attention, Embedding, Linear, Mlp, NormGain
 from .quant import grid, proxy, sensitivity, site, stats
 from .quant.geometry import AttentionGeometry, LayerWeights, MlpGeometry
@@ -75,6 +75,7 @@ class UnitInput:
     # linear, columns -> W[K, N] as float32 [K, <= columns] pieces read from storage one at a time (the
     # lm_head: a 262k-vocabulary matrix is never held whole in float32); None: slice `weights`
     column_chunks: Callable[[str, int], Iterator[torch.Tensor]] | None = None
+    inputs: Mapping[str, stats.Moments] = dataclasses.field(default_factory=dict)  # linear -> its input's measured statistics
 
 
 MethodFn = Callable[[Unit, UnitInput, QuantFormat, MethodConfig], UnitResult]
@@ -200,6 +201,7 @@ def _layer_weights(unit: Unit, data: UnitInput) -> LayerWeights:
         biases=data.biases,
         attention=_attention_geometry(unit, data),
         mlp=_mlp_geometry(unit, data),
+        inputs=data.inputs,
     )
 
 
@@ -210,7 +212,8 @@ def _head(unit: Unit, data: UnitInput, fmt: QuantFormat, config: MethodConfig) -
     gain = data.gains.get(unit.head_norm.initializer) if unit.head_norm else None
     if data.residual is None or gain is None or not (config.gptq or config.scale_search):
         return round_to_nearest(unit, data, fmt, config)
-    h = site.hessian(stats.rms_norm(data.residual, gain), config.hessian)
+    form = config.hessian if config.hessian != HessianForm.BY_SOURCE else HessianForm.DIAGONAL_PLUS_MEAN  # the head's are propagated
+    h = site.hessian(stats.rms_norm(data.residual, gain), form)
     how = site.Rounding(fmt, config)
     # An untied embedding table: plain rounding (a lookup has no H); the lm_head is not rounded twice.
     out = round_to_nearest(unit, data, fmt, config, skip=frozenset({lm_head}))

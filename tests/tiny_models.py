@@ -352,3 +352,42 @@ def with_nan_in_head(src: Path, folder: Path) -> tuple[Path, str]:
     model = folder / "model.onnx"
     onnx.save_model(m, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
     return model, name
+
+
+PLANTED_TOKENS = 8  # the tokens the planted model writes
+PLANTED_CHANNELS = 16  # the residual channels only those tokens' embeddings use
+
+
+def planted(root: Path) -> Path:
+    """A tiny pre-norm Llama (onnxruntime-genai builder defaults) whose own text differs from what its
+    weights say on average: PLANTED_TOKENS tokens (BOS among them) carry their energy in
+    PLANTED_CHANNELS residual channels no other token uses, and its head prefers those tokens whatever
+    came before, so everything it writes is loud in channels a prior uniform over the vocabulary
+    (the propagated statistics of a pre-norm model) sees as quiet. Returns the .onnx path."""
+    import transformers
+
+    target = root / "planted" / "model.onnx"
+    if target.exists():
+        return target
+    fam = FAMILIES["llama"]
+    hf = root / "planted-hf"
+    torch.manual_seed(7)
+    model = transformers.LlamaForCausalLM(fam.config()).eval()
+    g = torch.Generator().manual_seed(7)
+    loud = torch.arange(PLANTED_CHANNELS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3, generator=g)
+        tokens = torch.tensor([1, *range(3, 3 + PLANTED_TOKENS - 1)])  # BOS (1) and the next ones
+        pattern = torch.randn(PLANTED_CHANNELS, generator=g).sign()
+        emb = model.model.embed_tokens.weight
+        emb[:, loud] = 0.0
+        emb[tokens[:, None], loud] = 0.5 * pattern + 0.1 * torch.randn(len(tokens), PLANTED_CHANNELS, generator=g)
+        head = model.lm_head.weight  # [vocab, hidden]
+        head[tokens[:, None], loud] += 2.0 * pattern + 0.5 * torch.randn(len(tokens), PLANTED_CHANNELS, generator=g)
+    model.save_pretrained(hf)
+    _word_tokenizer(fam.vocab).save_pretrained(hf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _genai(hf, target.parent, "genai-fp32")
+    return target

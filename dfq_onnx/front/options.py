@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Union
 
-from ..config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat
+from ..config import ROLES, SUPPORTED_BITS, LmHeadPolicy, Method, OutputFormat, Statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,9 @@ RECIPE_OPTIONS = (
            arg={"choices": [p.value for p in LmHeadPolicy]}),  # fmt: skip
     Option("method", Optional[str], "how weights are rounded: cafeq (the data-free method) or rtn (round-to-nearest)", "cafeq",
            arg={"choices": [m.value for m in Method]}),  # fmt: skip
+    Option("statistics", Optional[str], "what weighs each rounding error: statistics propagated from the weights (the paper's), "
+           "or measured on sequences the model samples itself from its weights (no text read; slower: a sampling pass first)",
+           "propagated", arg={"choices": [s.value for s in Statistics]}),  # fmt: skip
     Option("online", Optional[Union[str, list[str]]], "inputs that may get an online block Hadamard rotation (an inserted op, kept "
            "only where it lowers the proxy by 5%): down, gate_up, both comma-separated, or none", "down,gate_up"),  # fmt: skip
     Option("exclude", Optional[list[str]], "linears kept in float, comma-separated: node names (as `dfq-onnx inspect` lists "

@@ -125,9 +125,13 @@ def result_table(report: Report) -> str:
     if recipe["method"]["name"] == "rtn" or recipe["method"].get("prior") == "identity":
         lines.append("err: relative proxy error ||W - W_hat||^2 / ||W||^2, mean over the role's matrices.")
     else:
+        source = (
+            "measured on sequences the model sampled itself (o's: propagated through the attention)"
+            if recipe["method"].get("statistics") == "generated" else "propagated from the weights"
+        )  # fmt: skip
         lines.append(
-            "err: relative proxy error tr(D^T H D) / tr(W^T H W) with H the input statistics propagated from the "
-            "weights; v and o: their V/O product. Mean over the role's matrices; rtn err: round-to-nearest, same measure."
+            f"err: relative proxy error tr(D^T H D) / tr(W^T H W) with H the input statistics {source}; "
+            "v and o: their V/O product. Mean over the role's matrices; rtn err: round-to-nearest, same measure."
         )
     if report.online:
         cost = report.online_cost()

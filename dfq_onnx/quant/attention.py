@@ -50,12 +50,14 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     att = layer.attention
     parts = split_qkv(layer, att)
     first = next(iter(parts.values()))
-    x = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
-    h = hessian(x, how.config.hessian)
+    key = att.qkv or att.q
+    prior = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
+    x = layer.input_of(key, lambda: prior)
+    h = hessian(x, layer.form_of(key, how.config.hessian))
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
-    a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.post_normed)
+    a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.trusted(key))
     dtype = layer.scale_dtypes[att.qkv or att.q or att.v]
-    learned = learned_scaling(list(parts.values()), h, how.at(att.qkv or att.q), a, att.gain_foldable, "norm-diag", layer.post_normed, dtype)
+    learned = learned_scaling(list(parts.values()), h, how.at(att.qkv or att.q), a, att.gain_foldable, "norm-diag", layer.trusted(key), dtype)
     if learned is None:
         best = _attention_with(layer, att, parts, x, h, a, a_tags, how)
     else:  # kept where the sublayer's sites round better with it; the V/O block is learned once, after
@@ -77,7 +79,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
             if role in best.sites:
                 result.sites[names[role]] = best.sites[role]
 
-    return residual_after_attention(layer, residual, x)
+    return residual_after_attention(layer, residual, prior)  # propagated alone, as propagate_layer does
 
 
 def residual_after_attention(layer: LayerWeights, residual: stats.Moments | None, x: stats.Moments | None = None):

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..config import HessianForm
 from . import stats
 from .site import SiteOutcome
 
@@ -64,6 +65,9 @@ class LayerWeights:
     biases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # linear -> its output bias [N]
     attention: AttentionGeometry | None = None
     mlp: MlpGeometry | None = None
+    # linear -> the statistics of its input measured on the model's own samples; where given they
+    # replace the propagated ones for that input (the residual is still propagated for the rest)
+    inputs: Mapping[str, stats.Moments] = dataclasses.field(default_factory=dict)
 
     def gain(self, key: str | None) -> torch.Tensor | None:
         return None if key is None else self.gains.get(key)
@@ -74,6 +78,22 @@ class LayerWeights:
         gains at each step (see config.DiagonalPrior)."""
         parts = [p for p in (self.attention, self.mlp) if p is not None]
         return bool(parts) and all(p.post_norm for p in parts)
+
+    def trusted(self, linear: str | None) -> bool:
+        """Whether the statistics at `linear`'s input may be trusted channel by channel (whitening):
+        measured ones always, propagated ones where post-norms anchor them."""
+        return self.post_normed or (linear is not None and linear in self.inputs)
+
+    def input_of(self, linear: str | None, derived):
+        """The measured statistics at `linear`'s input, else `derived()` (the propagated ones)."""
+        measured = self.inputs.get(linear) if linear is not None else None
+        return measured if measured is not None else derived()
+
+    def form_of(self, linear: str | None, form: HessianForm) -> HessianForm:
+        """The Hessian form for `linear`'s input: BY_SOURCE resolved by where its statistics come from."""
+        if form != HessianForm.BY_SOURCE:
+            return form
+        return HessianForm.DENSE if linear is not None and linear in self.inputs else HessianForm.DIAGONAL_PLUS_MEAN
 
 
 @dataclasses.dataclass

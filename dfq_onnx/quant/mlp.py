@@ -29,14 +29,14 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     gate_key, up_key = (f"{mlp.gate}#gate", f"{mlp.up}#up") if mlp.fused else (mlp.gate, mlp.up)
     device = w_gate.device
     x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
-    h = hessian(x, how.config.hessian)
+    h = hessian(layer.input_of(mlp.gate, lambda: x), layer.form_of(mlp.gate, how.config.hessian))
     u = identity_moments(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
-    hd = hessian(u, how.config.hessian)
+    hd = hessian(layer.input_of(mlp.down, lambda: u), layer.form_of(mlp.down, how.config.hessian))
     del x  # its K x K covariance is not needed past h and u
     dt = layer.scale_dtypes
 
-    a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.post_normed)
-    d, down_tags = diagonal_scaling([w_down], hd, how.at(mlp.down), True, "up-down-diag", layer.post_normed)
+    a, tags = diagonal_scaling([w_gate, w_up], h, how.at(mlp.gate), mlp.gain_foldable, "norm-diag", layer.trusted(mlp.gate))
+    d, down_tags = diagonal_scaling([w_down], hd, how.at(mlp.down), True, "up-down-diag", layer.trusted(mlp.down))
 
     # Each group's sites, with an optional online rotation `t` of its input (tagged `tag`); `columns`,
     # `sample`: online.py's column sample. up's columns absorb d (W_up' = W_up diag(d)); a column
@@ -65,7 +65,7 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     # columns carry it), then a. Without learning, a group's unrotated rounding is made only if
     # online.py needs it.
     down, lower = down_with(d, down_tags), None
-    learned = learned_scaling([w_down], hd, how.at(mlp.down), d, True, "up-down-diag", layer.post_normed, dt[mlp.down])
+    learned = learned_scaling([w_down], hd, how.at(mlp.down), d, True, "up-down-diag", layer.trusted(mlp.down), dt[mlp.down])
     if learned is not None:
         lower = down()
         other = down_with(*learned)
@@ -73,7 +73,7 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
         if _better(trial, lower, how):
             (d, down_tags), down, lower = learned, other, trial
     gate_up, pair = gate_up_with(a, tags), None
-    learned = learned_scaling([w_gate, w_up], h, how.at(mlp.gate), a, mlp.gain_foldable, "norm-diag", layer.post_normed, dt[mlp.gate])
+    learned = learned_scaling([w_gate, w_up], h, how.at(mlp.gate), a, mlp.gain_foldable, "norm-diag", layer.trusted(mlp.gate), dt[mlp.gate])
     if learned is not None:
         pair = gate_up()
         other = gate_up_with(*learned)

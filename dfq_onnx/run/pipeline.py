@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from .. import memory, methods, threads
-from ..config import ROLES, OutputFormat, Recipe
+from ..config import ROLES, OutputFormat, Recipe, Statistics
 from ..errors import DfqError, Interrupted, Resumable
 from ..graph import load, save
 from ..graph.sites import ModelSites, find_sites
@@ -30,7 +30,7 @@ from ..plan import DamagedPlan, UnitPlan
 from ..progress import ProgressFn
 from ..quant import stats
 from ..report import Report
-from . import budget, checkpoint, distributed, mirror, planner, prior
+from . import budget, checkpoint, distributed, mirror, planner, prior, self_statistics
 from .mirror import Mirror
 from .units import all_units
 from .verify import VerificationFailed
@@ -136,6 +136,9 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
             notes += mirror.follow(mirrors, plan, sites, exact_weights)
             plans.append(plan.summary())
         residual = _on(state.residual, options.device) if resumed else prior.initial_statistics(reader, recipe)
+        measured = _measured(input_path, reader, recipe, options, progress, total)
+        if measured is not None:
+            notes.append(measured.note())
         if progress:
             progress(f"resumed after {units[resumed - 1].label}" if resumed else "start", _sites(plans), total)
         with cluster:
@@ -145,7 +148,7 @@ def _optimize(model, sites, input_path, output_path, recipe, options, progress, 
                 checkpoint.save(work, checkpoint.State(key, resumed, residual))  # plans may finish out of order
                 planned_units = driver.plans(resumed, residual, progress, _sites(plans), total)
             else:
-                planned_units = _local_plans(reader, recipe, keep_float, units, resumed, residual, work)
+                planned_units = _local_plans(reader, recipe, keep_float, units, resumed, residual, work, measured)
             for index, planned in planned_units:
                 apply_plan(model, planned.plan, recipe.output_format, context)
                 notes += mirror.follow(mirrors, planned.plan, sites, planned.rounded_float)
@@ -212,10 +215,22 @@ def _on(x: stats.Moments | None, device: str) -> stats.Moments | None:
     return None if x is None else stats.Moments(x.mean.to(device), x.cov.to(device))
 
 
-def _local_plans(reader: WeightReader, recipe: Recipe, keep_float: bool, units, start: int, residual, work: Path):
+def _measured(input_path: Path, reader: WeightReader, recipe: Recipe, options: RunOptions, progress, total: int):
+    """The generated statistics (self_statistics.py) where the recipe asks for them, else None."""
+    if recipe.method.statistics != Statistics.GENERATED or not methods.method_for(recipe.method).weighs_by_statistics:
+        return None
+    if options.ray:
+        raise DfqError("--statistics generated runs in one process: run without --ray, or with --statistics propagated")
+    say = (lambda text: progress(text, 0, total)) if progress else None
+    inputs_of = self_statistics.linear_inputs(reader.sites, reader.nodes)
+    return self_statistics.measure(input_path, reader.sites, inputs_of, recipe.method, options.threads, say)
+
+
+def _local_plans(reader: WeightReader, recipe: Recipe, keep_float: bool, units, start: int, residual, work: Path, measured=None):
     """(index, Planned) in unit order, one after the other in this process, each saved as it ends."""
     for index in range(start, len(units)):
-        planned = planner.plan_unit(reader, recipe, units[index], residual, keep_float)
+        inputs = {} if measured is None else {lin.node: _on(measured.inputs.pop(lin.node), reader.device) for lin in units[index].linears if lin.node in measured.inputs}
+        planned = planner.plan_unit(reader, recipe, units[index], residual, keep_float, inputs)
         residual = planned.residual
         checkpoint.save_plan(work, index, planned.plan, planned.rounded_float)
         yield index, planned

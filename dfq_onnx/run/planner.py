@@ -25,9 +25,11 @@ class Planned:
     rounded_float: dict[str, np.ndarray]  # linear -> the float W[K, N] that was rounded (exactness check only)
 
 
-def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual: stats.Moments | None, keep_float: bool = False) -> Planned:
-    """Run the recipe's method on `unit` from the statistics `residual`; `keep_float`: the plan keeps
-    the transformed float weights the exactness check reads."""
+def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual: stats.Moments | None, keep_float: bool = False,
+              inputs: dict[str, stats.Moments] | None = None) -> Planned:  # fmt: skip
+    """Run the recipe's method on `unit` from the statistics `residual` (and `inputs`: linear -> its
+    input's measured statistics, where measured); `keep_float`: the plan keeps the transformed float
+    weights the exactness check reads."""
     t0 = time.perf_counter()
     head = unit.is_head
     fmt = recipe.head_format() if head else recipe.quant
@@ -56,6 +58,7 @@ def plan_unit(reader: WeightReader, recipe: Recipe, unit: methods.Unit, residual
         formats={name: f for name, f in formats.items() if f != fmt},
         float_sites=frozenset(excluded),
         column_chunks=reader.head_chunks(unit) if head else None,
+        inputs=inputs or {},
     )
     result = method(unit, data, fmt, recipe.method)
     plan, rounded_float = from_result(
