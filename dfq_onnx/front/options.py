@@ -52,8 +52,8 @@ RECIPE_OPTIONS = (
            f"them) or roles ({', '.join(ROLES)}); per-role and per-layer bits go in a recipe's [[override]] tables"),  # fmt: skip
     Option("accuracy_level", Optional[int], "MatMulNBits accuracy_level (0 unset, 4 = int8 activations on CPU); QDQ output records it "
            "in the model's metadata, for the session option session.qdq_matmulnbits_accuracy_level", "0", arg={"type": int}),  # fmt: skip
-    Option("seed", Optional[int], "seed of the random orthogonal blocks of --recipe random-rotation (the paper's Random baseline); "
-           "the same seed gives the same bytes", "0", arg={"type": int}),  # fmt: skip
+    Option("seed", Optional[int], "seed of the random orthogonal blocks of --recipe random-rotation (the paper's Random baseline) and of "
+           "the samples of --statistics generated; the same seed gives the same bytes", "0", arg={"type": int}),  # fmt: skip
     Option("fast", Optional[bool], "turn off every learned transform the recipe turns on (the bundled recipes learn none: they are "
            "the fast setting already; a recipe with learners takes 2-6x longer, see BENCHMARKS.md)", "off", arg={"action": "store_true"}),  # fmt: skip
 )
