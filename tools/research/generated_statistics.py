@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", choices=sorted(eval_quality.realmodel.MODELS))
     p.add_argument("--settings", default="4:128:asym,3:32:asym", help="bits:block:sym|asym, comma-separated")
     p.add_argument("--variants", default="rtn,propagated,generated")
-    p.add_argument("--novel", default="persuasion", help="the text of the KL (persuasion: the tuning text; prideprejudice: the report's)")
+    p.add_argument("--novel", default="persuasion", help="the text of the KL (persuasion: the tuning text; prideprejudice: the report's; shakespeare: another author's)")
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--cache", type=Path, help="keep the measured statistics here (default: models/gap/<model>-gen64.pt)")
     p.add_argument("--out", type=Path, default=Path("/tmp/generated-statistics"))
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "cached genai samples", 0.0, 1)  # fmt: skip
 
     self_statistics.measure = cached
-    text = eval_quality.load_text(None, args.novel)
+    shakespeare = eval_quality.DEFAULT_DATA_DIR / "shakespeare.txt"  # tools/shakespeare.py: another author than both
+    text = eval_quality.load_text(shakespeare, None) if args.novel == "shakespeare" else eval_quality.load_text(None, args.novel)
     args.out.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
     for setting in args.settings.split(","):
