@@ -127,11 +127,11 @@ def test_every_recipe_option_is_a_flag_and_an_api_keyword():
 
     args = build_parser().parse_args(["optimize", "m.onnx", "--bits", "3", "--asymmetric", "--format", "qdq", "--lm-head", "int8",
                                       "--method", "rtn", "--online", "none", "--exclude", "o", "--accuracy-level", "4",
-                                      "--seed", "5", "--fast", "--block-size", "64"])  # fmt: skip
+                                      "--seed", "5", "--fast", "--block-size", "64", "--statistics", "generated"])  # fmt: skip
     got = recipe_overrides(args)
     assert set(got) == set(OVERRIDES) == {o.name for o in RECIPE_OPTIONS}
     assert got == {"bits": 3, "block_size": 64, "symmetric": False, "output_format": "qdq", "lm_head": "int8", "method": "rtn",
-                   "online": "none", "exclude": "o", "accuracy_level": 4, "seed": 5, "fast": True}  # fmt: skip
+                   "online": "none", "exclude": "o", "accuracy_level": 4, "seed": 5, "fast": True, "statistics": "generated"}  # fmt: skip
     assert all(v is None for v in recipe_overrides(build_parser().parse_args(["optimize", "m.onnx"])).values())
     with pytest.raises(dfq_onnx.DfqError, match="unknown setting.*bits"):
         dfq_onnx.quantize("m.onnx", bitz=3)
