@@ -228,8 +228,11 @@ def _measured(input_path: Path, reader: WeightReader, recipe: Recipe, options: R
 
 def _local_plans(reader: WeightReader, recipe: Recipe, keep_float: bool, units, start: int, residual, work: Path, measured=None):
     """(index, Planned) in unit order, one after the other in this process, each saved as it ends."""
+    held = {} if measured is None else measured.inputs  # each unit's measured inputs leave memory with it
+    for unit in units[:start]:  # planned before an interruption
+        for lin in unit.linears:
+            held.pop(lin.node, None)
     for index in range(start, len(units)):
-        held = {} if measured is None else measured.inputs  # each unit's measured inputs leave memory with it
         inputs = {lin.node: _on(held.pop(lin.node), reader.device) for lin in units[index].linears if lin.node in held}
         planned = planner.plan_unit(reader, recipe, units[index], residual, keep_float, inputs)
         residual = planned.residual
