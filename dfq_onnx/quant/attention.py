@@ -52,7 +52,7 @@ def optimise_attention(layer: LayerWeights, how: Rounding, result: LayerResult, 
     first = next(iter(parts.values()))
     key = att.qkv or att.q
     prior = identity_moments(first.shape[0], first.device) if residual is None else stats.rms_norm(residual, layer.gain(att.gain))
-    x = layer.input_of(key, lambda: prior)
+    x = layer.input_of(key, prior)
     h = hessian(x, layer.form_of(key, how.config.hessian))
     # The scaling is chosen by the (cheap) weighted rounding error; GPTQ then runs once.
     a, a_tags = diagonal_scaling(list(parts.values()), h, how.at(att.qkv or att.q), att.gain_foldable, "norm-diag", layer.trusted(key))

@@ -84,10 +84,10 @@ class LayerWeights:
         measured ones always, propagated ones where post-norms anchor them."""
         return self.post_normed or (linear is not None and linear in self.inputs)
 
-    def input_of(self, linear: str | None, derived):
-        """The measured statistics at `linear`'s input, else `derived()` (the propagated ones)."""
+    def input_of(self, linear: str | None, propagated: stats.Moments) -> stats.Moments:
+        """The measured statistics at `linear`'s input, else `propagated`."""
         measured = self.inputs.get(linear) if linear is not None else None
-        return measured if measured is not None else derived()
+        return measured if measured is not None else propagated
 
     def form_of(self, linear: str | None, form: HessianForm) -> HessianForm:
         """The Hessian form for `linear`'s input: BY_SOURCE resolved by where its statistics come from."""

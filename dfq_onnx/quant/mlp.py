@@ -29,9 +29,9 @@ def optimise_mlp(layer: LayerWeights, how: Rounding, result: LayerResult, residu
     gate_key, up_key = (f"{mlp.gate}#gate", f"{mlp.up}#up") if mlp.fused else (mlp.gate, mlp.up)
     device = w_gate.device
     x = identity_moments(w_gate.shape[0], device) if residual is None else stats.rms_norm(residual, layer.gain(mlp.gain))
-    h = hessian(layer.input_of(mlp.gate, lambda: x), layer.form_of(mlp.gate, how.config.hessian))
+    h = hessian(layer.input_of(mlp.gate, x), layer.form_of(mlp.gate, how.config.hessian))
     u = identity_moments(w_down.shape[0], device) if residual is None else stats.gated_mlp_hidden(x, w_gate, w_up, mlp.activation)
-    hd = hessian(layer.input_of(mlp.down, lambda: u), layer.form_of(mlp.down, how.config.hessian))
+    hd = hessian(layer.input_of(mlp.down, u), layer.form_of(mlp.down, how.config.hessian))
     del x  # its K x K covariance is not needed past h and u
     dt = layer.scale_dtypes
 
