@@ -95,6 +95,18 @@ def test_same_seed_same_bytes_and_the_statistics_decide(tiny_family, tmp_path, s
     assert first != _optimize(model, tmp_path / "d", "--statistics", "propagated", *flags)
 
 
+@pytest.mark.parametrize("style,length", [("dynamo", 64), ("genai-fp32", 256)])
+def test_sample_length_is_cut_where_the_graph_needs_it(tiny_family, tmp_path, style, length):
+    """The README's rule: 512 tokens asked; a cacheless graph (dynamo) samples 64, a KV-cache graph
+    (onnxruntime-genai) up to its context length (the tiny models': 256)."""
+    model = tiny_family("qwen2", style)
+    recipe = tmp_path / "few.toml"
+    recipe.write_text('[quant]\nbits = 4\nblock_size = 32\nsymmetric = true\n[method]\nsamples = 4\n')
+    _optimize(model, tmp_path / "out", "--statistics", "generated", "--recipe", str(recipe))
+    report = json.loads((tmp_path / "out" / "q.report.json").read_text())
+    assert any(f"on 4 x {length} tokens the model sampled itself" in n for n in report["notes"]), report["notes"]
+
+
 def _tiny_encoder(folder: Path) -> Path:
     """A BERT encoder (no lm_head: nothing to generate), exported with torch.onnx's defaults."""
     import torch
